@@ -1,0 +1,60 @@
+//! Acting: apply a plan through the [`Host`], one action at a time, each logged with its reason.
+//! A failed action is logged and the rest of the plan goes on; a lost connection stops it.
+
+use log::{info, warn};
+
+use crate::host::{CpuSet, DomainRef, Host, HostError};
+use crate::model::Snapshot;
+use crate::policy::Action;
+
+/// What happened to one action.
+#[derive(Debug)]
+pub enum Outcome {
+    Applied,
+    /// The domain went away before the action: nothing to do.
+    Gone,
+    Failed(HostError),
+}
+
+/// Applies `plan`. Returns each action's outcome, or the disconnect that cut the plan short.
+pub fn apply(host: &mut dyn Host, snap: &Snapshot, plan: &[Action]) -> Result<Vec<Outcome>, HostError> {
+    let mut out = Vec::with_capacity(plan.len());
+    for action in plan {
+        let Some(dom) = snap.domains.iter().find(|d| d.dom.name == action.domain()).map(|d| d.dom.clone()) else {
+            out.push(Outcome::Gone);
+            continue;
+        };
+        let r = apply_one(host, &dom, action);
+        out.push(match r {
+            Ok(()) => {
+                info!("{action}");
+                Outcome::Applied
+            }
+            Err(HostError::DomainGone(_)) => {
+                info!("skipped, domain gone: {action}");
+                Outcome::Gone
+            }
+            Err(e) if e.is_disconnect() => return Err(e),
+            Err(e) => {
+                warn!("failed: {action}: {e}");
+                Outcome::Failed(e)
+            }
+        });
+    }
+    Ok(out)
+}
+
+fn apply_one(host: &mut dyn Host, dom: &DomainRef, action: &Action) -> Result<(), HostError> {
+    match action {
+        Action::Pin { vcpu, to, .. } => {
+            let cpu = single(to)?;
+            host.pin_vcpu(dom, *vcpu, cpu)
+        }
+        Action::Balloon { to_kib, .. } => host.set_balloon(dom, *to_kib),
+    }
+}
+
+fn single(set: &CpuSet) -> Result<u32, HostError> {
+    set.as_single()
+        .ok_or_else(|| HostError::Parse { what: "pin target".into(), detail: format!("{set} is not one cpu") })
+}

@@ -1,0 +1,175 @@
+//! Command line. Every tuning flag can also come from an environment variable
+//! `VM_BALANCER_<FLAG>` (for systemd's `EnvironmentFile=`); a flag on the command line wins.
+//! Malformed or out-of-range values stop the program with one line naming the flag and the
+//! allowed range, exit code 2 (clap's usage error code).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::units;
+
+#[derive(Debug, Parser)]
+#[command(name = "vm-balancer", version, about = "Balances vCPU pins and guest balloons on a libvirt/KVM host")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the balancing loop (what systemd starts).
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Log each plan, change nothing.
+        #[arg(long, env = "VM_BALANCER_DRY_RUN")]
+        dry_run: bool,
+    },
+    /// Sample twice, print the host, the domains and the plan the balancer would apply now.
+    Diagnose {
+        #[command(flatten)]
+        common: Common,
+        /// Time between the two samples.
+        #[arg(long, default_value = "2s", value_parser = interval, env = "VM_BALANCER_INTERVAL")]
+        interval: Duration,
+        /// Print one JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Apply the plan once.
+        #[arg(long)]
+        apply: bool,
+    },
+}
+
+fn quantum(s: &str) -> Result<Duration, String> {
+    units::parse_duration_in(s, Duration::from_millis(100), Duration::from_secs(3600))
+}
+fn interval(s: &str) -> Result<Duration, String> {
+    units::parse_duration_in(s, Duration::from_millis(100), Duration::from_secs(600))
+}
+fn long_duration(s: &str) -> Result<Duration, String> {
+    units::parse_duration_in(s, Duration::ZERO, Duration::from_secs(86_400))
+}
+fn smoothing(s: &str) -> Result<Duration, String> {
+    units::parse_duration_in(s, Duration::from_millis(1), Duration::from_secs(3600))
+}
+fn high(s: &str) -> Result<f64, String> {
+    units::parse_f64_in(s, 0.1, 1.0)
+}
+fn gain(s: &str) -> Result<f64, String> {
+    units::parse_f64_in(s, 0.0, 1.0)
+}
+fn fraction(s: &str) -> Result<f64, String> {
+    units::parse_f64_in(s, 0.0, 0.95)
+}
+fn cpu_list(s: &str) -> Result<Vec<u32>, String> {
+    let v = crate::cpulist::parse(s).map_err(|e| e.to_string())?;
+    if v.is_empty() {
+        return Err("the cpu list is empty".into());
+    }
+    Ok(v)
+}
+fn size(s: &str) -> Result<u64, String> {
+    units::parse_size_kib(s)
+}
+fn max_repins(s: &str) -> Result<usize, String> {
+    let v: usize = s.trim().parse().map_err(|_| format!("{s:?} is not a whole number"))?;
+    if v > 4096 {
+        return Err(format!("{s:?} is out of range: allowed 0 to 4096"));
+    }
+    Ok(v)
+}
+
+/// Flags every subcommand shares.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// libvirt connection URI (the agent must run on the host itself: it reads procfs).
+    #[arg(long, default_value = "qemu:///system", env = "VM_BALANCER_CONNECT")]
+    pub connect: String,
+    /// Time between two samples (and plans). 100ms to 1h.
+    #[arg(long, default_value = "2s", value_parser = quantum, env = "VM_BALANCER_QUANTUM")]
+    pub quantum: Duration,
+    /// Never touch this domain (repeatable; the environment variable takes a comma list).
+    #[arg(long, value_name = "NAME", env = "VM_BALANCER_EXCLUDE", value_delimiter = ',')]
+    pub exclude: Vec<String>,
+    /// Host cpus the balancer may place vCPUs on, e.g. `0-3,8` (default: all online cpus).
+    #[arg(long, value_name = "LIST", value_parser = cpu_list, env = "VM_BALANCER_CPUS")]
+    pub cpus: Option<Vec<u32>>,
+    /// A cpu whose load (fraction of one core: usage + delay of its vCPUs) is above this is
+    /// overloaded. 0.1 to 1.0.
+    #[arg(long, default_value = "0.85", value_parser = high, env = "VM_BALANCER_HIGH")]
+    pub high: f64,
+    /// Smallest load drop (cores) that justifies a repin. 0 to 1.
+    #[arg(long, default_value = "0.1", value_parser = gain, env = "VM_BALANCER_MIN_GAIN")]
+    pub min_gain: f64,
+    /// Most vCPU repins per quantum (a swap counts two). 0 to 4096.
+    #[arg(long, default_value = "4", value_parser = max_repins, env = "VM_BALANCER_MAX_REPINS")]
+    pub max_repins: usize,
+    /// A moved vCPU stays where it was put at least this long. 0 to 24h.
+    #[arg(long, default_value = "30s", value_parser = long_duration, env = "VM_BALANCER_COOLDOWN")]
+    pub cooldown: Duration,
+    /// Time constant of the moving average of vCPU usage and delay. 1ms to 1h.
+    #[arg(long, default_value = "6s", value_parser = smoothing, env = "VM_BALANCER_SMOOTHING")]
+    pub smoothing: Duration,
+    /// Do not balance vCPUs.
+    #[arg(long, env = "VM_BALANCER_NO_CPU")]
+    pub no_cpu: bool,
+    /// Do not balance memory.
+    #[arg(long, env = "VM_BALANCER_NO_MEMORY")]
+    pub no_memory: bool,
+    /// How often the (costly) bulk balloon statistics call runs. 100ms to 1h.
+    #[arg(long, default_value = "5s", value_parser = quantum, env = "VM_BALANCER_MEM_INTERVAL")]
+    pub mem_interval: Duration,
+    /// Never inflate a guest's balloon below this size.
+    #[arg(long, default_value = "256MiB", value_parser = size, env = "VM_BALANCER_GUEST_FLOOR")]
+    pub guest_floor: u64,
+    /// Never let a grant drive host MemAvailable below this.
+    #[arg(long, default_value = "1GiB", value_parser = size, env = "VM_BALANCER_HOST_RESERVE")]
+    pub host_reserve: u64,
+    /// Leave guests younger than this alone (their boot needs memory; stats still settle). 0 to 24h.
+    #[arg(long, default_value = "60s", value_parser = long_duration, env = "VM_BALANCER_MIN_AGE")]
+    pub min_age: Duration,
+    /// A guest whose usable memory is above this fraction of its size gives memory back. 0 to 0.95.
+    #[arg(long, default_value = "0.3", value_parser = fraction, env = "VM_BALANCER_RECLAIM_ABOVE")]
+    pub reclaim_above: f64,
+    /// A guest whose usable memory is below this fraction of its size is starving. 0 to 0.95.
+    #[arg(long, default_value = "0.1", value_parser = fraction, env = "VM_BALANCER_STARVE_BELOW")]
+    pub starve_below: f64,
+    /// Most memory moved into or out of one guest per change.
+    #[arg(long, default_value = "256MiB", value_parser = size, env = "VM_BALANCER_MEM_STEP")]
+    pub mem_step: u64,
+    /// Time between two balloon changes of the same guest. 0 to 24h.
+    #[arg(long, default_value = "15s", value_parser = long_duration, env = "VM_BALANCER_MEM_COOLDOWN")]
+    pub mem_cooldown: Duration,
+    /// Do not turn on the balloon statistics period of guests that have it off.
+    #[arg(long, env = "VM_BALANCER_NO_STATS_PERIOD")]
+    pub no_stats_period: bool,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, default_value = "info", env = "VM_BALANCER_LOG_LEVEL")]
+    pub log_level: log::LevelFilter,
+    /// More logging (-v debug, -vv trace); overrides --log-level.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Common {
+    pub fn log_filter(&self) -> log::LevelFilter {
+        match self.verbose {
+            0 => self.log_level,
+            1 => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        }
+    }
+
+    /// Checks between flags that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.starve_below >= self.reclaim_above {
+            return Err(format!(
+                "--starve-below ({}) must be below --reclaim-above ({}): the gap between them is the dead band",
+                self.starve_below, self.reclaim_above
+            ));
+        }
+        Ok(())
+    }
+}

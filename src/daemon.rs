@@ -1,0 +1,255 @@
+//! The quantum loop: sample → model → plan → act, with reconnects and signals.
+//!
+//! [`Agent::step`] is one quantum; the daemon, `diagnose` and the simulator all drive the same
+//! `Agent`, over the libvirt host or the simulated one.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+
+use crate::actuate::{self, Outcome};
+use crate::collect::Collector;
+use crate::host::{Host, HostError};
+use crate::model::{ModelConfig, Snapshot, Tracker};
+use crate::policy::cpu::{self, CpuPolicy};
+use crate::policy::{Action, Plan};
+
+/// Everything the agent is told by its flags.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub quantum: Duration,
+    pub smoothing: Duration,
+    /// `None`: all online cpus.
+    pub cpus: Option<Vec<u32>>,
+    pub exclude: Vec<String>,
+    pub cpu: Option<CpuPolicy>,
+    /// Change nothing; plans are still made and reported.
+    pub dry_run: bool,
+}
+
+/// What one quantum did.
+#[derive(Debug, Default)]
+pub struct StepReport {
+    /// The snapshot the plan was made from; `None` when there was no fresh data.
+    pub snapshot: Option<Snapshot>,
+    pub plan: Plan,
+    /// Number of actions applied.
+    pub applied: usize,
+    /// Agent CPU time spent in this step, µs (user + system, this process).
+    pub cpu_us: u64,
+}
+
+/// Connection state, so an outage is logged once, not once per quantum.
+#[derive(Debug, PartialEq, Eq)]
+enum Link {
+    Up,
+    Down { since_ns: u64, next_try_ns: u64, backoff_ns: u64 },
+}
+
+/// One host's balancing agent.
+pub struct Agent<H: Host> {
+    pub host: H,
+    cfg: AgentConfig,
+    collector: Collector,
+    tracker: Option<Tracker>,
+    link: Link,
+    /// Quantum in which each vCPU was last moved, for the cooldown.
+    moved_at: HashMap<(String, u32), u64>,
+}
+
+fn cpu_time_us() -> u64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| {
+                u64::try_from(tv.tv_sec()).unwrap_or(0) * 1_000_000 + u64::try_from(tv.tv_usec()).unwrap_or(0)
+            };
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or(0)
+}
+
+impl<H: Host> Agent<H> {
+    pub fn new(host: H, cfg: AgentConfig) -> Self {
+        Agent {
+            host,
+            cfg,
+            collector: Collector::new(),
+            tracker: None,
+            link: Link::Down { since_ns: 0, next_try_ns: 0, backoff_ns: 0 },
+            moved_at: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// True once connected and until the connection is lost.
+    pub fn connected(&self) -> bool {
+        self.link == Link::Up
+    }
+
+    fn connect(&mut self, now: u64) -> bool {
+        let Link::Down { since_ns, next_try_ns, backoff_ns } = self.link else { return true };
+        if now < next_try_ns {
+            return false;
+        }
+        let r = self.host.ensure_connected().and_then(|()| self.host.topology());
+        match r {
+            Ok(topo) => {
+                let online: Vec<u32> = topo.cpus.iter().map(|c| c.cpu).collect();
+                let allowed: Vec<u32> = match &self.cfg.cpus {
+                    Some(want) => want.iter().copied().filter(|c| online.contains(c)).collect(),
+                    None => online.clone(),
+                };
+                if allowed.is_empty() {
+                    error!("none of the cpus given by --cpus is online (online: {})", crate::cpulist::format(&online));
+                }
+                if since_ns > 0 || backoff_ns > 0 {
+                    info!("hypervisor connection is back; resuming after fresh samples");
+                } else {
+                    info!("connected; {} cpus online, balancing on {}", online.len(), crate::cpulist::format(&allowed));
+                }
+                let mc = ModelConfig {
+                    smoothing_ns: u64::try_from(self.cfg.smoothing.as_nanos()).unwrap_or(u64::MAX),
+                    allowed_cpus: allowed,
+                    exclude: self.cfg.exclude.clone(),
+                };
+                self.tracker = Some(Tracker::new(mc, topo));
+                self.collector.reset();
+                self.link = Link::Up;
+                true
+            }
+            Err(e) => {
+                if backoff_ns == 0 {
+                    warn!("cannot reach the hypervisor: {e}; retrying with back-off, acting on nothing meanwhile");
+                }
+                let quantum = u64::try_from(self.cfg.quantum.as_nanos()).unwrap_or(u64::MAX);
+                let cap = quantum.saturating_mul(16).min(30_000_000_000);
+                let next = if backoff_ns == 0 { quantum } else { backoff_ns.saturating_mul(2).min(cap) };
+                self.link = Link::Down { since_ns: since_ns.max(1), next_try_ns: now + next, backoff_ns: next };
+                false
+            }
+        }
+    }
+
+    fn disconnect(&mut self, e: &HostError) {
+        warn!("{e}; dropping all samples, reconnecting with back-off");
+        let now = self.host.now_ns();
+        self.link = Link::Down { since_ns: now.max(1), next_try_ns: now, backoff_ns: 0 };
+        self.tracker = None;
+        self.collector.reset();
+    }
+
+    /// One quantum: sample, plan, act (unless dry-run). Never panics on host data; errors are
+    /// logged and the quantum is skipped.
+    pub fn step(&mut self) -> StepReport {
+        let cpu0 = cpu_time_us();
+        let mut report = self.step_inner();
+        report.cpu_us = cpu_time_us().saturating_sub(cpu0);
+        report
+    }
+
+    fn step_inner(&mut self) -> StepReport {
+        let mut report = StepReport::default();
+        let now = self.host.now_ns();
+        if !self.connect(now) {
+            return report;
+        }
+        let raw = match self.collector.sample(&mut self.host, false) {
+            Ok(r) => r,
+            Err(e) if e.is_disconnect() => {
+                self.disconnect(&e);
+                return report;
+            }
+            Err(e) => {
+                warn!("sampling failed, skipping this quantum: {e}");
+                return report;
+            }
+        };
+        let Some(tracker) = self.tracker.as_mut() else { return report };
+        let Some(snap) = tracker.ingest(&raw) else { return report };
+
+        let mut plan: Plan = Vec::new();
+        if let Some(pol) = &self.cfg.cpu {
+            let input = cpu::input_from(&snap, &self.moved_at, pol);
+            plan.extend(cpu::plan(&input, pol));
+        }
+        if !self.cfg.dry_run && !plan.is_empty() {
+            match actuate::apply(&mut self.host, &snap, &plan) {
+                Ok(outcomes) => {
+                    for (a, o) in plan.iter().zip(&outcomes) {
+                        if let (Action::Pin { domain, vcpu, .. }, Outcome::Applied) = (a, o) {
+                            self.moved_at.insert((domain.clone(), *vcpu), snap.quantum);
+                            report.applied += 1;
+                        } else if matches!(o, Outcome::Applied) {
+                            report.applied += 1;
+                        }
+                    }
+                }
+                Err(e) => self.disconnect(&e),
+            }
+        }
+        // Forget cooldowns of vCPUs that no longer exist.
+        self.moved_at.retain(|(d, _), _| snap.domains.iter().any(|x| &x.dom.name == d));
+        report.plan = plan;
+        report.snapshot = Some(snap);
+        report
+    }
+}
+
+/// Runs the daemon loop until SIGTERM or SIGINT; returns after finishing the current step.
+pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel::<i32>();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut count = 0;
+        for sig in signals.forever() {
+            count += 1;
+            if count > 1 {
+                eprintln!("second signal {sig}: exiting at once");
+                std::process::exit(1);
+            }
+            let _ = tx.send(sig);
+        }
+    })?;
+    let quantum = agent.config().quantum;
+    info!(
+        "vm-balancer {} starting: quantum {}, {}",
+        env!("CARGO_PKG_VERSION"),
+        humantime::format_duration(quantum),
+        if agent.config().dry_run { "dry run (changing nothing)" } else { "applying plans" }
+    );
+    let (mut quanta, mut cpu_us_total, mut last_summary) = (0u64, 0u64, Instant::now());
+    loop {
+        let started = Instant::now();
+        let report = agent.step();
+        quanta += 1;
+        cpu_us_total += report.cpu_us;
+        if agent.config().dry_run {
+            for a in &report.plan {
+                info!("dry run, would {a}");
+            }
+        }
+        debug!("quantum took {:?} ({} µs CPU), {} actions", started.elapsed(), report.cpu_us, report.plan.len());
+        if last_summary.elapsed() >= Duration::from_secs(300) {
+            info!("{} quanta, agent CPU time {} µs per quantum on average", quanta, cpu_us_total / quanta.max(1));
+            last_summary = Instant::now();
+        }
+        let elapsed = started.elapsed();
+        if elapsed > quantum {
+            warn!("quantum overran: took {elapsed:?}, quantum is {quantum:?}");
+        }
+        match rx.recv_timeout(quantum.saturating_sub(elapsed)) {
+            Ok(sig) => {
+                info!("signal {sig}: stopping");
+                return Ok(());
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}

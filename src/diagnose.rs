@@ -1,0 +1,166 @@
+//! One-shot diagnosis: the same agent, stepped twice, printed as tables or one JSON document.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::host::CpuSet;
+use crate::model::Snapshot;
+use crate::policy::Action;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub host: HostOut,
+    pub domains: Vec<DomainOut>,
+    pub plan: Vec<Action>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostOut {
+    /// Cpus the balancer may use.
+    pub cpus: Vec<u32>,
+    /// Smoothed busy fraction of each of `cpus`.
+    pub cpu_busy: Vec<f64>,
+    pub topology: crate::host::Topology,
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    pub mem_pressure_some_avg10: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DomainOut {
+    pub name: String,
+    /// True when the CPU balancer leaves the domain alone.
+    pub excluded: bool,
+    /// Why, when excluded.
+    pub excluded_why: Option<String>,
+    pub vcpus: Vec<VcpuOut>,
+    /// Balloon figures, or null when the guest reports none.
+    pub memory: Option<MemoryOut>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VcpuOut {
+    pub id: u32,
+    pub pcpu: Option<u32>,
+    pub pinned_to: CpuSet,
+    pub usage: Option<f64>,
+    pub delay: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemoryOut {
+    pub current_kib: u64,
+    pub max_kib: u64,
+    pub unused_kib: Option<u64>,
+    pub available_kib: Option<u64>,
+    pub usable_kib: Option<u64>,
+}
+
+/// Builds the report from a snapshot and its plan.
+pub fn report(snap: &Snapshot, plan: &[Action]) -> Report {
+    let domains = snap
+        .domains
+        .iter()
+        .map(|d| DomainOut {
+            name: d.dom.name.clone(),
+            excluded: d.cpu_excluded.is_some(),
+            excluded_why: d.cpu_excluded.clone(),
+            vcpus: d
+                .vcpus
+                .iter()
+                .map(|v| VcpuOut {
+                    id: v.id,
+                    pcpu: v.pcpu,
+                    pinned_to: v.pinned_to.clone(),
+                    usage: v.rates.map(|r| r.usage),
+                    delay: v.rates.map(|r| r.delay),
+                })
+                .collect(),
+            memory: d.balloon.as_ref().map(|(b, _)| MemoryOut {
+                current_kib: b.current_kib,
+                max_kib: b.maximum_kib.max(d.desc.max_kib),
+                unused_kib: b.unused_kib,
+                available_kib: b.available_kib,
+                usable_kib: b.usable_kib,
+            }),
+        })
+        .collect();
+    Report {
+        host: HostOut {
+            cpus: snap.host.cpus.clone(),
+            cpu_busy: snap.host.cpu_busy.clone(),
+            topology: snap.host.topology.clone(),
+            mem_total_kib: snap.host.mem_total_kib,
+            mem_available_kib: snap.host.mem_available_kib,
+            mem_pressure_some_avg10: snap.host.mem_pressure_some_avg10,
+        },
+        domains,
+        plan: plan.to_vec(),
+    }
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".into(), |v| format!("{:.0}%", v * 100.0))
+}
+
+/// Human tables.
+pub fn render_table(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "host: {} cpus usable ({}), memory {} total, {} available",
+        r.host.cpus.len(),
+        crate::cpulist::format(&r.host.cpus),
+        crate::units::mib(r.host.mem_total_kib),
+        crate::units::mib(r.host.mem_available_kib)
+    );
+    let _ = writeln!(s, "\n{:>5} {:>5} {:>5} {:>7} {:>5}", "cpu", "node", "core", "pkg", "busy");
+    for (i, c) in r.host.cpus.iter().enumerate() {
+        let t = r.host.topology.get(*c);
+        let _ = writeln!(
+            s,
+            "{:>5} {:>5} {:>5} {:>7} {:>5}",
+            c,
+            t.map_or(0, |t| t.node),
+            t.map_or(0, |t| t.core),
+            t.map_or(0, |t| t.package),
+            pct(r.host.cpu_busy.get(i).copied())
+        );
+    }
+    let _ = writeln!(s, "\n{:<24} {:>4} {:>5} {:>9} {:>6} {:>6}  {}", "domain", "vcpu", "pcpu", "pinned", "usage", "delay", "note");
+    for d in &r.domains {
+        let note = d.excluded_why.clone().unwrap_or_default();
+        if d.vcpus.is_empty() {
+            let _ = writeln!(s, "{:<24} {:>4} {:>5} {:>9} {:>6} {:>6}  {note}", d.name, "-", "-", "-", "-", "-");
+        }
+        for (i, v) in d.vcpus.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{:<24} {:>4} {:>5} {:>9} {:>6} {:>6}  {}",
+                if i == 0 { d.name.as_str() } else { "" },
+                v.id,
+                v.pcpu.map_or_else(|| "-".into(), |c| c.to_string()),
+                v.pinned_to.to_string(),
+                pct(v.usage),
+                pct(v.delay),
+                if i == 0 { note.as_str() } else { "" }
+            );
+        }
+        if let Some(m) = &d.memory {
+            let _ = writeln!(
+                s,
+                "{:<24} memory: current {}, max {}, usable {}",
+                "",
+                crate::units::mib(m.current_kib),
+                crate::units::mib(m.max_kib),
+                m.usable_kib.map_or_else(|| "-".into(), crate::units::mib)
+            );
+        }
+    }
+    let _ = writeln!(s, "\nplan ({} actions):", r.plan.len());
+    for a in &r.plan {
+        let _ = writeln!(s, "  {a}");
+    }
+    s
+}

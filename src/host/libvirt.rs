@@ -1,0 +1,354 @@
+//! The real host: libvirt for domains and actions, procfs for the per-quantum counters.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use super::stats::{self, DomainStats};
+use super::{BalloonStats, DomainDesc, DomainRef, Host, HostError, HostSample, OptOut, Topology, VcpuTimes};
+use super::procfs as pfs;
+
+/// XML namespace of the opt-out element in a domain's `<metadata>`:
+/// `<vmb:balancer xmlns:vmb="https://vm-balancer.org/xmlns/1" manage="no"/>` leaves the whole
+/// domain alone; `cpu="no"` or `memory="no"` leaves only that resource alone.
+pub const METADATA_NS: &str = "https://vm-balancer.org/xmlns/1";
+
+/// libvirt + procfs host.
+pub struct LibvirtHost {
+    uri: String,
+    root: PathBuf,
+    conn: Option<Connect>,
+    start: Instant,
+}
+
+impl LibvirtHost {
+    /// A host for `uri`; nothing is opened until [`Host::ensure_connected`].
+    pub fn new(uri: &str) -> Self {
+        // libvirt prints every error to stderr by default; errors reach us as values instead.
+        virt::error::clear_error_callback();
+        LibvirtHost { uri: uri.to_string(), root: PathBuf::from("/"), conn: None, start: Instant::now() }
+    }
+
+    /// The open connection, for the few callers (tests, diagnose) that need raw libvirt.
+    pub fn connection(&self) -> Option<&Connect> {
+        self.conn.as_ref()
+    }
+
+    fn conn(&self) -> Result<&Connect, HostError> {
+        self.conn.as_ref().ok_or_else(|| HostError::Disconnected("not connected".into()))
+    }
+
+    /// Classifies a libvirt error; a connection-level one drops the connection.
+    fn fail(&mut self, op: &'static str, object: &str, e: virt::error::Error) -> HostError {
+        let code = e.code();
+        let gone = code.is_known_and(|c| matches!(c, ErrorNumber::NoDomain));
+        let conn_lost = code.is_known_and(|c| {
+            matches!(c, ErrorNumber::SystemError | ErrorNumber::Rpc | ErrorNumber::NoConnect | ErrorNumber::InvalidConn)
+        }) || !self.conn.as_ref().is_some_and(|c| c.is_alive().unwrap_or(false));
+        if gone {
+            HostError::DomainGone(object.to_string())
+        } else if conn_lost {
+            // Dropping the connection closes it.
+            self.conn = None;
+            HostError::Disconnected(format!("{op}: {}", e.message()))
+        } else if code.is_known_and(|c| matches!(c, ErrorNumber::OperationInvalid)) && op != "connect" {
+            // "domain is not running": it stopped between listing and this call.
+            HostError::DomainGone(object.to_string())
+        } else {
+            HostError::Libvirt { op, object: object.to_string(), message: e.message().to_string() }
+        }
+    }
+
+    fn lookup(&mut self, dom: &DomainRef) -> Result<Domain, HostError> {
+        let r = self.conn()?.lookup_domain_by_name(&dom.name);
+        let d = r.map_err(|e| self.fail("lookup", &dom.name, e))?;
+        // The same name may now be another run of the domain.
+        match d.id() {
+            Some(id) if id == dom.id => Ok(d),
+            _ => Err(HostError::DomainGone(dom.name.clone())),
+        }
+    }
+}
+
+impl Host for LibvirtHost {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn epoch_s(&self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    }
+
+    fn ensure_connected(&mut self) -> Result<(), HostError> {
+        if let Some(c) = &self.conn {
+            if c.is_alive().unwrap_or(false) {
+                return Ok(());
+            }
+            self.conn = None;
+        }
+        match Connect::open(Some(&self.uri)) {
+            Ok(c) => {
+                self.conn = Some(c);
+                Ok(())
+            }
+            Err(e) => Err(HostError::Disconnected(format!("cannot open {}: {}", self.uri, e.message()))),
+        }
+    }
+
+    fn list_domains(&mut self) -> Result<Vec<DomainRef>, HostError> {
+        let r = self.conn()?.list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+        let doms = r.map_err(|e| self.fail("list domains", "host", e))?;
+        let mut out = Vec::with_capacity(doms.len());
+        for d in doms {
+            // name and uuid are read from the local object: no round trip.
+            let (Ok(name), Ok(uuid), Some(id)) = (d.name(), d.uuid_string(), d.id()) else { continue };
+            out.push(DomainRef { name, uuid, id });
+        }
+        Ok(out)
+    }
+
+    fn describe(&mut self, dom: &DomainRef) -> Result<DomainDesc, HostError> {
+        let d = self.lookup(dom)?;
+        let live = d.xml_desc(0).map_err(|e| self.fail("dumpxml", &dom.name, e))?;
+        let persistent = d.is_persistent().map_err(|e| self.fail("is-persistent", &dom.name, e))?;
+        // A transient domain has no inactive definition (libvirt would return the live one,
+        // with the agent's own live pins in it).
+        let inactive = if persistent {
+            Some(d.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map_err(|e| self.fail("dumpxml --inactive", &dom.name, e))?)
+        } else {
+            None
+        };
+        let facts = parse_domain_xml(&live, inactive.as_deref())
+            .map_err(|detail| HostError::Parse { what: format!("XML of {}", dom.name), detail })?;
+        let pid = pfs::qemu_pid(&self.root, &dom.name);
+        let mut vcpu_tids = vec![None; facts.vcpus as usize];
+        if let Some(pid) = pid {
+            // A domain that vanished between the listing and here has no task directory.
+            for (n, tid) in pfs::vcpu_threads(&self.root, pid).unwrap_or_default() {
+                if let Some(slot) = vcpu_tids.get_mut(n as usize) {
+                    *slot = Some(tid);
+                }
+            }
+        }
+        Ok(DomainDesc {
+            dom: dom.clone(),
+            vcpu_tids,
+            pid,
+            max_kib: facts.max_kib,
+            has_balloon: facts.has_balloon,
+            stats_period_s: facts.stats_period_s,
+            opt_out: facts.opt_out,
+        })
+    }
+
+    fn vcpu_times(&mut self, desc: &DomainDesc) -> Result<Vec<Option<VcpuTimes>>, HostError> {
+        let Some(pid) = desc.pid else { return Ok(vec![None; desc.vcpu_tids.len()]) };
+        let mut out = Vec::with_capacity(desc.vcpu_tids.len());
+        for tid in &desc.vcpu_tids {
+            let t = match tid {
+                Some(tid) => read_vcpu(&self.root, pid, *tid)?,
+                None => None,
+            };
+            out.push(t);
+        }
+        Ok(out)
+    }
+
+    fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError> {
+        let r = stats::all_domain_stats(self.conn()?, stats::groups::BALLOON);
+        let recs = r.map_err(|e| self.fail("bulk balloon stats", "host", e))?;
+        Ok(recs.iter().filter_map(|r| balloon_from_stats(r).map(|b| (r.name.clone(), b))).collect())
+    }
+
+    fn host_sample(&mut self) -> Result<HostSample, HostError> {
+        pfs::host_sample(&self.root)
+    }
+
+    fn topology(&mut self) -> Result<Topology, HostError> {
+        pfs::topology(&self.root)
+    }
+
+    fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
+        let d = self.lookup(dom)?;
+        let mut map = vec![0u8; cpu as usize / 8 + 1];
+        map[cpu as usize / 8] |= 1 << (cpu % 8);
+        d.pin_vcpu_flags(vcpu, &map, sys::VIR_DOMAIN_AFFECT_LIVE).map_err(|e| self.fail("pin vcpu", &dom.name, e))
+    }
+
+    fn set_balloon(&mut self, dom: &DomainRef, target_kib: u64) -> Result<(), HostError> {
+        let d = self.lookup(dom)?;
+        d.set_memory_flags(target_kib, sys::VIR_DOMAIN_MEM_LIVE).map_err(|e| self.fail("set memory", &dom.name, e))
+    }
+
+    fn set_stats_period(&mut self, dom: &DomainRef, period_s: u32) -> Result<(), HostError> {
+        let d = self.lookup(dom)?;
+        let p = i32::try_from(period_s).unwrap_or(i32::MAX);
+        d.set_memory_stats_period(p, sys::VIR_DOMAIN_MEM_LIVE).map_err(|e| self.fail("set stats period", &dom.name, e))
+    }
+}
+
+fn read_vcpu(root: &std::path::Path, pid: u32, tid: u32) -> Result<Option<VcpuTimes>, HostError> {
+    let Some((run_ns, wait_ns)) = pfs::schedstat(root, pid, tid)? else { return Ok(None) };
+    let Some(affinity_mask) = pfs::affinity(root, pid, tid) else { return Ok(None) };
+    // Where a floating thread runs is needed to attribute its load; a pinned one runs on its pin.
+    let last_cpu = match affinity_mask.as_single() {
+        Some(c) => Some(c),
+        None => pfs::last_cpu(root, pid, tid),
+    };
+    Ok(Some(VcpuTimes { run_ns, wait_ns, affinity_mask, last_cpu }))
+}
+
+/// Balloon statistics from one bulk-stats record; `None` without `balloon.current`.
+pub fn balloon_from_stats(r: &DomainStats) -> Option<BalloonStats> {
+    Some(BalloonStats {
+        current_kib: r.get_u64("balloon.current")?,
+        maximum_kib: r.get_u64("balloon.maximum").unwrap_or(0),
+        unused_kib: r.get_u64("balloon.unused"),
+        available_kib: r.get_u64("balloon.available"),
+        usable_kib: r.get_u64("balloon.usable"),
+        swap_in_kib: r.get_u64("balloon.swap_in"),
+        major_fault: r.get_u64("balloon.major_fault"),
+        last_update_s: r.get_u64("balloon.last-update"),
+    })
+}
+
+/// What the agent needs from a domain's XML.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct XmlFacts {
+    pub vcpus: u32,
+    pub max_kib: u64,
+    pub has_balloon: bool,
+    pub stats_period_s: u32,
+    pub opt_out: OptOut,
+}
+
+fn kib(value: &str, unit: Option<&str>) -> Option<u64> {
+    let v: u64 = value.trim().parse().ok()?;
+    let mul: u64 = match unit.unwrap_or("KiB") {
+        "b" | "bytes" => return Some(v / 1024),
+        "KB" => return Some(v * 1000 / 1024),
+        "k" | "KiB" => 1,
+        "MB" => return Some(v * 1_000_000 / 1024),
+        "M" | "MiB" => 1024,
+        "GB" => return Some(v * 1_000_000_000 / 1024),
+        "G" | "GiB" => 1024 * 1024,
+        "T" | "TiB" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    v.checked_mul(mul)
+}
+
+fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
+    n.children().find(|c| c.has_tag_name(name))
+}
+
+/// Parses the live XML (and the persistent one, for persistent domains).
+pub fn parse_domain_xml(live: &str, persistent: Option<&str>) -> Result<XmlFacts, String> {
+    let doc = roxmltree::Document::parse(live).map_err(|e| e.to_string())?;
+    let root = doc.root_element();
+    let vcpu = child(root, "vcpu").ok_or("no <vcpu>")?;
+    let vcpus: u32 = vcpu
+        .attribute("current")
+        .or(vcpu.text())
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or("bad <vcpu>")?;
+    let mem = child(root, "memory").ok_or("no <memory>")?;
+    let max_kib = kib(mem.text().unwrap_or(""), mem.attribute("unit")).ok_or("bad <memory>")?;
+    let balloon = child(root, "devices").and_then(|d| child(d, "memballoon"));
+    let has_balloon = balloon.is_some_and(|b| b.attribute("model") == Some("virtio") || b.attribute("model").is_some_and(|m| m.starts_with("virtio")));
+    let stats_period_s = balloon
+        .and_then(|b| child(b, "stats"))
+        .and_then(|s| s.attribute("period"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+
+    let mut opt_out = OptOut::default();
+    if let Some(el) = child(root, "metadata")
+        .and_then(|m| m.children().find(|c| c.is_element() && c.tag_name().namespace() == Some(METADATA_NS)))
+    {
+        let no = |a: &str| el.attribute(a).is_some_and(|v| matches!(v, "no" | "off" | "false" | "0"));
+        if no("manage") {
+            let why = "opted out by <metadata> (manage=\"no\")".to_string();
+            opt_out.cpu = Some(why.clone());
+            opt_out.memory = Some(why);
+        }
+        if no("cpu") {
+            opt_out.cpu = Some("opted out by <metadata> (cpu=\"no\")".into());
+        }
+        if no("memory") {
+            opt_out.memory = Some("opted out by <metadata> (memory=\"no\")".into());
+        }
+    }
+    if opt_out.cpu.is_none() {
+        if let Some(p) = persistent {
+            let pdoc = roxmltree::Document::parse(p).map_err(|e| e.to_string())?;
+            let proot = pdoc.root_element();
+            let pins = child(proot, "cputune").is_some_and(|t| t.children().any(|c| c.has_tag_name("vcpupin")));
+            let pvcpu = child(proot, "vcpu");
+            let cpuset = pvcpu.and_then(|v| v.attribute("cpuset")).is_some();
+            let auto = pvcpu.and_then(|v| v.attribute("placement")) == Some("auto");
+            if pins {
+                opt_out.cpu = Some("persistent definition pins vCPUs (<cputune><vcpupin>)".into());
+            } else if cpuset {
+                opt_out.cpu = Some("persistent definition sets <vcpu cpuset>".into());
+            } else if auto {
+                opt_out.cpu = Some("persistent definition uses placement='auto' (numad)".into());
+            }
+        }
+    }
+    Ok(XmlFacts { vcpus, max_kib, has_balloon, stats_period_s, opt_out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIVE: &str = r#"<domain type='qemu' id='3'>
+  <name>web</name>
+  <metadata><vmb:balancer xmlns:vmb="https://vm-balancer.org/xmlns/1" memory="no"/></metadata>
+  <memory unit='KiB'>524288</memory>
+  <currentMemory unit='KiB'>262144</currentMemory>
+  <vcpu placement='static' current='2'>4</vcpu>
+  <cputune><vcpupin vcpu='0' cpuset='1'/></cputune>
+  <devices><memballoon model='virtio'><stats period='5'/></memballoon></devices>
+</domain>"#;
+
+    #[test]
+    fn live_xml_facts() {
+        let f = parse_domain_xml(LIVE, None).unwrap();
+        assert_eq!(f.vcpus, 2);
+        assert_eq!(f.max_kib, 524_288);
+        assert!(f.has_balloon);
+        assert_eq!(f.stats_period_s, 5);
+        assert_eq!(f.opt_out.cpu, None, "live pins are not an administrator's choice");
+        assert!(f.opt_out.memory.is_some());
+    }
+
+    #[test]
+    fn persistent_pins_opt_out_of_cpu() {
+        let p = "<domain><vcpu>2</vcpu><memory unit='MiB'>512</memory><cputune><vcpupin vcpu='0' cpuset='3'/></cputune></domain>";
+        let f = parse_domain_xml(p, Some(p)).unwrap();
+        assert_eq!(f.max_kib, 524_288);
+        assert!(f.opt_out.cpu.unwrap().contains("vcpupin"));
+        assert!(!f.has_balloon);
+    }
+
+    #[test]
+    fn manage_no_opts_out_of_everything() {
+        let x = r#"<domain><vcpu>1</vcpu><memory>1024</memory><metadata><b:balancer xmlns:b="https://vm-balancer.org/xmlns/1" manage="no"/></metadata><devices><memballoon model='none'/></devices></domain>"#;
+        let f = parse_domain_xml(x, None).unwrap();
+        assert!(f.opt_out.cpu.is_some() && f.opt_out.memory.is_some());
+        assert!(!f.has_balloon);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(parse_domain_xml("<domain>", None).is_err());
+        assert!(parse_domain_xml("<domain><vcpu>x</vcpu></domain>", None).is_err());
+        assert!(parse_domain_xml("<domain><vcpu>1</vcpu><memory unit='parsec'>1</memory></domain>", None).is_err());
+    }
+}

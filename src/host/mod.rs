@@ -1,0 +1,216 @@
+//! The one boundary between the agent and the machine it runs on.
+//!
+//! Everything the agent reads (domains, vCPU thread times, pins, balloon statistics, host cpus
+//! and memory) and everything it does (pin a vCPU, resize a balloon) goes through [`Host`].
+//! Two implementations exist: [`libvirt::LibvirtHost`] (libvirt + procfs, the real thing) and
+//! [`crate::sim::SimHost`] (an in-memory host driven by virtual time, for tests, benches and the
+//! simulator).
+
+pub mod libvirt;
+pub mod procfs;
+pub mod stats;
+
+use serde::Serialize;
+
+/// Errors from a host backend.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The hypervisor connection is down (libvirtd restarted, socket gone).
+    #[error("Hypervisor connection lost: {0}")]
+    Disconnected(String),
+    /// The domain went away between discovery and this call: skip it, not fatal.
+    #[error("Domain {0} is gone")]
+    DomainGone(String),
+    /// A libvirt call failed for another reason.
+    #[error("libvirt: {op} on {object}: {message}")]
+    Libvirt { op: &'static str, object: String, message: String },
+    /// Reading procfs or sysfs failed.
+    #[error("Cannot read {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A value read from the host could not be parsed.
+    #[error("Cannot parse {what}: {detail}")]
+    Parse { what: String, detail: String },
+}
+
+impl HostError {
+    /// True when the error means the connection must be re-established.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, HostError::Disconnected(_))
+    }
+}
+
+/// A running domain as seen by the cheap listing call.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DomainRef {
+    pub name: String,
+    pub uuid: String,
+    /// libvirt's runtime id: changes when the domain is restarted.
+    pub id: u32,
+}
+
+/// Why the balancer must leave a domain (or a part of it) alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OptOut {
+    /// The domain opts out of CPU balancing, with the reason.
+    pub cpu: Option<String>,
+    /// The domain opts out of memory balancing, with the reason.
+    pub memory: Option<String>,
+}
+
+/// What discovery learns about a domain; refreshed only when the domain set changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainDesc {
+    pub dom: DomainRef,
+    /// Host thread id of each vCPU, indexed by vCPU number. `None` when not found.
+    pub vcpu_tids: Vec<Option<u32>>,
+    /// Host process id of the domain's QEMU, when known.
+    pub pid: Option<u32>,
+    /// Configured maximum memory (`<memory>`), KiB.
+    pub max_kib: u64,
+    /// Whether the domain has a virtio balloon device.
+    pub has_balloon: bool,
+    /// Balloon statistics period configured in the live XML, seconds (0 = off).
+    pub stats_period_s: u32,
+    /// Opt-outs from the domain's definition (metadata, persistent pins).
+    pub opt_out: OptOut,
+}
+
+/// Cumulative scheduler counters of one vCPU thread.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VcpuTimes {
+    /// Time on a cpu, ns.
+    pub run_ns: u64,
+    /// Time runnable but waiting for a cpu, ns.
+    pub wait_ns: u64,
+    /// Host cpus this thread may run on (its affinity), sorted.
+    pub affinity_mask: CpuSet,
+    /// Host cpu the thread last ran on, when read.
+    pub last_cpu: Option<u32>,
+}
+
+/// A small sorted set of host cpu ids.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash, Serialize)]
+#[serde(transparent)]
+pub struct CpuSet(pub Vec<u32>);
+
+impl CpuSet {
+    pub fn single(cpu: u32) -> Self {
+        CpuSet(vec![cpu])
+    }
+    /// The only cpu of the set, if it has exactly one.
+    pub fn as_single(&self) -> Option<u32> {
+        match self.0.as_slice() {
+            [c] => Some(*c),
+            _ => None,
+        }
+    }
+    pub fn contains(&self, cpu: u32) -> bool {
+        self.0.binary_search(&cpu).is_ok()
+    }
+}
+
+impl std::fmt::Display for CpuSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::cpulist::format(&self.0))
+    }
+}
+
+/// Balloon statistics of one guest, as reported by libvirt's balloon group. Every field but
+/// `current_kib` and `maximum_kib` comes from inside the guest and is untrusted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BalloonStats {
+    pub current_kib: u64,
+    pub maximum_kib: u64,
+    pub unused_kib: Option<u64>,
+    pub available_kib: Option<u64>,
+    pub usable_kib: Option<u64>,
+    pub swap_in_kib: Option<u64>,
+    pub major_fault: Option<u64>,
+    /// Epoch seconds of the guest's last stats update.
+    pub last_update_s: Option<u64>,
+}
+
+/// Cumulative busy time of each host cpu (from `/proc/stat`), ns, indexed by position in
+/// `HostSample::cpu_ids`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostSample {
+    pub cpu_ids: Vec<u32>,
+    pub cpu_busy_ns: Vec<u64>,
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    /// `some avg10` of `/proc/pressure/memory`, percent, where the kernel has PSI.
+    pub mem_pressure_some_avg10: Option<f64>,
+}
+
+/// One host cpu's place in the topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CpuTopo {
+    pub cpu: u32,
+    pub node: u32,
+    pub package: u32,
+    pub core: u32,
+}
+
+/// The host's online cpus and their topology, sorted by cpu id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Topology {
+    pub cpus: Vec<CpuTopo>,
+}
+
+impl Topology {
+    /// A flat topology: one node, one package, one core per cpu.
+    pub fn flat(n: u32) -> Self {
+        Topology { cpus: (0..n).map(|cpu| CpuTopo { cpu, node: 0, package: 0, core: cpu }).collect() }
+    }
+    pub fn get(&self, cpu: u32) -> Option<&CpuTopo> {
+        self.cpus.binary_search_by_key(&cpu, |c| c.cpu).ok().map(|i| &self.cpus[i])
+    }
+    /// Ids of the cpus sharing a physical core with `cpu` (itself included).
+    pub fn siblings(&self, cpu: u32) -> Vec<u32> {
+        match self.get(cpu) {
+            Some(t) => self
+                .cpus
+                .iter()
+                .filter(|o| o.package == t.package && o.core == t.core && o.node == t.node)
+                .map(|o| o.cpu)
+                .collect(),
+            None => vec![],
+        }
+    }
+}
+
+/// The narrow interface to a hypervisor host. Read side first, then the two actions.
+///
+/// Implementations must treat a domain that vanished as [`HostError::DomainGone`] and a lost
+/// hypervisor connection as [`HostError::Disconnected`]; they never panic on what the host returns.
+pub trait Host {
+    /// Monotonic time of this host, ns. The simulator returns virtual time.
+    fn now_ns(&self) -> u64;
+    /// Wall-clock time, epoch seconds (to judge the freshness of guest stats).
+    fn epoch_s(&self) -> u64;
+    /// (Re)establish the hypervisor connection if it is down. Cheap when connected.
+    fn ensure_connected(&mut self) -> Result<(), HostError>;
+    /// Cheap: the running domains.
+    fn list_domains(&mut self) -> Result<Vec<DomainRef>, HostError>;
+    /// Expensive: threads, limits and opt-outs of one domain. Called when the domain set changes.
+    fn describe(&mut self, dom: &DomainRef) -> Result<DomainDesc, HostError>;
+    /// Cheap (procfs): scheduler counters and affinity of each vCPU thread of a domain,
+    /// indexed like `desc.vcpu_tids` (`None` for a vCPU whose thread is unknown or gone).
+    fn vcpu_times(&mut self, desc: &DomainDesc) -> Result<Vec<Option<VcpuTimes>>, HostError>;
+    /// One bulk call: balloon statistics of every running domain, keyed by name.
+    fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError>;
+    /// Host cpu busy times and memory.
+    fn host_sample(&mut self) -> Result<HostSample, HostError>;
+    /// Host cpu topology (read once at start and after reconnects).
+    fn topology(&mut self) -> Result<Topology, HostError>;
+    /// Pin one vCPU of a running domain to one host cpu (live only).
+    fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError>;
+    /// Set a running domain's balloon target (live only), KiB.
+    fn set_balloon(&mut self, dom: &DomainRef, target_kib: u64) -> Result<(), HostError>;
+    /// Turn on a running domain's balloon statistics period (live only), seconds.
+    fn set_stats_period(&mut self, dom: &DomainRef, period_s: u32) -> Result<(), HostError>;
+}

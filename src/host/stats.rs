@@ -1,0 +1,149 @@
+//! Safe wrapper of `virConnectGetAllDomainStats`, the bulk statistics call.
+//!
+//! The `virt` crate's `Connect::all_domain_stats` hands back raw record pointers and frees only
+//! the array, leaking the records; this module makes the call through `virt::sys`, copies every
+//! typed parameter into owned Rust values, and frees the whole list with
+//! `virDomainStatsRecordListFree`, in one place. It is the crate's only `unsafe` code.
+
+use std::ffi::CStr;
+use std::os::raw::c_uint;
+
+use virt::connect::Connect;
+use virt::sys;
+
+/// One typed parameter value, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatValue {
+    Int(i64),
+    UInt(u64),
+    Double(f64),
+    Bool(bool),
+    Str(String),
+}
+
+impl StatValue {
+    /// The value as an unsigned integer, when it is a non-negative number.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            StatValue::UInt(v) => Some(v),
+            StatValue::Int(v) => u64::try_from(v).ok(),
+            StatValue::Double(v) if v >= 0.0 && v.is_finite() => {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                Some(v as u64)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The statistics of one domain: its name and its `(field, value)` parameters.
+#[derive(Debug, Clone, Default)]
+pub struct DomainStats {
+    pub name: String,
+    pub params: Vec<(String, StatValue)>,
+}
+
+impl DomainStats {
+    pub fn get(&self, field: &str) -> Option<&StatValue> {
+        self.params.iter().find(|(k, _)| k == field).map(|(_, v)| v)
+    }
+    pub fn get_u64(&self, field: &str) -> Option<u64> {
+        self.get(field).and_then(StatValue::as_u64)
+    }
+}
+
+/// Statistics groups (`virDomainStatsTypes`).
+pub mod groups {
+    use virt::sys;
+    pub const STATE: u32 = sys::VIR_DOMAIN_STATS_STATE;
+    pub const BALLOON: u32 = sys::VIR_DOMAIN_STATS_BALLOON;
+    pub const VCPU: u32 = sys::VIR_DOMAIN_STATS_VCPU;
+}
+
+/// Runs `virConnectGetAllDomainStats(conn, groups, ACTIVE)` and returns owned records.
+pub fn all_domain_stats(conn: &Connect, stat_groups: u32) -> Result<Vec<DomainStats>, virt::error::Error> {
+    let mut records: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+    // SAFETY: `conn.as_ptr()` is a live connection owned by `conn` for the whole call;
+    // `records` is a valid out-pointer that libvirt fills with a NULL-terminated array it allocates.
+    let n = unsafe {
+        sys::virConnectGetAllDomainStats(
+            conn.as_ptr(),
+            stat_groups as c_uint,
+            &mut records,
+            sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE as c_uint,
+        )
+    };
+    if n < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    let list = RecordList(records);
+    let count = usize::try_from(n).unwrap_or(0);
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        // SAFETY: libvirt returned `n` non-NULL record pointers in `records`, which stays
+        // allocated until `list` is dropped at the end of this function.
+        let rec: &sys::virDomainStatsRecord = unsafe { &**list.0.add(i) };
+        out.push(copy_record(rec));
+    }
+    Ok(out)
+}
+
+/// Frees the list on drop, whatever happens while copying.
+struct RecordList(*mut sys::virDomainStatsRecordPtr);
+
+impl Drop for RecordList {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the pointer came from virConnectGetAllDomainStats and is freed exactly once.
+            unsafe { sys::virDomainStatsRecordListFree(self.0) };
+        }
+    }
+}
+
+fn copy_record(rec: &sys::virDomainStatsRecord) -> DomainStats {
+    // SAFETY: `rec.dom` is a domain reference owned by the record; virDomainGetName returns a
+    // pointer into it (or NULL), valid while the record lives; we copy it at once.
+    let name = unsafe {
+        let p = sys::virDomainGetName(rec.dom);
+        if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
+    };
+    let n = usize::try_from(rec.nparams).unwrap_or(0);
+    let mut params = Vec::with_capacity(n);
+    if !rec.params.is_null() {
+        for i in 0..n {
+            // SAFETY: `rec.params` points to `rec.nparams` initialised typed parameters.
+            let p: &sys::virTypedParameter = unsafe { &*rec.params.add(i) };
+            if let Some(kv) = copy_param(p) {
+                params.push(kv);
+            }
+        }
+    }
+    DomainStats { name, params }
+}
+
+fn copy_param(p: &sys::virTypedParameter) -> Option<(String, StatValue)> {
+    // The field is a NUL-terminated string within its fixed 80-byte buffer.
+    let bytes: Vec<u8> = p.field.iter().take_while(|&&c| c != 0).map(|&c| c.to_ne_bytes()[0]).collect();
+    let field = String::from_utf8_lossy(&bytes).into_owned();
+    let t = u32::try_from(p.type_).ok()?;
+    // SAFETY: libvirt sets `type_` to say which union member is initialised; we read only that one.
+    let v = unsafe {
+        match t {
+            sys::VIR_TYPED_PARAM_INT => StatValue::Int(i64::from(p.value.i)),
+            sys::VIR_TYPED_PARAM_UINT => StatValue::UInt(u64::from(p.value.ui)),
+            sys::VIR_TYPED_PARAM_LLONG => StatValue::Int(p.value.l),
+            sys::VIR_TYPED_PARAM_ULLONG => StatValue::UInt(p.value.ul),
+            sys::VIR_TYPED_PARAM_DOUBLE => StatValue::Double(p.value.d),
+            sys::VIR_TYPED_PARAM_BOOLEAN => StatValue::Bool(p.value.b != 0),
+            sys::VIR_TYPED_PARAM_STRING => {
+                if p.value.s.is_null() {
+                    StatValue::Str(String::new())
+                } else {
+                    StatValue::Str(CStr::from_ptr(p.value.s).to_string_lossy().into_owned())
+                }
+            }
+            _ => return None,
+        }
+    };
+    Some((field, v))
+}

@@ -1,0 +1,14 @@
+//! vm-balancer: a per-host agent that balances vCPU pins and guest balloons on a libvirt/KVM
+//! host. The loop is sample ([`collect`]) → model ([`model`]) → decide ([`policy`]) → act
+//! ([`actuate`]), driven by [`daemon`]; all host access goes through [`host::Host`].
+
+pub mod actuate;
+pub mod cli;
+pub mod collect;
+pub mod cpulist;
+pub mod daemon;
+pub mod diagnose;
+pub mod host;
+pub mod model;
+pub mod policy;
+pub mod units;

@@ -1,0 +1,96 @@
+//! `vm-balancer` binary: parse flags, set up logging, run the chosen subcommand.
+//! Exit codes: 0 success, 1 runtime failure, 2 bad flags.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use log::error;
+
+use vm_balancer::cli::{Cli, Command, Common};
+use vm_balancer::daemon::{self, Agent, AgentConfig};
+use vm_balancer::host::libvirt::LibvirtHost;
+use vm_balancer::policy::cpu::CpuPolicy;
+use vm_balancer::{actuate, diagnose};
+
+fn agent_config(c: &Common, dry_run: bool) -> AgentConfig {
+    let quantum_ns = c.quantum.as_nanos().max(1);
+    let cooldown_quanta = u64::try_from(c.cooldown.as_nanos().div_ceil(quantum_ns)).unwrap_or(u64::MAX);
+    AgentConfig {
+        quantum: c.quantum,
+        smoothing: c.smoothing,
+        cpus: c.cpus.clone(),
+        exclude: c.exclude.clone(),
+        cpu: (!c.no_cpu).then(|| CpuPolicy {
+            high: c.high,
+            min_gain: c.min_gain,
+            max_repins: c.max_repins,
+            cooldown_quanta,
+            ..CpuPolicy::default()
+        }),
+        dry_run,
+    }
+}
+
+fn init_logging(c: &Common) {
+    env_logger::Builder::new()
+        .filter_level(c.log_filter())
+        .format_timestamp_millis()
+        .format_target(false)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { common, dry_run } => {
+            init_logging(&common);
+            let host = LibvirtHost::new(&common.connect);
+            daemon::run(Agent::new(host, agent_config(&common, dry_run)))
+        }
+        Command::Diagnose { common, interval, json, apply } => {
+            init_logging(&common);
+            let host = LibvirtHost::new(&common.connect);
+            let mut agent = Agent::new(host, agent_config(&common, true));
+            agent.step();
+            if !agent.connected() {
+                anyhow::bail!("cannot connect to {}", common.connect);
+            }
+            std::thread::sleep(interval);
+            let report = agent.step();
+            let snap = report.snapshot.context("no fresh sample: the connection dropped between the two samples")?;
+            let out = diagnose::report(&snap, &report.plan);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", diagnose::render_table(&out));
+            }
+            if apply && !report.plan.is_empty() {
+                let outcomes = actuate::apply(&mut agent.host, &snap, &report.plan)?;
+                let failed = outcomes.iter().filter(|o| matches!(o, actuate::Outcome::Failed(_))).count();
+                if failed > 0 {
+                    anyhow::bail!("{failed} of {} actions failed", outcomes.len());
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let common = match &cli.command {
+        Command::Run { common, .. } | Command::Diagnose { common, .. } => common,
+    };
+    if let Err(msg) = common.validate() {
+        eprintln!("error: {msg}");
+        return ExitCode::from(2);
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

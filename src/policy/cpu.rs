@@ -1,0 +1,319 @@
+//! The vCPU pin balancer.
+//!
+//! Load of a host cpu = fixed load (everything the balancer does not move: host processes,
+//! excluded domains, vCPUs without rates yet) + the demand (usage + delay) of the vCPUs pinned
+//! to it. Each quantum:
+//!
+//! 1. **Placement.** vCPUs that float over several cpus are pinned once, heaviest first, each
+//!    on the least loaded allowed cpu.
+//! 2. **Balancing.** While the busiest cpu `b` is above `high`, take the best single move
+//!    (a vCPU of `b` to another cpu) or swap (a vCPU of `b` for a lighter one elsewhere):
+//!    - *never flip*: the target may not end up busier than the source is left, so the
+//!      busiest cpu's load never rises and the pair never trades places;
+//!    - the gain (how much the pair's larger load drops) must reach `min_gain` (hysteresis);
+//!    - among candidates within `about_equal` of the best gain, prefer fewer repins (a move
+//!      over a swap), a target in the same NUMA node, then the lighter vCPU (the heaviest one
+//!      keeps its warm cache), then the freer target;
+//!    - each vCPU moves at most once per plan, not at all while cooling down after a move, and
+//!      at most `max_repins` pins change per plan (a swap counts two).
+//!
+//! Pure: no I/O, no clock. [`input_from`] turns a snapshot into the plain input of [`plan`].
+
+use std::collections::HashMap;
+
+use crate::host::CpuSet;
+use crate::model::Snapshot;
+use crate::policy::Action;
+
+const EPS: f64 = 1e-9;
+
+/// Tunables of the CPU balancer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuPolicy {
+    /// A cpu whose load (in cores) is above this is overloaded.
+    pub high: f64,
+    /// Smallest drop of the pair's larger load that justifies a repin, in cores.
+    pub min_gain: f64,
+    /// Most pins changed per quantum by balancing (a swap counts two).
+    pub max_repins: usize,
+    /// Most floating vCPUs placed per quantum.
+    pub max_placements: usize,
+    /// Quanta a moved vCPU stays where it was put.
+    pub cooldown_quanta: u64,
+    /// Gains closer than this to the best one count as equal, in cores.
+    pub about_equal: f64,
+}
+
+impl Default for CpuPolicy {
+    fn default() -> Self {
+        CpuPolicy { high: 0.85, min_gain: 0.10, max_repins: 4, max_placements: 64, cooldown_quanta: 10, about_equal: 0.05 }
+    }
+}
+
+/// One allowed host cpu.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuSlot {
+    pub id: u32,
+    pub node: u32,
+    /// Load the balancer cannot move, in cores.
+    pub fixed: f64,
+}
+
+/// One vCPU the planner knows the demand of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VcpuSlot {
+    pub domain: String,
+    pub vcpu: u32,
+    /// Smoothed usage + delay, cores.
+    pub demand: f64,
+    /// Its affinity now.
+    pub current: CpuSet,
+    /// Index into `CpuInput::cpus` when pinned to exactly one allowed cpu; `None` when floating.
+    pub cpu: Option<usize>,
+    /// False for excluded domains and vCPUs cooling down: counted, never moved.
+    pub movable: bool,
+}
+
+/// The planner's whole input.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CpuInput {
+    pub cpus: Vec<CpuSlot>,
+    pub vcpus: Vec<VcpuSlot>,
+}
+
+/// Builds the planner input from a snapshot. `moved_at` holds the quantum each vCPU was last
+/// moved in, keyed by (domain, vCPU).
+pub fn input_from(snap: &Snapshot, moved_at: &HashMap<(String, u32), u64>, policy: &CpuPolicy) -> CpuInput {
+    let index: HashMap<u32, usize> = snap.host.cpus.iter().enumerate().map(|(i, &c)| (c, i)).collect();
+    let mut cpus: Vec<CpuSlot> = snap
+        .host
+        .cpus
+        .iter()
+        .zip(&snap.host.cpu_busy)
+        .map(|(&id, &busy)| CpuSlot { id, node: snap.host.topology.get(id).map_or(0, |t| t.node), fixed: busy })
+        .collect();
+    let mut vcpus = Vec::new();
+    for d in &snap.domains {
+        for v in &d.vcpus {
+            let Some(rates) = v.rates else { continue };
+            let single = v.pinned_to.as_single();
+            let cpu = single.and_then(|c| index.get(&c).copied());
+            let cooling = moved_at
+                .get(&(d.dom.name.clone(), v.id))
+                .is_some_and(|&q| snap.quantum < q + policy.cooldown_quanta);
+            let movable = d.cpu_excluded.is_none() && !cooling;
+            // Pinned to one cpu outside the allowed set: someone chose it; leave it in the fixed load.
+            if single.is_some() && cpu.is_none() {
+                continue;
+            }
+            // Floating and not ours to place: its load stays in the fixed load.
+            if cpu.is_none() && !movable {
+                continue;
+            }
+            // Take what it ran out of the fixed load of the cpu it ran on.
+            if let Some(i) = cpu.or_else(|| v.pcpu.and_then(|c| index.get(&c).copied())) {
+                cpus[i].fixed -= rates.usage;
+            }
+            vcpus.push(VcpuSlot {
+                domain: d.dom.name.clone(),
+                vcpu: v.id,
+                demand: rates.demand.clamp(0.0, 1.0),
+                current: v.pinned_to.clone(),
+                cpu,
+                movable,
+            });
+        }
+    }
+    for c in &mut cpus {
+        c.fixed = c.fixed.max(0.0);
+    }
+    CpuInput { cpus, vcpus }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    v: usize,
+    /// Swap partner (a vCPU on the target), if a swap.
+    w: Option<usize>,
+    target: usize,
+    gain: f64,
+    same_node: bool,
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
+}
+
+/// Plans the pins of one quantum.
+pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
+    let n = input.cpus.len();
+    let mut actions = Vec::new();
+    if n == 0 {
+        return actions;
+    }
+    let mut load: Vec<f64> = input.cpus.iter().map(|c| c.fixed).collect();
+    let mut on: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut at: Vec<Option<usize>> = input.vcpus.iter().map(|v| v.cpu).collect();
+    let mut free: Vec<bool> = input.vcpus.iter().map(|v| v.movable).collect();
+    for (i, v) in input.vcpus.iter().enumerate() {
+        if let Some(c) = v.cpu {
+            load[c] += v.demand;
+            on[c].push(i);
+        }
+    }
+
+    // 1. Placement of floating vCPUs, heaviest first.
+    let mut floating: Vec<usize> = (0..input.vcpus.len()).filter(|&i| at[i].is_none() && free[i]).collect();
+    floating.sort_by(|&a, &b| input.vcpus[b].demand.total_cmp(&input.vcpus[a].demand).then(a.cmp(&b)));
+    for &i in floating.iter().take(policy.max_placements) {
+        let c = argmin(&load);
+        let v = &input.vcpus[i];
+        actions.push(Action::Pin {
+            domain: v.domain.clone(),
+            vcpu: v.vcpu,
+            from: v.current.clone(),
+            to: CpuSet::single(input.cpus[c].id),
+            reason: format!(
+                "initial placement: vCPU floated on cpus {} (demand {}); cpu {} is the least loaded allowed cpu ({})",
+                v.current,
+                pct(v.demand),
+                input.cpus[c].id,
+                pct(load[c])
+            ),
+        });
+        load[c] += v.demand;
+        on[c].push(i);
+        at[i] = Some(c);
+        free[i] = false;
+    }
+
+    // 2. Balancing.
+    let mut repins = 0;
+    while repins < policy.max_repins {
+        let b = argmax(&load);
+        if load[b] <= policy.high + EPS {
+            break;
+        }
+        let Some(best) = best_candidate(input, policy, &load, &on, &free, b, policy.max_repins - repins) else { break };
+        let t = best.target;
+        let v = &input.vcpus[best.v];
+        let (src_before, tgt_before) = (load[b], load[t]);
+        let moved_back = best.w.map_or(0.0, |w| input.vcpus[w].demand);
+        load[b] += moved_back - v.demand;
+        load[t] += v.demand - moved_back;
+        on[b].retain(|&x| x != best.v);
+        on[t].push(best.v);
+        free[best.v] = false;
+        let why = format!(
+            "cpu {} at {} (over {}), cpu {} at {}; after: {} and {}",
+            input.cpus[b].id,
+            pct(src_before),
+            pct(policy.high),
+            input.cpus[t].id,
+            pct(tgt_before),
+            pct(load[b]),
+            pct(load[t])
+        );
+        let pin_reason = match best.w {
+            Some(w) => format!("swap with vCPU {} of {}: {why}", input.vcpus[w].vcpu, input.vcpus[w].domain),
+            None => format!("move (demand {}): {why}", pct(v.demand)),
+        };
+        actions.push(Action::Pin {
+            domain: v.domain.clone(),
+            vcpu: v.vcpu,
+            from: v.current.clone(),
+            to: CpuSet::single(input.cpus[t].id),
+            reason: pin_reason,
+        });
+        repins += 1;
+        if let Some(w) = best.w {
+            let wv = &input.vcpus[w];
+            on[t].retain(|&x| x != w);
+            on[b].push(w);
+            free[w] = false;
+            actions.push(Action::Pin {
+                domain: wv.domain.clone(),
+                vcpu: wv.vcpu,
+                from: wv.current.clone(),
+                to: CpuSet::single(input.cpus[b].id),
+                reason: format!("swap with vCPU {} of {} (demand {}): {why}", v.vcpu, v.domain, pct(wv.demand)),
+            });
+            repins += 1;
+        }
+    }
+    actions
+}
+
+fn argmax(load: &[f64]) -> usize {
+    let mut b = 0;
+    for (i, &l) in load.iter().enumerate() {
+        if l > load[b] + EPS {
+            b = i;
+        }
+    }
+    b
+}
+
+fn argmin(load: &[f64]) -> usize {
+    let mut b = 0;
+    for (i, &l) in load.iter().enumerate() {
+        if l < load[b] - EPS {
+            b = i;
+        }
+    }
+    b
+}
+
+fn best_candidate(
+    input: &CpuInput,
+    policy: &CpuPolicy,
+    load: &[f64],
+    on: &[Vec<usize>],
+    free: &[bool],
+    b: usize,
+    repins_left: usize,
+) -> Option<Candidate> {
+    let node_b = input.cpus[b].node;
+    let mut cands: Vec<Candidate> = Vec::new();
+    for &v in on[b].iter().filter(|&&v| free[v]) {
+        let dv = input.vcpus[v].demand;
+        for t in 0..load.len() {
+            if t == b {
+                continue;
+            }
+            let same_node = input.cpus[t].node == node_b;
+            // Move: the target may not end above what the source is left with.
+            if load[t] + dv <= load[b] - dv + EPS {
+                cands.push(Candidate { v, w: None, target: t, gain: dv, same_node });
+            }
+            if repins_left < 2 {
+                continue;
+            }
+            for &w in on[t].iter().filter(|&&w| free[w]) {
+                let delta = dv - input.vcpus[w].demand;
+                if delta > EPS && load[t] + delta <= load[b] - delta + EPS {
+                    cands.push(Candidate { v, w: Some(w), target: t, gain: delta, same_node });
+                }
+            }
+        }
+    }
+    let best_gain = cands.iter().map(|c| c.gain).fold(f64::NEG_INFINITY, f64::max);
+    if best_gain < policy.min_gain - EPS {
+        return None;
+    }
+    cands
+        .into_iter()
+        .filter(|c| c.gain >= best_gain - policy.about_equal - EPS)
+        .min_by(|x, y| {
+            let key = |c: &Candidate| (usize::from(c.w.is_some()), !c.same_node);
+            key(x)
+                .cmp(&key(y))
+                .then(input.vcpus[x.v].demand.total_cmp(&input.vcpus[y.v].demand))
+                .then(load[x.target].total_cmp(&load[y.target]))
+                .then(x.target.cmp(&y.target))
+                .then(x.v.cmp(&y.v))
+        })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,200 @@
+use super::*;
+use proptest::prelude::*;
+
+fn cpus(n: u32) -> Vec<CpuSlot> {
+    (0..n).map(|id| CpuSlot { id, node: 0, fixed: 0.0 }).collect()
+}
+
+fn vcpu(dom: &str, n: u32, demand: f64, cpu: Option<usize>) -> VcpuSlot {
+    VcpuSlot {
+        domain: dom.into(),
+        vcpu: n,
+        demand,
+        current: cpu.map_or(CpuSet(vec![0, 1, 2, 3]), |c| CpuSet::single(u32::try_from(c).unwrap())),
+        cpu,
+        movable: true,
+    }
+}
+
+/// Loads after applying a plan to an input (pins only).
+fn loads_after(input: &CpuInput, plan: &[Action]) -> Vec<f64> {
+    let mut at: Vec<Option<usize>> = input.vcpus.iter().map(|v| v.cpu).collect();
+    for a in plan {
+        if let Action::Pin { domain, vcpu, to, .. } = a {
+            let i = input.vcpus.iter().position(|v| &v.domain == domain && v.vcpu == *vcpu).unwrap();
+            let c = input.cpus.iter().position(|c| c.id == to.as_single().unwrap()).unwrap();
+            at[i] = Some(c);
+        }
+    }
+    let mut load: Vec<f64> = input.cpus.iter().map(|c| c.fixed).collect();
+    for (i, v) in input.vcpus.iter().enumerate() {
+        if let Some(c) = at[i] {
+            load[c] += v.demand;
+        }
+    }
+    load
+}
+
+fn max(l: &[f64]) -> f64 {
+    l.iter().copied().fold(0.0, f64::max)
+}
+
+#[test]
+fn piled_up_host_spreads() {
+    // Four busy vCPUs all on cpu 0 of a 4-cpu host.
+    let input = CpuInput { cpus: cpus(4), vcpus: (0..4).map(|i| vcpu("a", i, 1.0, Some(0))).collect() };
+    let plan = plan(&input, &CpuPolicy::default());
+    assert_eq!(plan.len(), 3, "{plan:#?}");
+    let l = loads_after(&input, &plan);
+    assert!(l.iter().all(|&x| (x - 1.0).abs() < 1e-9), "{l:?}");
+}
+
+#[test]
+fn converges_over_quanta_with_repin_limit() {
+    // 16 busy vCPUs on cpu 0 of 8 cpus, 2 repins per quantum, no cooldown.
+    let pol = CpuPolicy { max_repins: 2, cooldown_quanta: 0, ..CpuPolicy::default() };
+    let mut input = CpuInput { cpus: cpus(8), vcpus: (0..16).map(|i| vcpu("a", i, 0.9, Some(0))).collect() };
+    let mut quanta = 0;
+    loop {
+        let p = plan(&input, &pol);
+        assert!(p.len() <= 2);
+        if p.is_empty() {
+            break;
+        }
+        for a in &p {
+            if let Action::Pin { vcpu, to, .. } = a {
+                let c = usize::try_from(to.as_single().unwrap()).unwrap();
+                input.vcpus[*vcpu as usize].cpu = Some(c);
+                input.vcpus[*vcpu as usize].current = to.clone();
+            }
+        }
+        quanta += 1;
+        assert!(quanta < 20, "did not converge");
+    }
+    let l = loads_after(&input, &[]);
+    assert!(max(&l) <= 1.8 + 1e-9, "{l:?}");
+    // 16 vCPUs over 8 cpus: 14 moves is the fewest that leaves 2 per cpu.
+    assert_eq!(quanta, 7);
+}
+
+#[test]
+fn never_flips_a_single_heavy_vcpu() {
+    let input = CpuInput { cpus: cpus(2), vcpus: vec![vcpu("a", 0, 1.0, Some(0))] };
+    assert!(plan(&input, &CpuPolicy::default()).is_empty());
+}
+
+#[test]
+fn below_threshold_means_no_action() {
+    let input = CpuInput { cpus: cpus(2), vcpus: vec![vcpu("a", 0, 0.4, Some(0)), vcpu("a", 1, 0.4, Some(0))] };
+    assert!(plan(&input, &CpuPolicy::default()).is_empty());
+}
+
+#[test]
+fn min_gain_is_hysteresis() {
+    // cpu 0 at 0.95, cpu 1 at 0.80: the only possible move gains 0.05 < 0.10.
+    let mut c = cpus(2);
+    c[0].fixed = 0.90;
+    c[1].fixed = 0.80;
+    let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 0.05, Some(0))] };
+    assert!(plan(&input, &CpuPolicy::default()).is_empty());
+}
+
+#[test]
+fn excluded_and_cooling_vcpus_stay() {
+    let mut v = vec![vcpu("a", 0, 1.0, Some(0)), vcpu("a", 1, 1.0, Some(0))];
+    v[0].movable = false;
+    v[1].movable = false;
+    let input = CpuInput { cpus: cpus(2), vcpus: v };
+    assert!(plan(&input, &CpuPolicy::default()).is_empty());
+}
+
+#[test]
+fn prefers_moving_the_lighter_vcpu_when_gains_are_close() {
+    // cpu 0: 0.50 + 0.48 + 0.10 fixed; either heavy one fits on idle cpu 1 with about the same gain.
+    let mut c = cpus(2);
+    c[0].fixed = 0.10;
+    let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 0.50, Some(0)), vcpu("b", 0, 0.48, Some(0))] };
+    let p = plan(&input, &CpuPolicy::default());
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].domain(), "b");
+}
+
+#[test]
+fn uses_a_swap_when_no_move_fits() {
+    // cpu 0: 0.6 + 0.6 = 1.2; cpu 1: 0.5 + 0.3 = 0.8. Any move flips; swapping 0.6 for 0.3 gives 0.9/1.1 (flip),
+    // 0.6 for 0.5 gives 1.1/0.9.
+    let input = CpuInput {
+        cpus: cpus(2),
+        vcpus: vec![vcpu("a", 0, 0.6, Some(0)), vcpu("a", 1, 0.6, Some(0)), vcpu("b", 0, 0.5, Some(1)), vcpu("b", 1, 0.3, Some(1))],
+    };
+    let pol = CpuPolicy { min_gain: 0.05, ..CpuPolicy::default() };
+    let p = plan(&input, &pol);
+    assert_eq!(p.len(), 2, "{p:#?}");
+    let l = loads_after(&input, &p);
+    assert!((l[0] - 1.1).abs() < 1e-9 && (l[1] - 0.9).abs() < 1e-9, "{l:?}");
+}
+
+#[test]
+fn places_floating_vcpus_on_least_loaded_cpus() {
+    let mut c = cpus(3);
+    c[0].fixed = 0.5;
+    let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 0.9, None), vcpu("a", 1, 0.2, None)] };
+    let p = plan(&input, &CpuPolicy::default());
+    let to: Vec<u32> = p.iter().map(|a| if let Action::Pin { to, .. } = a { to.as_single().unwrap() } else { 99 }).collect();
+    assert_eq!(to, vec![1, 2]);
+}
+
+#[test]
+fn prefers_same_numa_node() {
+    let mut c = cpus(4);
+    c[0].node = 0;
+    c[1].node = 1;
+    c[2].node = 0;
+    c[3].node = 1;
+    let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 1.0, Some(0)), vcpu("a", 1, 1.0, Some(0))] };
+    let p = plan(&input, &CpuPolicy::default());
+    assert_eq!(p.len(), 1);
+    let Action::Pin { to, .. } = &p[0] else { panic!() };
+    assert_eq!(to.as_single(), Some(2));
+}
+
+prop_compose! {
+    fn arb_input()(n in 1u32..12, demands in proptest::collection::vec((0.0f64..1.0, 0usize..12, any::<bool>()), 0..40),
+                   fixed in proptest::collection::vec(0.0f64..0.5, 12)) -> CpuInput {
+        let mut c = cpus(n);
+        for (i, s) in c.iter_mut().enumerate() { s.fixed = fixed[i]; s.node = u32::try_from(i % 2).unwrap(); }
+        let vcpus = demands.iter().enumerate().map(|(i, &(d, cpu, mv))| {
+            let mut v = vcpu("d", u32::try_from(i).unwrap(), d, Some(cpu % n as usize));
+            v.movable = mv;
+            v
+        }).collect();
+        CpuInput { cpus: c, vcpus }
+    }
+}
+
+proptest! {
+    #[test]
+    fn invariants(input in arb_input(), max_repins in 0usize..8) {
+        let pol = CpuPolicy { max_repins, ..CpuPolicy::default() };
+        let p = plan(&input, &pol);
+        let before = loads_after(&input, &[]);
+        let after = loads_after(&input, &p);
+        // The busiest cpu never gets busier.
+        prop_assert!(max(&after) <= max(&before) + 1e-9);
+        // Repin limit; each vCPU pinned to exactly one allowed cpu; only movable vCPUs move, once.
+        prop_assert!(p.len() <= max_repins);
+        let mut seen = std::collections::HashSet::new();
+        for a in &p {
+            let Action::Pin { domain, vcpu, to, .. } = a else { panic!() };
+            let v = input.vcpus.iter().find(|v| &v.domain == domain && v.vcpu == *vcpu).unwrap();
+            prop_assert!(v.movable);
+            prop_assert!(seen.insert(*vcpu));
+            let t = to.as_single();
+            prop_assert!(t.is_some() && input.cpus.iter().any(|c| Some(c.id) == t));
+        }
+        // Planning again on the result never undoes it right away with every vCPU frozen.
+        let total_before: f64 = before.iter().sum();
+        let total_after: f64 = after.iter().sum();
+        prop_assert!((total_before - total_after).abs() < 1e-6, "load is conserved");
+    }
+}

@@ -1,0 +1,41 @@
+//! Planners: pure functions from a [`crate::model::Snapshot`] (plain data) to a [`Plan`].
+
+pub mod cpu;
+
+use serde::Serialize;
+
+use crate::host::CpuSet;
+
+/// One action of a plan, with the reason an operator reads in the log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Action {
+    /// Pin one vCPU to one host cpu.
+    Pin { domain: String, vcpu: u32, from: CpuSet, to: CpuSet, reason: String },
+    /// Resize a guest's balloon.
+    Balloon { domain: String, from_kib: u64, to_kib: u64, reason: String },
+}
+
+impl Action {
+    pub fn domain(&self) -> &str {
+        match self {
+            Action::Pin { domain, .. } | Action::Balloon { domain, .. } => domain,
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Pin { domain, vcpu, from, to, reason } => {
+                write!(f, "pin vCPU {vcpu} of {domain} {from} -> {to}: {reason}")
+            }
+            Action::Balloon { domain, from_kib, to_kib, reason } => {
+                write!(f, "balloon {domain} {} -> {} MiB: {reason}", from_kib / 1024, to_kib / 1024)
+            }
+        }
+    }
+}
+
+/// The actions of one quantum, in the order they are applied.
+pub type Plan = Vec<Action>;
