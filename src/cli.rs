@@ -103,6 +103,9 @@ pub struct Common {
     /// Smallest load drop (cores) that justifies a repin. 0 to 1.
     #[arg(long, default_value = "0.1", value_parser = gain, env = "VM_BALANCER_MIN_GAIN")]
     pub min_gain: f64,
+    /// How much busier (cores) a move may leave the target than the source. 0 to 1.
+    #[arg(long, default_value = "0.25", value_parser = gain, env = "VM_BALANCER_FLIP_MARGIN")]
+    pub flip_margin: f64,
     /// Most vCPU repins per quantum (a swap counts two). 0 to 4096.
     #[arg(long, default_value = "4", value_parser = max_repins, env = "VM_BALANCER_MAX_REPINS")]
     pub max_repins: usize,

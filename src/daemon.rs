@@ -55,7 +55,7 @@ pub struct Agent<H: Host> {
     collector: Collector,
     tracker: Option<Tracker>,
     link: Link,
-    /// Quantum in which each vCPU was last moved, for the cooldown.
+    /// When (host clock, ns) each vCPU was last moved, for the cooldown.
     moved_at: HashMap<(String, u32), u64>,
 }
 
@@ -183,7 +183,7 @@ impl<H: Host> Agent<H> {
                 Ok(outcomes) => {
                     for (a, o) in plan.iter().zip(&outcomes) {
                         if let (Action::Pin { domain, vcpu, .. }, Outcome::Applied) = (a, o) {
-                            self.moved_at.insert((domain.clone(), *vcpu), snap.quantum);
+                            self.moved_at.insert((domain.clone(), *vcpu), snap.t_ns);
                             report.applied += 1;
                         } else if matches!(o, Outcome::Applied) {
                             report.applied += 1;

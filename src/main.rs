@@ -14,8 +14,6 @@ use vm_balancer::policy::cpu::CpuPolicy;
 use vm_balancer::{actuate, diagnose};
 
 fn agent_config(c: &Common, dry_run: bool) -> AgentConfig {
-    let quantum_ns = c.quantum.as_nanos().max(1);
-    let cooldown_quanta = u64::try_from(c.cooldown.as_nanos().div_ceil(quantum_ns)).unwrap_or(u64::MAX);
     AgentConfig {
         quantum: c.quantum,
         smoothing: c.smoothing,
@@ -25,7 +23,8 @@ fn agent_config(c: &Common, dry_run: bool) -> AgentConfig {
             high: c.high,
             min_gain: c.min_gain,
             max_repins: c.max_repins,
-            cooldown_quanta,
+            flip_margin: c.flip_margin,
+            cooldown_ns: u64::try_from(c.cooldown.as_nanos()).unwrap_or(u64::MAX),
             ..CpuPolicy::default()
         }),
         dry_run,

@@ -8,8 +8,9 @@
 //!    on the least loaded allowed cpu.
 //! 2. **Balancing.** While the busiest cpu `b` is above `high`, take the best single move
 //!    (a vCPU of `b` to another cpu) or swap (a vCPU of `b` for a lighter one elsewhere):
-//!    - *never flip*: the target may not end up busier than the source is left, so the
-//!      busiest cpu's load never rises and the pair never trades places;
+//!    - *never flip*: the target may not end up busier than the source is left, beyond
+//!      `flip_margin` (a target with some host load, say 15%, must still take one of two busy
+//!      vCPUs piled on one core), and the busiest cpu's load never rises;
 //!    - the gain (how much the pair's larger load drops) must reach `min_gain` (hysteresis);
 //!    - among candidates within `about_equal` of the best gain, prefer fewer repins (a move
 //!      over a swap), a target in the same NUMA node, then the lighter vCPU (the heaviest one
@@ -38,15 +39,17 @@ pub struct CpuPolicy {
     pub max_repins: usize,
     /// Most floating vCPUs placed per quantum.
     pub max_placements: usize,
-    /// Quanta a moved vCPU stays where it was put.
-    pub cooldown_quanta: u64,
+    /// How long a moved vCPU stays where it was put, ns.
+    pub cooldown_ns: u64,
     /// Gains closer than this to the best one count as equal, in cores.
     pub about_equal: f64,
+    /// How much busier than the source the target may end up, in cores.
+    pub flip_margin: f64,
 }
 
 impl Default for CpuPolicy {
     fn default() -> Self {
-        CpuPolicy { high: 0.85, min_gain: 0.10, max_repins: 4, max_placements: 64, cooldown_quanta: 10, about_equal: 0.05 }
+        CpuPolicy { high: 0.85, min_gain: 0.10, max_repins: 4, max_placements: 64, cooldown_ns: 30_000_000_000, about_equal: 0.05, flip_margin: 0.25 }
     }
 }
 
@@ -81,8 +84,8 @@ pub struct CpuInput {
     pub vcpus: Vec<VcpuSlot>,
 }
 
-/// Builds the planner input from a snapshot. `moved_at` holds the quantum each vCPU was last
-/// moved in, keyed by (domain, vCPU).
+/// Builds the planner input from a snapshot. `moved_at` holds the time (host clock, ns) each
+/// vCPU was last moved, keyed by (domain, vCPU).
 pub fn input_from(snap: &Snapshot, moved_at: &HashMap<(String, u32), u64>, policy: &CpuPolicy) -> CpuInput {
     let index: HashMap<u32, usize> = snap.host.cpus.iter().enumerate().map(|(i, &c)| (c, i)).collect();
     let mut cpus: Vec<CpuSlot> = snap
@@ -100,7 +103,7 @@ pub fn input_from(snap: &Snapshot, moved_at: &HashMap<(String, u32), u64>, polic
             let cpu = single.and_then(|c| index.get(&c).copied());
             let cooling = moved_at
                 .get(&(d.dom.name.clone(), v.id))
-                .is_some_and(|&q| snap.quantum < q + policy.cooldown_quanta);
+                .is_some_and(|&t| snap.t_ns < t.saturating_add(policy.cooldown_ns));
             let movable = d.cpu_excluded.is_none() && !cooling;
             // Pinned to one cpu outside the allowed set: someone chose it; leave it in the fixed load.
             if single.is_some() && cpu.is_none() {
@@ -264,6 +267,19 @@ fn argmin(load: &[f64]) -> usize {
     b
 }
 
+/// Moving `delta` cores from `src` to `tgt`: the drop of the pair's larger load, or `None` when
+/// the move would flip the imbalance, i.e. leave the target busier than the source by more
+/// than `flip_margin`. Moving `delta` straight back can never gain, and every accepted move
+/// lowers the pair's larger load by at least `min_gain`, so plans cannot oscillate on a steady
+/// load.
+fn pair_gain(policy: &CpuPolicy, src: f64, tgt: f64, delta: f64) -> Option<f64> {
+    let (ns, nt) = (src - delta, tgt + delta);
+    if nt > ns + policy.flip_margin + EPS {
+        return None;
+    }
+    Some(src - ns.max(nt))
+}
+
 fn best_candidate(
     input: &CpuInput,
     policy: &CpuPolicy,
@@ -282,17 +298,19 @@ fn best_candidate(
                 continue;
             }
             let same_node = input.cpus[t].node == node_b;
-            // Move: the target may not end above what the source is left with.
-            if load[t] + dv <= load[b] - dv + EPS {
-                cands.push(Candidate { v, w: None, target: t, gain: dv, same_node });
+            if let Some(gain) = pair_gain(policy, load[b], load[t], dv) {
+                cands.push(Candidate { v, w: None, target: t, gain, same_node });
             }
             if repins_left < 2 {
                 continue;
             }
             for &w in on[t].iter().filter(|&&w| free[w]) {
                 let delta = dv - input.vcpus[w].demand;
-                if delta > EPS && load[t] + delta <= load[b] - delta + EPS {
-                    cands.push(Candidate { v, w: Some(w), target: t, gain: delta, same_node });
+                if delta <= EPS {
+                    continue;
+                }
+                if let Some(gain) = pair_gain(policy, load[b], load[t], delta) {
+                    cands.push(Candidate { v, w: Some(w), target: t, gain, same_node });
                 }
             }
         }

@@ -52,7 +52,7 @@ fn piled_up_host_spreads() {
 #[test]
 fn converges_over_quanta_with_repin_limit() {
     // 16 busy vCPUs on cpu 0 of 8 cpus, 2 repins per quantum, no cooldown.
-    let pol = CpuPolicy { max_repins: 2, cooldown_quanta: 0, ..CpuPolicy::default() };
+    let pol = CpuPolicy { max_repins: 2, cooldown_ns: 0, ..CpuPolicy::default() };
     let mut input = CpuInput { cpus: cpus(8), vcpus: (0..16).map(|i| vcpu("a", i, 0.9, Some(0))).collect() };
     let mut quanta = 0;
     loop {
@@ -197,4 +197,21 @@ proptest! {
         let total_after: f64 = after.iter().sum();
         prop_assert!((total_before - total_after).abs() < 1e-6, "load is conserved");
     }
+}
+
+#[test]
+fn busy_pair_leaves_a_core_with_some_background() {
+    // What the lab showed: two busy vCPUs on cpu 0, cpu 1 at 5% from host processes.
+    let mut c = cpus(2);
+    c[1].fixed = 0.05;
+    let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 1.0, Some(0)), vcpu("a", 1, 1.0, Some(0))] };
+    let p = plan(&input, &CpuPolicy::default());
+    assert_eq!(p.len(), 1, "{p:#?}");
+    // And the result is stable: nothing moves back.
+    let l = loads_after(&input, &p);
+    assert!((l[0] - 1.0).abs() < 1e-9 && (l[1] - 1.05).abs() < 1e-9);
+    let mut after = input.clone();
+    let Action::Pin { vcpu, to, .. } = &p[0] else { panic!() };
+    after.vcpus[*vcpu as usize].cpu = Some(usize::try_from(to.as_single().unwrap()).unwrap());
+    assert!(plan(&after, &CpuPolicy::default()).is_empty());
 }

@@ -1,0 +1,245 @@
+//! The lab harness of the end-to-end tests: transient QEMU guests under the real libvirtd that
+//! `lab/setup.sh` started, destroyed when their guard drops (also when a test fails), and the
+//! agent binary run as a child process.
+//!
+//! The host has few cpus and every test loads them, so lab tests take a global lock and run one
+//! at a time whatever the test harness's thread count.
+
+#![allow(dead_code)]
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub const URI: &str = "qemu:///system";
+static LAB: Mutex<()> = Mutex::new(());
+
+pub fn lab_dir() -> PathBuf {
+    std::env::var_os("VMB_LAB_DIR").map_or_else(|| PathBuf::from("/var/lib/vm-balancer-lab"), PathBuf::from)
+}
+
+/// Takes the lab for one test; fails loudly when the lab is not set up.
+pub fn lab() -> MutexGuard<'static, ()> {
+    let g = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        lab_dir().join("vmlinuz").exists(),
+        "the lab is not set up: run `lab/setup.sh` (the README's test command does) before the end-to-end tests"
+    );
+    let out = virsh(&["version"]);
+    assert!(out.is_ok(), "libvirtd is not answering on {URI}: {out:?}; run lab/setup.sh");
+    g
+}
+
+/// Runs virsh, returns stdout or the error text.
+pub fn virsh(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("virsh").arg("-c").arg(URI).args(args).output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("vmbt-{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A guest to start.
+#[derive(Clone)]
+pub struct GuestSpec {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub current_mib: u64,
+    /// Busy loops started in the guest.
+    pub burn: u32,
+    /// MiB of tmpfs filled at boot (and per second with `fill_step`).
+    pub fill_mib: u64,
+    pub fill_step_mib: u64,
+    pub stats_period: Option<u32>,
+    /// Raw XML put in `<metadata>`.
+    pub metadata: Option<String>,
+}
+
+impl Default for GuestSpec {
+    fn default() -> Self {
+        GuestSpec { vcpus: 1, memory_mib: 256, current_mib: 256, burn: 0, fill_mib: 0, fill_step_mib: 0, stats_period: Some(1), metadata: None }
+    }
+}
+
+/// A running transient guest; destroyed on drop.
+pub struct Guest {
+    pub name: String,
+    pub console: PathBuf,
+}
+
+impl Guest {
+    pub fn start(prefix: &str, spec: &GuestSpec) -> Guest {
+        let name = unique(prefix);
+        let dir = std::env::temp_dir().join("vmb-tests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let console = dir.join(format!("{name}.log"));
+        let _ = std::fs::remove_file(&console);
+        let lab = lab_dir();
+        let stats = spec.stats_period.map_or(String::new(), |p| format!("<stats period='{p}'/>"));
+        let xml = format!(
+            "<domain type='qemu'>
+  <name>{name}</name>
+  {meta}
+  <memory unit='MiB'>{mem}</memory>
+  <currentMemory unit='MiB'>{cur}</currentMemory>
+  <vcpu>{vcpus}</vcpu>
+  <os><type arch='x86_64'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd>
+    <cmdline>console=ttyS0 quiet vmb.burn={burn} vmb.fill={fill} vmb.fillstep={step}</cmdline></os>
+  <features><acpi/><apic/></features>
+  <devices>
+    <serial type='file'><source path='{console}'/></serial>
+    <memballoon model='virtio'>{stats}</memballoon>
+  </devices>
+</domain>",
+            meta = spec.metadata.as_ref().map_or(String::new(), |m| format!("<metadata>{m}</metadata>")),
+            mem = spec.memory_mib,
+            cur = spec.current_mib,
+            vcpus = spec.vcpus,
+            k = lab.join("vmlinuz").display(),
+            i = lab.join("initrd.img").display(),
+            burn = spec.burn,
+            fill = spec.fill_mib,
+            step = spec.fill_step_mib,
+            console = console.display(),
+        );
+        let path = dir.join(format!("{name}.xml"));
+        std::fs::write(&path, xml).unwrap();
+        virsh(&["create", path.to_str().unwrap()]).expect("guest starts");
+        let g = Guest { name, console };
+        g.wait_ready(Duration::from_secs(60));
+        g
+    }
+
+    fn wait_ready(&self, timeout: Duration) {
+        let ok = wait_for(timeout, || {
+            std::fs::read_to_string(&self.console).is_ok_and(|s| s.contains("vmb-guest-ready"))
+        });
+        assert!(ok, "guest {} did not boot within {timeout:?}", self.name);
+    }
+
+    pub fn pin(&self, vcpu: u32, cpus: &str) {
+        virsh(&["vcpupin", &self.name, &vcpu.to_string(), cpus, "--live"]).expect("vcpupin");
+    }
+
+    /// Current affinity of each vCPU, as virsh prints it.
+    pub fn pins(&self) -> Vec<String> {
+        let out = virsh(&["vcpupin", &self.name]).unwrap_or_default();
+        out.lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                let n = it.next()?;
+                n.parse::<u32>().ok()?;
+                Some(it.next()?.to_string())
+            })
+            .collect()
+    }
+
+    /// `virsh domstats` fields of the given groups.
+    pub fn domstats(&self, groups: &[&str]) -> Vec<(String, String)> {
+        let mut args = vec!["domstats"];
+        args.extend_from_slice(groups);
+        args.push(&self.name);
+        let out = virsh(&args).unwrap_or_default();
+        out.lines()
+            .filter_map(|l| l.trim().split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect()
+    }
+
+    pub fn stat_u64(&self, groups: &[&str], key: &str) -> Option<u64> {
+        self.domstats(groups).into_iter().find(|(k, _)| k == key).and_then(|(_, v)| v.parse().ok())
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.name]);
+    }
+}
+
+/// Polls `f` every 200 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vm-balancer")
+}
+
+/// The agent as a child process; killed on drop, its log kept for the assertion messages.
+pub struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Agent {
+        let log = std::env::temp_dir().join("vmb-tests").join(format!("{}.agent.log", unique("agent")));
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .arg("run")
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("agent starts");
+        Agent { child: Some(child), log }
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status and how long the exit took.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let mut c = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap());
+        let t = Instant::now();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let st = c.wait().unwrap();
+        (st, t.elapsed())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `vm-balancer diagnose --json` and parses its output.
+pub fn diagnose_json(extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin()).args(["diagnose", "--json", "--interval", "1s"]).args(extra).output().unwrap();
+    assert!(out.status.success(), "diagnose failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("diagnose prints JSON")
+}

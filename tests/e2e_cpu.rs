@@ -1,0 +1,166 @@
+//! End-to-end: the CPU balancer on real QEMU guests under a real libvirtd.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const FAST: &[&str] = &["--quantum", "500ms", "--cooldown", "2s", "--smoothing", "1s", "--no-memory"];
+
+fn distinct(pins: &[String]) -> bool {
+    pins.len() >= 2 && pins.iter().all(|p| p.parse::<u32>().is_ok()) && pins[0] != pins[1]
+}
+
+#[test]
+fn piled_up_busy_vcpus_get_spread() {
+    let _lab = lab();
+    let g = Guest::start("pile", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    g.pin(0, "0");
+    g.pin(1, "0");
+    assert_eq!(g.pins(), vec!["0", "0"]);
+    // diagnose sees the pile-up and plans a move, without applying it.
+    let before = diagnose_json(&[]);
+    let plan = before["plan"].as_array().unwrap();
+    assert!(plan.iter().any(|a| a["domain"] == g.name.as_str() && a["action"] == "pin"), "diagnose plans a move: {before:#}");
+    assert_eq!(g.pins(), vec!["0", "0"], "diagnose without --apply changes nothing");
+
+    let mut agent = Agent::start(FAST);
+    let spread = wait_for(Duration::from_secs(20), || distinct(&g.pins()));
+    assert!(spread, "vCPUs still piled: {:?}\nagent log:\n{}", g.pins(), agent.log());
+    assert!(agent.log().contains(&format!("of {} 0 -> 1", g.name)), "the move is logged with its reason:\n{}", agent.log());
+
+    // diagnose reports what libvirt says, and both vCPUs busy.
+    let doc = diagnose_json(&[]);
+    let dom = doc["domains"].as_array().unwrap().iter().find(|d| d["name"] == g.name.as_str()).expect("domain listed");
+    let vcpus = dom["vcpus"].as_array().unwrap();
+    assert_eq!(vcpus.len(), 2);
+    let pinned: Vec<u64> = vcpus.iter().map(|v| v["pinned_to"][0].as_u64().unwrap()).collect();
+    assert_ne!(pinned[0], pinned[1], "{dom:#}");
+    let lib: Vec<u64> = g.pins().iter().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(pinned, lib, "diagnose agrees with libvirt");
+    for v in vcpus {
+        assert!(v["usage"].as_f64().unwrap() > 0.6, "a burning vCPU alone on a core is busy: {v}");
+    }
+    let (st, _) = agent.terminate();
+    assert!(st.success());
+}
+
+#[test]
+fn excluded_and_opted_out_domains_are_not_touched() {
+    let _lab = lab();
+    let meta = r#"<vmb:balancer xmlns:vmb="https://vm-balancer.org/xmlns/1" manage="no"/>"#;
+    let opted = Guest::start("optout", &GuestSpec { vcpus: 2, burn: 2, metadata: Some(meta.into()), ..GuestSpec::default() });
+    let named = Guest::start("excl", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    for g in [&opted, &named] {
+        g.pin(0, "0");
+        g.pin(1, "0");
+    }
+    let doc = diagnose_json(&["--exclude", &named.name]);
+    for (g, why) in [(&opted, "metadata"), (&named, "--exclude")] {
+        let d = doc["domains"].as_array().unwrap().iter().find(|d| d["name"] == g.name.as_str()).unwrap();
+        assert_eq!(d["excluded"], true, "{d:#}");
+        assert!(d["excluded_why"].as_str().unwrap().contains(why), "{d:#}");
+    }
+    assert!(doc["plan"].as_array().unwrap().is_empty(), "nothing to plan: {:#}", doc["plan"]);
+    let mut args = FAST.to_vec();
+    args.extend(["--exclude", named.name.as_str()]);
+    let mut agent = Agent::start(&args);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(opted.pins(), vec!["0", "0"], "agent log:\n{}", agent.log());
+    assert_eq!(named.pins(), vec!["0", "0"], "agent log:\n{}", agent.log());
+    assert!(agent.alive());
+}
+
+#[test]
+fn procfs_rates_agree_with_libvirt_vcpu_stats() {
+    let _lab = lab();
+    let g = Guest::start("xcheck", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    g.pin(0, "0");
+    g.pin(1, "0");
+    std::thread::sleep(Duration::from_secs(1));
+    let read = || {
+        let s = g.domstats(&["--vcpu"]);
+        let get = |k: &str| s.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.parse::<u64>().ok()).unwrap();
+        [get("vcpu.0.time"), get("vcpu.0.delay"), get("vcpu.1.time"), get("vcpu.1.delay")]
+    };
+    // libvirt over 3 s, and diagnose (procfs schedstat) over a 3 s window inside it.
+    let a = read();
+    let t = std::time::Instant::now();
+    let out = std::process::Command::new(bin())
+        .args(["diagnose", "--json", "--interval", "3s", "--smoothing", "1ms", "--no-memory"])
+        .output()
+        .unwrap();
+    let b = read();
+    #[allow(clippy::cast_precision_loss)]
+    let wall = t.elapsed().as_nanos() as f64;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = doc["domains"].as_array().unwrap().iter().find(|d| d["name"] == g.name.as_str()).unwrap();
+    for v in 0..2usize {
+        #[allow(clippy::cast_precision_loss)]
+        let lib_usage = (b[2 * v] - a[2 * v]) as f64 / wall;
+        #[allow(clippy::cast_precision_loss)]
+        let lib_delay = (b[2 * v + 1] - a[2 * v + 1]) as f64 / wall;
+        let ours = &d["vcpus"][v];
+        let (u, dl) = (ours["usage"].as_f64().unwrap(), ours["delay"].as_f64().unwrap());
+        // Two burners share one core: about half each, waiting the other half.
+        assert!((u - lib_usage).abs() < 0.12, "vCPU {v}: usage {u:.3} vs libvirt {lib_usage:.3}");
+        assert!((dl - lib_delay).abs() < 0.12, "vCPU {v}: delay {dl:.3} vs libvirt {lib_delay:.3}");
+        assert!(u > 0.3 && dl > 0.3, "vCPU {v}: usage {u:.3}, delay {dl:.3}");
+    }
+}
+
+#[test]
+fn survives_libvirtd_restart_and_resumes() {
+    let _lab = lab();
+    let g = Guest::start("restart", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    let mut agent = Agent::start(FAST);
+    g.pin(0, "0");
+    g.pin(1, "0");
+    assert!(wait_for(Duration::from_secs(20), || distinct(&g.pins())), "first spread\n{}", agent.log());
+
+    // libvirtd goes away for several quanta, then comes back.
+    let st = std::process::Command::new("pkill").args(["-x", "libvirtd"]).status().unwrap();
+    assert!(st.success());
+    assert!(wait_for(Duration::from_secs(10), || virsh(&["version"]).is_err()));
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(agent.alive(), "agent died without libvirtd:\n{}", agent.log());
+    let st = std::process::Command::new("libvirtd").arg("-d").status().unwrap();
+    assert!(st.success());
+    assert!(wait_for(Duration::from_secs(30), || virsh(&["version"]).is_ok()), "libvirtd came back");
+    assert!(wait_for(Duration::from_secs(10), || virsh(&["domstate", &g.name]).is_ok_and(|s| s.contains("running"))));
+
+    // Pile up again: the agent must see it through its new connection.
+    g.pin(0, "0");
+    g.pin(1, "0");
+    let ok = wait_for(Duration::from_secs(30), || distinct(&g.pins()));
+    let log = agent.log();
+    assert!(ok, "not rebalanced after the restart: {:?}\n{log}", g.pins());
+    assert!(log.contains("connection is back"), "{log}");
+    // One outage, logged once (the loss and the first failed reconnect), not once per quantum.
+    let warns = log.lines().filter(|l| l.contains("WARN")).count();
+    assert!(warns <= 3, "outage logged {warns} times:\n{log}");
+    let (st, _) = agent.terminate();
+    assert!(st.success());
+}
+
+#[test]
+fn vanishing_domain_is_skipped_and_sigterm_exits_cleanly() {
+    let _lab = lab();
+    let keep = Guest::start("keep", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    let mut agent = Agent::start(&["--quantum", "300ms", "--no-memory", "--cooldown", "1s"]);
+    for _ in 0..3 {
+        let gone = Guest::start("gone", &GuestSpec { vcpus: 2, burn: 1, ..GuestSpec::default() });
+        std::thread::sleep(Duration::from_millis(700));
+        drop(gone);
+    }
+    assert!(agent.alive(), "agent died:\n{}", agent.log());
+    keep.pin(0, "0");
+    keep.pin(1, "0");
+    assert!(wait_for(Duration::from_secs(20), || distinct(&keep.pins())), "{}", agent.log());
+    let (st, took) = agent.terminate();
+    assert!(st.success(), "exit status {st:?}");
+    // Within one quantum plus process teardown: generous bound, the point is "not hanging".
+    assert!(took < Duration::from_secs(3), "SIGTERM took {took:?}");
+    assert!(!agent.log().contains("panicked"));
+}
