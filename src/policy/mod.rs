@@ -1,6 +1,7 @@
 //! Planners: pure functions from a [`crate::model::Snapshot`] (plain data) to a [`Plan`].
 
 pub mod cpu;
+pub mod mem;
 
 use serde::Serialize;
 

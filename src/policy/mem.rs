@@ -1,0 +1,314 @@
+//! The memory balancer: reclaim idle guest memory through the balloon, grant it to starving
+//! guests, and never let the host or a guest run out.
+//!
+//! Improvements over the classic rule (reclaim `(free − threshold) / 2`, grant a fixed amount):
+//! - free memory is the guest's *usable* memory (what it can use without swapping), clamped to
+//!   its size; a report that contradicts itself (usable above current, current above maximum)
+//!   counts as no report;
+//! - thresholds are fractions of the guest's current size with absolute floors, and between the
+//!   starve and the reclaim threshold lies a dead band: a change aims at the middle of that band,
+//!   so a steady guest is left alone after one change;
+//! - each change is at most `step_kib`, a guest changed recently is left alone for a cooldown,
+//!   and a guest that did not reach its last target is backed off (by the caller);
+//! - rising `swap_in` or `major_fault` counts as starving even when free memory looks fine, and
+//!   a guest whose balloon deflated by itself (deflate-on-oom) is never inflated back;
+//! - a grant never goes above the guest's configured maximum, and all grants together never
+//!   take host `MemAvailable` below the reserve; memory reclaimed this quantum is granted only
+//!   once the host sees it free (next quantum), never on credit;
+//! - when the host is below its reserve nothing is granted and the guests with the most free
+//!   memory give first, down to the middle of the dead band.
+//!
+//! Pure: no I/O, no clock.
+
+use serde::Serialize;
+
+use crate::policy::Action;
+
+const MIB: u64 = 1024;
+
+/// Tunables of the memory balancer (sizes in KiB, fractions of the guest's current size).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemPolicy {
+    /// Never inflate a guest below this.
+    pub floor_kib: u64,
+    /// Never let grants drive host MemAvailable below this.
+    pub host_reserve_kib: u64,
+    /// Usable fraction above which a guest gives memory back.
+    pub reclaim_above: f64,
+    /// Usable fraction below which a guest is starving.
+    pub starve_below: f64,
+    /// Absolute floor of the reclaim threshold.
+    pub reclaim_min_kib: u64,
+    /// Absolute floor of the starve threshold.
+    pub starve_min_kib: u64,
+    /// Largest change of one guest in one plan.
+    pub step_kib: u64,
+    /// Smallest change worth making.
+    pub min_change_kib: u64,
+    /// Major faults per stats interval above which a guest counts as swapping.
+    pub major_fault_threshold: u64,
+    /// Host memory pressure (PSI some avg10, %) above which nothing is granted.
+    pub host_psi_limit: f64,
+}
+
+impl Default for MemPolicy {
+    fn default() -> Self {
+        MemPolicy {
+            floor_kib: 256 * MIB,
+            host_reserve_kib: 1024 * MIB,
+            reclaim_above: 0.30,
+            starve_below: 0.10,
+            reclaim_min_kib: 128 * MIB,
+            starve_min_kib: 32 * MIB,
+            step_kib: 256 * MIB,
+            min_change_kib: 8 * MIB,
+            major_fault_threshold: 100,
+            host_psi_limit: 20.0,
+        }
+    }
+}
+
+/// Why a guest is left out this quantum (decided by the caller, which holds the history).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hold {
+    Excluded(String),
+    /// Younger than `--min-age`.
+    Young,
+    /// No balloon, no stats, stats not updating, or inconsistent.
+    NoReport(String),
+    /// Changed recently.
+    Cooling,
+    /// Did not reach its last target in time.
+    BackedOff,
+}
+
+/// One guest's memory as the planner sees it. Guest-reported numbers are raw here; the planner
+/// clamps them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestMem {
+    pub name: String,
+    /// Balloon size now (reported by QEMU, trusted).
+    pub current_kib: u64,
+    /// Configured maximum (domain definition, trusted).
+    pub max_kib: u64,
+    /// Guest-reported usable memory (untrusted).
+    pub usable_kib: Option<u64>,
+    /// Growth of swap_in (KiB) and major faults since the previous stats.
+    pub swap_in_delta_kib: u64,
+    pub major_fault_delta: u64,
+    /// The balloon is above the last target the agent set: it deflated by itself.
+    pub deflated_by_itself: bool,
+    pub hold: Option<Hold>,
+}
+
+/// The host side.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HostMem {
+    pub available_kib: u64,
+    pub psi_some_avg10: Option<f64>,
+}
+
+/// What the planner decided about one guest, for `diagnose` and logs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    pub name: String,
+    /// One of: reclaim, grant, steady, starving, hold.
+    pub state: &'static str,
+    pub why: String,
+}
+
+/// A plan and the verdict on every guest.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MemPlan {
+    pub actions: Vec<Action>,
+    pub verdicts: Vec<Verdict>,
+}
+
+fn mib(kib: u64) -> String {
+    crate::units::mib(kib)
+}
+
+#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn frac(x: u64, f: f64) -> u64 {
+    (x as f64 * f) as u64
+}
+
+/// Size change that brings `usable` to `target` × the new size, from a guest of size `current`:
+/// solving usable ± g = target × (current ± g).
+#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn to_band_middle(current: u64, usable: u64, target: f64) -> (bool, u64) {
+    let want = target * current as f64;
+    let u = usable as f64;
+    let g = ((u - want) / (1.0 - target)).abs();
+    (u > want, g as u64)
+}
+
+/// Plans one memory quantum.
+pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
+    let mut out = MemPlan::default();
+    let middle = (p.reclaim_above + p.starve_below) / 2.0;
+    let reserve_short = p.host_reserve_kib.saturating_sub(host.available_kib);
+    let host_pressure = reserve_short > 0 || host.psi_some_avg10.is_some_and(|v| v > p.host_psi_limit);
+
+    // Classify.
+    struct Give {
+        i: usize,
+        usable: u64,
+    }
+    let mut givers: Vec<Give> = Vec::new();
+    let mut starving: Vec<(usize, u64, bool)> = Vec::new(); // (index, wanted, swapping)
+    for (i, g) in guests.iter().enumerate() {
+        let verdict = |state, why: String| Verdict { name: g.name.clone(), state, why };
+        if let Some(h) = &g.hold {
+            let why = match h {
+                Hold::Excluded(w) => w.clone(),
+                Hold::Young => "younger than --min-age".into(),
+                Hold::NoReport(w) => w.clone(),
+                Hold::Cooling => "changed recently (--mem-cooldown)".into(),
+                Hold::BackedOff => "did not reach its last target; backed off".into(),
+            };
+            out.verdicts.push(verdict("hold", why));
+            continue;
+        }
+        let max = g.max_kib;
+        let current = g.current_kib.min(max);
+        let usable = match g.usable_kib {
+            Some(u) if u <= g.current_kib => u,
+            Some(u) => {
+                out.verdicts.push(verdict("hold", format!("inconsistent report: usable {} above current {}", mib(u), mib(g.current_kib))));
+                continue;
+            }
+            None => {
+                out.verdicts.push(verdict("hold", "guest reports no usable memory".into()));
+                continue;
+            }
+        };
+        let starve_thr = frac(current, p.starve_below).max(p.starve_min_kib);
+        let reclaim_thr = frac(current, p.reclaim_above).max(p.reclaim_min_kib);
+        let swapping = g.swap_in_delta_kib > 0 || g.major_fault_delta > p.major_fault_threshold;
+        if g.deflated_by_itself {
+            out.verdicts.push(verdict("starving", "balloon deflated by itself (deflate-on-oom): not inflated back".into()));
+            continue;
+        }
+        if swapping || usable < starve_thr {
+            let (_, to_middle) = to_band_middle(current, usable, middle);
+            let wanted = if swapping { to_middle.max(p.step_kib) } else { to_middle };
+            let why = if swapping {
+                format!("swapping (swap_in +{} KiB, major faults +{})", g.swap_in_delta_kib, g.major_fault_delta)
+            } else {
+                format!("usable {} below {}", mib(usable), mib(starve_thr))
+            };
+            starving.push((i, wanted, swapping));
+            out.verdicts.push(verdict("starving", why));
+            continue;
+        }
+        let thr = if host_pressure { frac(current, middle).max(p.starve_min_kib) } else { reclaim_thr };
+        if usable > thr {
+            givers.push(Give { i, usable });
+            out.verdicts.push(verdict("reclaim", format!("usable {} above {}", mib(usable), mib(thr))));
+        } else {
+            out.verdicts.push(verdict("steady", format!("usable {} within the dead band", mib(usable))));
+        }
+    }
+
+    // Reclaim: most free memory first.
+    givers.sort_by(|a, b| b.usable.cmp(&a.usable).then(a.i.cmp(&b.i)));
+    for gv in &givers {
+        let g = &guests[gv.i];
+        let current = g.current_kib.min(g.max_kib);
+        let (_, to_middle) = to_band_middle(current, gv.usable, middle);
+        let give = to_middle.min(p.step_kib).min(current.saturating_sub(p.floor_kib));
+        let v = out.verdicts.iter_mut().find(|v| v.name == g.name);
+        if give < p.min_change_kib {
+            if let Some(v) = v {
+                v.state = "steady";
+                v.why = format!("{}; at the floor {} or change too small", v.why, mib(p.floor_kib));
+            }
+            continue;
+        }
+        let to = current - give;
+        out.actions.push(Action::Balloon {
+            domain: g.name.clone(),
+            from_kib: g.current_kib,
+            to_kib: to,
+            reason: format!(
+                "{}{}: reclaim {} toward {:.0}% usable (floor {})",
+                v.map(|v| v.why.clone()).unwrap_or_default(),
+                if host_pressure { " (host under pressure)" } else { "" },
+                mib(give),
+                middle * 100.0,
+                mib(p.floor_kib)
+            ),
+        });
+    }
+
+    // Grant: swapping guests first, then the most starved; within the host budget.
+    if !starving.is_empty() {
+        if host_pressure {
+            let why = if reserve_short > 0 {
+                format!(
+                    "host reserve: MemAvailable {} is below --host-reserve {}",
+                    mib(host.available_kib),
+                    mib(p.host_reserve_kib)
+                )
+            } else {
+                format!("host memory pressure (PSI some avg10 {:.1}%)", host.psi_some_avg10.unwrap_or(0.0))
+            };
+            for (i, _, _) in &starving {
+                if let Some(v) = out.verdicts.iter_mut().find(|v| v.name == guests[*i].name) {
+                    v.why = format!("{}; not granted: {why}", v.why);
+                }
+            }
+            return out;
+        }
+        starving.sort_by(|a, b| {
+            let fa = guests[a.0].usable_kib.unwrap_or(0) as f64 / guests[a.0].current_kib.max(1) as f64;
+            let fb = guests[b.0].usable_kib.unwrap_or(0) as f64 / guests[b.0].current_kib.max(1) as f64;
+            b.2.cmp(&a.2).then(fa.total_cmp(&fb)).then(a.0.cmp(&b.0))
+        });
+        let mut budget = host.available_kib - p.host_reserve_kib;
+        // Share the budget: no starving guest gets more than an equal share while others wait.
+        let share = budget / u64::try_from(starving.len()).unwrap_or(1).max(1);
+        for (i, wanted, _) in &starving {
+            let g = &guests[*i];
+            let current = g.current_kib.min(g.max_kib);
+            let headroom = g.max_kib.saturating_sub(current);
+            let grant = (*wanted).min(p.step_kib).min(headroom).min(share.max(p.min_change_kib)).min(budget);
+            let v = out.verdicts.iter_mut().find(|v| v.name == g.name);
+            if grant < p.min_change_kib {
+                if let Some(v) = v {
+                    let lim = if headroom < p.min_change_kib {
+                        format!("at its maximum {}", mib(g.max_kib))
+                    } else {
+                        format!("host budget {} above the reserve is spent", mib(budget))
+                    };
+                    v.why = format!("{}; not granted: {lim}", v.why);
+                }
+                continue;
+            }
+            budget -= grant;
+            let why = v.map(|v| {
+                v.state = "grant";
+                v.why.clone()
+            });
+            out.actions.push(Action::Balloon {
+                domain: g.name.clone(),
+                from_kib: g.current_kib,
+                to_kib: current + grant,
+                reason: format!(
+                    "{}: grant {} (max {}, host MemAvailable {} stays above reserve {})",
+                    why.unwrap_or_default(),
+                    mib(grant),
+                    mib(g.max_kib),
+                    mib(host.available_kib),
+                    mib(p.host_reserve_kib)
+                ),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,178 @@
+use super::*;
+use proptest::prelude::*;
+
+fn guest(name: &str, current_mib: u64, max_mib: u64, usable_mib: u64) -> GuestMem {
+    GuestMem {
+        name: name.into(),
+        current_kib: current_mib * MIB,
+        max_kib: max_mib * MIB,
+        usable_kib: Some(usable_mib * MIB),
+        swap_in_delta_kib: 0,
+        major_fault_delta: 0,
+        deflated_by_itself: false,
+        hold: None,
+    }
+}
+
+fn host(avail_mib: u64) -> HostMem {
+    HostMem { available_kib: avail_mib * MIB, psi_some_avg10: Some(0.0) }
+}
+
+fn targets(p: &MemPlan) -> Vec<(String, u64)> {
+    p.actions
+        .iter()
+        .map(|a| match a {
+            Action::Balloon { domain, to_kib, .. } => (domain.clone(), *to_kib / MIB),
+            _ => panic!("memory planner pins nothing"),
+        })
+        .collect()
+}
+
+#[test]
+fn idle_guest_gives_back_toward_the_band_middle() {
+    let p = plan(&[guest("idle", 1024, 1024, 900)], &host(8000), &MemPolicy::default());
+    let t = targets(&p);
+    assert_eq!(t.len(), 1);
+    // At most one step (256 MiB) per change.
+    assert_eq!(t[0].1, 1024 - 256);
+}
+
+#[test]
+fn never_below_the_floor() {
+    let pol = MemPolicy { floor_kib: 900 * MIB, ..MemPolicy::default() };
+    let p = plan(&[guest("idle", 1024, 1024, 1000)], &host(8000), &pol);
+    assert_eq!(targets(&p), vec![("idle".into(), 900)]);
+    let p = plan(&[guest("idle", 900, 1024, 880)], &host(8000), &pol);
+    assert!(p.actions.is_empty(), "already at the floor: {p:?}");
+}
+
+#[test]
+fn starving_guest_grows_but_never_above_max() {
+    let p = plan(&[guest("hungry", 500, 520, 5)], &host(8000), &MemPolicy::default());
+    assert_eq!(targets(&p), vec![("hungry".into(), 520)]);
+}
+
+#[test]
+fn no_grant_that_breaks_the_host_reserve() {
+    let pol = MemPolicy { host_reserve_kib: 1000 * MIB, ..MemPolicy::default() };
+    // 100 MiB above the reserve: the grant is capped at 100 MiB.
+    let p = plan(&[guest("hungry", 512, 2048, 5)], &host(1100), &pol);
+    assert_eq!(targets(&p), vec![("hungry".into(), 612)]);
+    // Below the reserve: nothing granted, and diagnose can say why.
+    let p = plan(&[guest("hungry", 512, 2048, 5)], &host(900), &pol);
+    assert!(p.actions.is_empty());
+    assert!(p.verdicts[0].why.contains("host reserve"), "{:?}", p.verdicts);
+}
+
+#[test]
+fn host_below_reserve_reclaims_from_the_freest_first() {
+    let pol = MemPolicy { host_reserve_kib: 1000 * MIB, ..MemPolicy::default() };
+    // 25% usable: inside the dead band normally, but the host is short.
+    let guests = [guest("a", 2048, 2048, 512), guest("b", 2048, 2048, 1500), guest("s", 1024, 2048, 10)];
+    let p = plan(&guests, &host(500), &pol);
+    let t = targets(&p);
+    assert_eq!(t.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), vec!["b", "a"], "{t:?}");
+    let normal = plan(&guests[..2], &host(8000), &pol);
+    assert_eq!(targets(&normal).len(), 1, "only b gives when the host is fine");
+}
+
+#[test]
+fn dead_band_stops_oscillation_on_a_steady_guest() {
+    // A guest that keeps using 600 MiB: iterate plan → apply → report.
+    let pol = MemPolicy::default();
+    let used = 600;
+    let mut current = 2048u64;
+    let mut changes = 0;
+    for _ in 0..30 {
+        let p = plan(&[guest("g", current, 2048, current.saturating_sub(used))], &host(8000), &pol);
+        if let Some((_, to)) = targets(&p).first() {
+            current = *to;
+            changes += 1;
+        }
+    }
+    let last = plan(&[guest("g", current, 2048, current - used)], &host(8000), &pol);
+    assert!(last.actions.is_empty(), "settled");
+    assert!(changes <= 6, "{changes} changes");
+    let usable_frac = (current - used) as f64 / current as f64;
+    assert!((pol.starve_below..=pol.reclaim_above).contains(&usable_frac), "{usable_frac}");
+}
+
+#[test]
+fn swapping_counts_as_starving_even_with_free_memory() {
+    let mut g = guest("swapper", 1024, 2048, 400);
+    g.swap_in_delta_kib = 4096;
+    let p = plan(&[g], &host(8000), &MemPolicy::default());
+    assert_eq!(targets(&p), vec![("swapper".into(), 1024 + 256)]);
+}
+
+#[test]
+fn lying_guest_is_capped_and_neighbours_keep_their_memory() {
+    // A liar reports no usable memory; a neighbour sits in the dead band.
+    let guests = [guest("liar", 1024, 1536, 0), guest("neighbour", 1024, 2048, 200)];
+    let pol = MemPolicy::default();
+    let mut liar_current = 1024;
+    for _ in 0..20 {
+        let mut gs = guests.clone();
+        gs[0].current_kib = liar_current * MIB;
+        let p = plan(&gs, &host(8000), &pol);
+        for (d, to) in targets(&p) {
+            assert_ne!(d, "neighbour", "the neighbour is never squeezed for the liar");
+            liar_current = to;
+        }
+    }
+    assert_eq!(liar_current, 1536, "capped at its configured maximum");
+}
+
+#[test]
+fn inconsistent_reports_are_no_report() {
+    let p = plan(&[guest("odd", 512, 1024, 900)], &host(8000), &MemPolicy::default());
+    assert!(p.actions.is_empty());
+    assert!(p.verdicts[0].why.contains("inconsistent"));
+}
+
+#[test]
+fn deflated_guest_is_not_inflated_back() {
+    let mut g = guest("oom", 1024, 2048, 900);
+    g.deflated_by_itself = true;
+    let p = plan(&[g], &host(8000), &MemPolicy::default());
+    assert!(p.actions.is_empty());
+}
+
+#[test]
+fn held_guests_are_left_alone_with_the_reason() {
+    let mut g = guest("young", 1024, 2048, 900);
+    g.hold = Some(Hold::Young);
+    let p = plan(&[g], &host(8000), &MemPolicy::default());
+    assert!(p.actions.is_empty());
+    assert!(p.verdicts[0].why.contains("min-age"));
+}
+
+proptest! {
+    #[test]
+    fn targets_within_floor_max_and_host_budget(
+        gs in proptest::collection::vec((64u64..8192, 0u64..8192, 0u64..9000, any::<bool>()), 1..20),
+        avail in 0u64..16384, reserve in 0u64..4096,
+    ) {
+        let pol = MemPolicy { host_reserve_kib: reserve * MIB, ..MemPolicy::default() };
+        let guests: Vec<GuestMem> = gs.iter().enumerate().map(|(i, &(cur, extra, usable, swap))| {
+            let mut g = guest(&format!("g{i}"), cur, cur + extra, usable);
+            if swap { g.swap_in_delta_kib = 1; }
+            g
+        }).collect();
+        let p = plan(&guests, &host(avail), &pol);
+        let mut granted = 0u64;
+        for a in &p.actions {
+            let Action::Balloon { domain, from_kib, to_kib, .. } = a else { panic!() };
+            let g = guests.iter().find(|g| &g.name == domain).unwrap();
+            prop_assert!(*to_kib <= g.max_kib, "above max");
+            if to_kib < from_kib {
+                prop_assert!(*to_kib >= pol.floor_kib, "below floor");
+            } else {
+                granted += to_kib - from_kib.min(&g.max_kib);
+            }
+            prop_assert!(to_kib.abs_diff(*from_kib.min(&g.max_kib)) <= pol.step_kib);
+        }
+        // All grants together stay within what is above the reserve.
+        prop_assert!(granted <= (avail * MIB).saturating_sub(pol.host_reserve_kib));
+    }
+}
