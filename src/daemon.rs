@@ -13,7 +13,9 @@ use crate::actuate::{self, Outcome};
 use crate::collect::Collector;
 use crate::host::{Host, HostError};
 use crate::model::{ModelConfig, Snapshot, Tracker};
+use crate::memctl::{MemTiming, MemTracker};
 use crate::policy::cpu::{self, CpuPolicy};
+use crate::policy::mem::{self, MemPolicy, Verdict};
 use crate::policy::{Action, Plan};
 
 /// Everything the agent is told by its flags.
@@ -25,8 +27,20 @@ pub struct AgentConfig {
     pub cpus: Option<Vec<u32>>,
     pub exclude: Vec<String>,
     pub cpu: Option<CpuPolicy>,
+    pub mem: Option<MemConfig>,
     /// Change nothing; plans are still made and reported.
     pub dry_run: bool,
+}
+
+/// The memory balancer's configuration.
+#[derive(Debug, Clone)]
+pub struct MemConfig {
+    pub policy: MemPolicy,
+    pub timing: MemTiming,
+    /// Cadence of the bulk balloon statistics call (and so of memory plans).
+    pub interval: Duration,
+    /// Turn on the balloon stats period of guests that have a balloon but no period.
+    pub set_stats_period: bool,
 }
 
 /// What one quantum did.
@@ -35,6 +49,8 @@ pub struct StepReport {
     /// The snapshot the plan was made from; `None` when there was no fresh data.
     pub snapshot: Option<Snapshot>,
     pub plan: Plan,
+    /// The memory planner's verdict on each guest, on quanta with fresh balloon statistics.
+    pub mem_verdicts: Vec<Verdict>,
     /// Number of actions applied.
     pub applied: usize,
     /// Agent CPU time spent in this step, µs (user + system, this process).
@@ -57,6 +73,10 @@ pub struct Agent<H: Host> {
     link: Link,
     /// When (host clock, ns) each vCPU was last moved, for the cooldown.
     moved_at: HashMap<(String, u32), u64>,
+    mem: MemTracker,
+    last_balloons_ns: Option<u64>,
+    /// Domains (name, runtime id) whose stats period the agent turned on (or tried to).
+    period_set: HashMap<String, u32>,
 }
 
 fn cpu_time_us() -> u64 {
@@ -80,6 +100,9 @@ impl<H: Host> Agent<H> {
             tracker: None,
             link: Link::Down { since_ns: 0, next_try_ns: 0, backoff_ns: 0 },
             moved_at: HashMap::new(),
+            mem: MemTracker::new(),
+            last_balloons_ns: None,
+            period_set: HashMap::new(),
         }
     }
 
@@ -120,6 +143,7 @@ impl<H: Host> Agent<H> {
                 };
                 self.tracker = Some(Tracker::new(mc, topo));
                 self.collector.reset();
+                self.last_balloons_ns = None;
                 self.link = Link::Up;
                 true
             }
@@ -144,6 +168,28 @@ impl<H: Host> Agent<H> {
         self.collector.reset();
     }
 
+    /// Turns on the balloon statistics period (live) of guests that have a balloon without one.
+    fn turn_on_stats_periods(&mut self, snap: &Snapshot) {
+        let Some(m) = &self.cfg.mem else { return };
+        self.period_set.retain(|n, id| snap.domains.iter().any(|d| &d.dom.name == n && d.dom.id == *id));
+        if !m.set_stats_period || self.cfg.dry_run {
+            return;
+        }
+        let period = u32::try_from(m.interval.as_secs()).unwrap_or(u32::MAX).max(1);
+        for d in &snap.domains {
+            if !d.desc.has_balloon || d.desc.stats_period_s > 0 || d.mem_excluded.is_some() {
+                continue;
+            }
+            if self.period_set.insert(d.dom.name.clone(), d.dom.id).is_some() {
+                continue;
+            }
+            match self.host.set_stats_period(&d.dom, period) {
+                Ok(()) => info!("turned on balloon statistics of {} (every {period}s)", d.dom.name),
+                Err(e) => warn!("cannot turn on balloon statistics of {}: {e}", d.dom.name),
+            }
+        }
+    }
+
     /// One quantum: sample, plan, act (unless dry-run). Never panics on host data; errors are
     /// logged and the quantum is skipped.
     pub fn step(&mut self) -> StepReport {
@@ -159,7 +205,11 @@ impl<H: Host> Agent<H> {
         if !self.connect(now) {
             return report;
         }
-        let raw = match self.collector.sample(&mut self.host, false) {
+        let want_balloons = self.cfg.mem.as_ref().is_some_and(|m| {
+            self.last_balloons_ns
+                .is_none_or(|t| now.saturating_sub(t) + 1_000_000 >= u64::try_from(m.interval.as_nanos()).unwrap_or(u64::MAX))
+        });
+        let raw = match self.collector.sample(&mut self.host, want_balloons) {
             Ok(r) => r,
             Err(e) if e.is_disconnect() => {
                 self.disconnect(&e);
@@ -170,23 +220,37 @@ impl<H: Host> Agent<H> {
                 return report;
             }
         };
+        if want_balloons {
+            self.last_balloons_ns = Some(now);
+        }
         let Some(tracker) = self.tracker.as_mut() else { return report };
         let Some(snap) = tracker.ingest(&raw) else { return report };
+        self.turn_on_stats_periods(&snap);
 
         let mut plan: Plan = Vec::new();
         if let Some(pol) = &self.cfg.cpu {
             let input = cpu::input_from(&snap, &self.moved_at, pol);
             plan.extend(cpu::plan(&input, pol));
         }
+        if let (Some(m), true) = (&self.cfg.mem, raw.balloons.is_some()) {
+            let (guests, host) = self.mem.input(&snap, &m.timing);
+            let mp = mem::plan(&guests, &host, &m.policy);
+            plan.extend(mp.actions);
+            report.mem_verdicts = mp.verdicts;
+        }
         if !self.cfg.dry_run && !plan.is_empty() {
             match actuate::apply(&mut self.host, &snap, &plan) {
                 Ok(outcomes) => {
                     for (a, o) in plan.iter().zip(&outcomes) {
-                        if let (Action::Pin { domain, vcpu, .. }, Outcome::Applied) = (a, o) {
-                            self.moved_at.insert((domain.clone(), *vcpu), snap.t_ns);
-                            report.applied += 1;
-                        } else if matches!(o, Outcome::Applied) {
-                            report.applied += 1;
+                        if !matches!(o, Outcome::Applied) {
+                            continue;
+                        }
+                        report.applied += 1;
+                        match a {
+                            Action::Pin { domain, vcpu, .. } => {
+                                self.moved_at.insert((domain.clone(), *vcpu), snap.t_ns);
+                            }
+                            Action::Balloon { domain, to_kib, .. } => self.mem.set_target(domain, *to_kib, snap.t_ns),
                         }
                     }
                 }
@@ -233,6 +297,9 @@ pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
             for a in &report.plan {
                 info!("dry run, would {a}");
             }
+        }
+        for v in &report.mem_verdicts {
+            debug!("memory: {}: {}: {}", v.name, v.state, v.why);
         }
         debug!("quantum took {:?} ({} µs CPU), {} actions", started.elapsed(), report.cpu_us, report.plan.len());
         if last_summary.elapsed() >= Duration::from_secs(300) {

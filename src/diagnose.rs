@@ -37,6 +37,8 @@ pub struct DomainOut {
     pub vcpus: Vec<VcpuOut>,
     /// Balloon figures, or null when the guest reports none.
     pub memory: Option<MemoryOut>,
+    /// The memory balancer's verdict: state (reclaim, grant, steady, starving, hold) and why.
+    pub memory_verdict: Option<crate::policy::mem::Verdict>,
 }
 
 #[derive(Debug, Serialize)]
@@ -58,7 +60,7 @@ pub struct MemoryOut {
 }
 
 /// Builds the report from a snapshot and its plan.
-pub fn report(snap: &Snapshot, plan: &[Action]) -> Report {
+pub fn report(snap: &Snapshot, plan: &[Action], verdicts: &[crate::policy::mem::Verdict]) -> Report {
     let domains = snap
         .domains
         .iter()
@@ -84,6 +86,7 @@ pub fn report(snap: &Snapshot, plan: &[Action]) -> Report {
                 available_kib: b.available_kib,
                 usable_kib: b.usable_kib,
             }),
+            memory_verdict: verdicts.iter().find(|v| v.name == d.dom.name).cloned(),
         })
         .collect();
     Report {
@@ -128,7 +131,7 @@ pub fn render_table(r: &Report) -> String {
             pct(r.host.cpu_busy.get(i).copied())
         );
     }
-    let _ = writeln!(s, "\n{:<24} {:>4} {:>5} {:>9} {:>6} {:>6}  {}", "domain", "vcpu", "pcpu", "pinned", "usage", "delay", "note");
+    let _ = writeln!(s, "\n{:<24} {:>4} {:>5} {:>9} {:>6} {:>6}  note", "domain", "vcpu", "pcpu", "pinned", "usage", "delay");
     for d in &r.domains {
         let note = d.excluded_why.clone().unwrap_or_default();
         if d.vcpus.is_empty() {
@@ -156,6 +159,9 @@ pub fn render_table(r: &Report) -> String {
                 crate::units::mib(m.max_kib),
                 m.usable_kib.map_or_else(|| "-".into(), crate::units::mib)
             );
+        }
+        if let Some(v) = &d.memory_verdict {
+            let _ = writeln!(s, "{:<24} memory balancer: {}: {}", "", v.state, v.why);
         }
     }
     let _ = writeln!(s, "\nplan ({} actions):", r.plan.len());

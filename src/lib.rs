@@ -9,6 +9,7 @@ pub mod cpulist;
 pub mod daemon;
 pub mod diagnose;
 pub mod host;
+pub mod memctl;
 pub mod model;
 pub mod policy;
 pub mod units;

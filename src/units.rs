@@ -20,7 +20,7 @@ pub fn parse_size_kib(s: &str) -> Result<u64, String> {
         u => return Err(format!("unknown size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, TiB)")),
     };
     let kib = v * mul;
-    if !kib.is_finite() || kib < 0.0 || kib > 1e15 {
+    if !kib.is_finite() || !(0.0..=1e15).contains(&kib) {
         return Err(format!("{s:?} is out of range"));
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]

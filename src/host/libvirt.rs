@@ -142,6 +142,7 @@ impl Host for LibvirtHost {
             has_balloon: facts.has_balloon,
             stats_period_s: facts.stats_period_s,
             opt_out: facts.opt_out,
+            started_epoch_s: pid.and_then(|p| pfs::process_start_epoch_s(&self.root, p)),
         })
     }
 
@@ -283,8 +284,8 @@ pub fn parse_domain_xml(live: &str, persistent: Option<&str>) -> Result<XmlFacts
             opt_out.memory = Some("opted out by <metadata> (memory=\"no\")".into());
         }
     }
-    if opt_out.cpu.is_none() {
-        if let Some(p) = persistent {
+    if opt_out.cpu.is_none()
+        && let Some(p) = persistent {
             let pdoc = roxmltree::Document::parse(p).map_err(|e| e.to_string())?;
             let proot = pdoc.root_element();
             let pins = child(proot, "cputune").is_some_and(|t| t.children().any(|c| c.has_tag_name("vcpupin")));
@@ -299,7 +300,6 @@ pub fn parse_domain_xml(live: &str, persistent: Option<&str>) -> Result<XmlFacts
                 opt_out.cpu = Some("persistent definition uses placement='auto' (numad)".into());
             }
         }
-    }
     Ok(XmlFacts { vcpus, max_kib, has_balloon, stats_period_s, opt_out })
 }
 

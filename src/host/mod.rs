@@ -77,6 +77,8 @@ pub struct DomainDesc {
     pub stats_period_s: u32,
     /// Opt-outs from the domain's definition (metadata, persistent pins).
     pub opt_out: OptOut,
+    /// When the domain's QEMU process started, epoch seconds, when known.
+    pub started_epoch_s: Option<u64>,
 }
 
 /// Cumulative scheduler counters of one vCPU thread.

@@ -161,6 +161,13 @@ pub fn parse_vcpu_comm(comm: &str) -> Option<u32> {
     n.parse().ok()
 }
 
+/// When a process started, epoch seconds (boot time + its `starttime`).
+pub fn process_start_epoch_s(root: &Path, pid: u32) -> Option<u64> {
+    let st = procfs::process::Stat::from_file(root.join(format!("proc/{pid}/stat"))).ok()?;
+    let ks = procfs::KernelStats::from_file(root.join("proc/stat"), procfs::current_system_info()).ok()?;
+    Some(ks.btime + st.starttime / procfs::ticks_per_second().max(1))
+}
+
 /// QEMU's pid from libvirt's pid file for a domain (system instance).
 pub fn qemu_pid(root: &Path, name: &str) -> Option<u32> {
     let p = root.join(format!("run/libvirt/qemu/{name}.pid"));

@@ -8,8 +8,9 @@
 //! - thresholds are fractions of the guest's current size with absolute floors, and between the
 //!   starve and the reclaim threshold lies a dead band: a change aims at the middle of that band,
 //!   so a steady guest is left alone after one change;
-//! - each change is at most `step_kib`, a guest changed recently is left alone for a cooldown,
-//!   and a guest that did not reach its last target is backed off (by the caller);
+//! - each change is at most `step_kib`; a guest changed recently gives nothing back for a
+//!   cooldown (a starving one may still be granted once its last target is reached), and a
+//!   guest that did not reach its last target is backed off (by the caller);
 //! - rising `swap_in` or `major_fault` counts as starving even when free memory looks fine, and
 //!   a guest whose balloon deflated by itself (deflate-on-oom) is never inflated back;
 //! - a grant never goes above the guest's configured maximum, and all grants together never
@@ -77,8 +78,6 @@ pub enum Hold {
     Young,
     /// No balloon, no stats, stats not updating, or inconsistent.
     NoReport(String),
-    /// Changed recently.
-    Cooling,
     /// Did not reach its last target in time.
     BackedOff,
 }
@@ -99,6 +98,8 @@ pub struct GuestMem {
     pub major_fault_delta: u64,
     /// The balloon is above the last target the agent set: it deflated by itself.
     pub deflated_by_itself: bool,
+    /// Changed recently: may still be granted memory while starving, gives none back.
+    pub cooling: bool,
     pub hold: Option<Hold>,
 }
 
@@ -165,7 +166,6 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
                 Hold::Excluded(w) => w.clone(),
                 Hold::Young => "younger than --min-age".into(),
                 Hold::NoReport(w) => w.clone(),
-                Hold::Cooling => "changed recently (--mem-cooldown)".into(),
                 Hold::BackedOff => "did not reach its last target; backed off".into(),
             };
             out.verdicts.push(verdict("hold", why));
@@ -204,7 +204,9 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
             continue;
         }
         let thr = if host_pressure { frac(current, middle).max(p.starve_min_kib) } else { reclaim_thr };
-        if usable > thr {
+        if usable > thr && g.cooling {
+            out.verdicts.push(verdict("steady", format!("usable {} above {}, but changed recently (--mem-cooldown)", mib(usable), mib(thr))));
+        } else if usable > thr {
             givers.push(Give { i, usable });
             out.verdicts.push(verdict("reclaim", format!("usable {} above {}", mib(usable), mib(thr))));
         } else {

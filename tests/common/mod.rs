@@ -20,16 +20,25 @@ pub fn lab_dir() -> PathBuf {
     std::env::var_os("VMB_LAB_DIR").map_or_else(|| PathBuf::from("/var/lib/vm-balancer-lab"), PathBuf::from)
 }
 
+/// Holds the lab: the in-process lock and an exclusive `flock` that keeps other test
+/// processes (another checkout's run) off the same libvirtd meanwhile.
+pub struct LabGuard {
+    _g: MutexGuard<'static, ()>,
+    _f: nix::fcntl::Flock<std::fs::File>,
+}
+
 /// Takes the lab for one test; fails loudly when the lab is not set up.
-pub fn lab() -> MutexGuard<'static, ()> {
+pub fn lab() -> LabGuard {
     let g = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open("/run/vm-balancer-lab.lock").unwrap();
+    let f = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).unwrap();
     assert!(
         lab_dir().join("vmlinuz").exists(),
         "the lab is not set up: run `lab/setup.sh` (the README's test command does) before the end-to-end tests"
     );
     let out = virsh(&["version"]);
     assert!(out.is_ok(), "libvirtd is not answering on {URI}: {out:?}; run lab/setup.sh");
-    g
+    LabGuard { _g: g, _f: f }
 }
 
 /// Runs virsh, returns stdout or the error text.

@@ -10,6 +10,7 @@ fn guest(name: &str, current_mib: u64, max_mib: u64, usable_mib: u64) -> GuestMe
         swap_in_delta_kib: 0,
         major_fault_delta: 0,
         deflated_by_itself: false,
+        cooling: false,
         hold: None,
     }
 }
@@ -175,4 +176,14 @@ proptest! {
         // All grants together stay within what is above the reserve.
         prop_assert!(granted <= (avail * MIB).saturating_sub(pol.host_reserve_kib));
     }
+}
+
+#[test]
+fn cooling_guest_gives_nothing_back_but_may_be_fed() {
+    let mut idle = guest("idle", 1024, 1024, 900);
+    idle.cooling = true;
+    let mut hungry = guest("hungry", 512, 1024, 5);
+    hungry.cooling = true;
+    let p = plan(&[idle, hungry], &host(8000), &MemPolicy::default());
+    assert_eq!(targets(&p).iter().map(|t| t.0.as_str()).collect::<Vec<_>>(), vec!["hungry"]);
 }

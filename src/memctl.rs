@@ -1,0 +1,167 @@
+//! History the memory planner needs but a snapshot does not hold: when each guest was first
+//! seen, its previous swap counters, the last balloon target the agent set and whether the
+//! guest reached it. Turns a snapshot into the planner's plain input.
+
+use std::collections::HashMap;
+
+use log::warn;
+
+use crate::model::Snapshot;
+use crate::policy::mem::{GuestMem, Hold, HostMem};
+
+/// Memory tunables that need history (the rest are in [`crate::policy::mem::MemPolicy`]).
+#[derive(Debug, Clone)]
+pub struct MemTiming {
+    /// Guests younger than this are not ballooned.
+    pub min_age_ns: u64,
+    /// Time between two changes of one guest.
+    pub cooldown_ns: u64,
+    /// A guest that has not reached its target after this long is backed off.
+    pub target_timeout_ns: u64,
+    /// How long a backed-off guest is left alone.
+    pub backoff_ns: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct GuestState {
+    id: u32,
+    first_seen_ns: u64,
+    prev_swap_in: Option<u64>,
+    prev_major_fault: Option<u64>,
+    /// (target KiB, set at ns, reached)
+    target: Option<(u64, u64, bool)>,
+    last_change_ns: Option<u64>,
+    backoff_until_ns: u64,
+}
+
+/// Per-guest memory history.
+#[derive(Debug, Default)]
+pub struct MemTracker {
+    guests: HashMap<String, GuestState>,
+}
+
+fn close(a: u64, b: u64) -> bool {
+    a.abs_diff(b) <= (b / 50).max(4 * 1024)
+}
+
+impl MemTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a balloon target the agent just set.
+    pub fn set_target(&mut self, name: &str, target_kib: u64, now_ns: u64) {
+        if let Some(g) = self.guests.get_mut(name) {
+            g.target = Some((target_kib, now_ns, false));
+            g.last_change_ns = Some(now_ns);
+        }
+    }
+
+    /// The planner's input from a snapshot whose balloon stats are fresh.
+    pub fn input(&mut self, snap: &Snapshot, t: &MemTiming) -> (Vec<GuestMem>, HostMem) {
+        let now = snap.t_ns;
+        self.guests.retain(|n, g| snap.domains.iter().any(|d| &d.dom.name == n && d.dom.id == g.id));
+        let mut out = Vec::with_capacity(snap.domains.len());
+        for d in &snap.domains {
+            let st = self.guests.entry(d.dom.name.clone()).or_insert_with(|| GuestState {
+                id: d.dom.id,
+                first_seen_ns: now,
+                ..GuestState::default()
+            });
+            let (b, stats_t) = match &d.balloon {
+                Some((b, t)) => (Some(b), *t),
+                None => (None, 0),
+            };
+            let mut hold = None;
+            let mut deflated = false;
+            let (mut swap_d, mut fault_d) = (0, 0);
+            if let Some(b) = b {
+                // Swap counters: growth since the previous report (a guest reboot resets them).
+                swap_d = match (st.prev_swap_in, b.swap_in_kib) {
+                    (Some(p), Some(c)) => c.saturating_sub(p),
+                    _ => 0,
+                };
+                fault_d = match (st.prev_major_fault, b.major_fault) {
+                    (Some(p), Some(c)) => c.saturating_sub(p),
+                    _ => 0,
+                };
+                st.prev_swap_in = b.swap_in_kib;
+                st.prev_major_fault = b.major_fault;
+                // Did the balloon reach the last target, run out of time, or deflate by itself?
+                if let Some((target, set_at, reached)) = st.target {
+                    if close(b.current_kib, target) {
+                        st.target = Some((target, set_at, true));
+                    } else if reached && b.current_kib > target {
+                        deflated = true;
+                        st.target = None;
+                        st.last_change_ns = Some(now);
+                    } else if !reached && now.saturating_sub(set_at) > t.target_timeout_ns {
+                        warn!(
+                            "{} did not reach its balloon target {} KiB (at {} KiB) in time; backing off",
+                            d.dom.name, target, b.current_kib
+                        );
+                        st.target = None;
+                        st.backoff_until_ns = now + t.backoff_ns;
+                    }
+                }
+            }
+            if let Some(why) = &d.mem_excluded {
+                hold = Some(Hold::Excluded(why.clone()));
+            } else if !d.desc.has_balloon {
+                hold = Some(Hold::NoReport("no virtio balloon device".into()));
+            } else if b.is_none() || stats_t != now {
+                hold = Some(Hold::NoReport("no balloon statistics this interval".into()));
+            } else if let Some(why) = stale(b, snap.epoch_s, d.desc.stats_period_s) {
+                hold = Some(Hold::NoReport(why));
+            } else if age_ns(d.desc.started_epoch_s, snap.epoch_s, now.saturating_sub(st.first_seen_ns)) < t.min_age_ns {
+                hold = Some(Hold::Young);
+            } else if now < st.backoff_until_ns {
+                hold = Some(Hold::BackedOff);
+            } else if st.target.is_some_and(|(_, _, reached)| !reached) {
+                hold = Some(Hold::NoReport("balloon still moving toward its last target".into()));
+            }
+            let cooling = st.last_change_ns.is_some_and(|c| now.saturating_sub(c) < t.cooldown_ns);
+            let (current, maximum, usable) = b.map_or((0, 0, None), |b| (b.current_kib, b.maximum_kib, b.usable_kib));
+            // The configured maximum is trusted (libvirt); the tighter of the two wins.
+            let max_kib = if maximum > 0 { maximum.min(d.desc.max_kib) } else { d.desc.max_kib };
+            out.push(GuestMem {
+                name: d.dom.name.clone(),
+                current_kib: current,
+                max_kib,
+                usable_kib: usable,
+                swap_in_delta_kib: swap_d,
+                major_fault_delta: fault_d,
+                deflated_by_itself: deflated,
+                cooling,
+                hold,
+            });
+        }
+        let host = HostMem { available_kib: snap.host.mem_available_kib, psi_some_avg10: snap.host.mem_pressure_some_avg10 };
+        (out, host)
+    }
+}
+
+/// A guest's age: from its QEMU process start when known, else since the agent first saw it.
+fn age_ns(started_epoch_s: Option<u64>, epoch_s: u64, seen_ns: u64) -> u64 {
+    match started_epoch_s {
+        Some(s) => epoch_s.saturating_sub(s).saturating_mul(1_000_000_000),
+        None => seen_ns,
+    }
+}
+
+/// Why a guest's stats are not to be trusted now, if they are not.
+fn stale(b: Option<&crate::host::BalloonStats>, epoch_s: u64, period_s: u32) -> Option<String> {
+    let b = b?;
+    if b.usable_kib.is_none() && b.available_kib.is_none() {
+        return Some("guest reports no memory statistics (balloon driver or stats period missing)".into());
+    }
+    let Some(last) = b.last_update_s else {
+        return Some("guest statistics carry no last-update time".into());
+    };
+    let limit = u64::from(period_s.max(1)).saturating_mul(3).max(10);
+    let age = epoch_s.saturating_sub(last);
+    if age > limit {
+        return Some(format!("guest statistics are stale (last update {age}s ago)"));
+    }
+    None
+}
