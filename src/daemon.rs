@@ -73,6 +73,8 @@ pub struct Agent<H: Host> {
     link: Link,
     /// When (host clock, ns) each vCPU was last moved, for the cooldown.
     moved_at: HashMap<(String, u32), u64>,
+    /// When (host clock, ns) each host cpu was last the source or target of a repin.
+    touched_at: HashMap<u32, u64>,
     mem: MemTracker,
     last_balloons_ns: Option<u64>,
     /// Domains (name, runtime id) whose stats period the agent turned on (or tried to).
@@ -100,6 +102,7 @@ impl<H: Host> Agent<H> {
             tracker: None,
             link: Link::Down { since_ns: 0, next_try_ns: 0, backoff_ns: 0 },
             moved_at: HashMap::new(),
+            touched_at: HashMap::new(),
             mem: MemTracker::new(),
             last_balloons_ns: None,
             period_set: HashMap::new(),
@@ -229,7 +232,7 @@ impl<H: Host> Agent<H> {
 
         let mut plan: Plan = Vec::new();
         if let Some(pol) = &self.cfg.cpu {
-            let input = cpu::input_from(&snap, &self.moved_at, pol);
+            let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, pol);
             plan.extend(cpu::plan(&input, pol));
         }
         if let (Some(m), true) = (&self.cfg.mem, raw.balloons.is_some()) {
@@ -247,8 +250,11 @@ impl<H: Host> Agent<H> {
                         }
                         report.applied += 1;
                         match a {
-                            Action::Pin { domain, vcpu, .. } => {
+                            Action::Pin { domain, vcpu, from, to, .. } => {
                                 self.moved_at.insert((domain.clone(), *vcpu), snap.t_ns);
+                                for c in from.0.iter().chain(&to.0) {
+                                    self.touched_at.insert(*c, snap.t_ns);
+                                }
                             }
                             Action::Balloon { domain, to_kib, .. } => self.mem.set_target(domain, *to_kib, snap.t_ns),
                         }

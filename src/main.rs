@@ -26,6 +26,8 @@ fn agent_config(c: &Common, dry_run: bool) -> AgentConfig {
             min_gain: c.min_gain,
             max_repins: c.max_repins,
             flip_margin: c.flip_margin,
+            // Two smoothing time constants: the moving averages have absorbed ~86% of the change.
+            settle_ns: ns(c.smoothing).saturating_mul(2),
             cooldown_ns: ns(c.cooldown),
             ..CpuPolicy::default()
         }),

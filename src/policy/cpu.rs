@@ -15,7 +15,8 @@
 //!    - among candidates within `about_equal` of the best gain, prefer fewer repins (a move
 //!      over a swap), a target in the same NUMA node, then the lighter vCPU (the heaviest one
 //!      keeps its warm cache), then the freer target;
-//!    - each vCPU moves at most once per plan, not at all while cooling down after a move, and
+//!    - each vCPU moves at most once per plan, not at all while cooling down after a move;
+//!      cpus a repin touched sit out until their smoothed loads show its effect (`settle_ns`);
 //!      at most `max_repins` pins change per plan (a swap counts two).
 //!
 //! Pure: no I/O, no clock. [`input_from`] turns a snapshot into the plain input of [`plan`].
@@ -45,11 +46,14 @@ pub struct CpuPolicy {
     pub about_equal: f64,
     /// How much busier than the source the target may end up, in cores.
     pub flip_margin: f64,
+    /// After a repin, the cpus involved are left out of balancing this long (ns), until their
+    /// smoothed loads show the move's effect: no second move on stale figures.
+    pub settle_ns: u64,
 }
 
 impl Default for CpuPolicy {
     fn default() -> Self {
-        CpuPolicy { high: 0.85, min_gain: 0.10, max_repins: 4, max_placements: 64, cooldown_ns: 30_000_000_000, about_equal: 0.05, flip_margin: 0.25 }
+        CpuPolicy { high: 0.85, min_gain: 0.10, max_repins: 4, max_placements: 64, cooldown_ns: 30_000_000_000, about_equal: 0.05, flip_margin: 0.25, settle_ns: 6_000_000_000 }
     }
 }
 
@@ -60,6 +64,8 @@ pub struct CpuSlot {
     pub node: u32,
     /// Load the balancer cannot move, in cores.
     pub fixed: f64,
+    /// A repin touched it recently: neither source nor target of balancing moves.
+    pub settling: bool,
 }
 
 /// One vCPU the planner knows the demand of.
@@ -85,15 +91,26 @@ pub struct CpuInput {
 }
 
 /// Builds the planner input from a snapshot. `moved_at` holds the time (host clock, ns) each
-/// vCPU was last moved, keyed by (domain, vCPU).
-pub fn input_from(snap: &Snapshot, moved_at: &HashMap<(String, u32), u64>, policy: &CpuPolicy) -> CpuInput {
+/// vCPU was last moved, keyed by (domain, vCPU); `touched_at` the time each host cpu was last
+/// the source or target of a repin.
+pub fn input_from(
+    snap: &Snapshot,
+    moved_at: &HashMap<(String, u32), u64>,
+    touched_at: &HashMap<u32, u64>,
+    policy: &CpuPolicy,
+) -> CpuInput {
     let index: HashMap<u32, usize> = snap.host.cpus.iter().enumerate().map(|(i, &c)| (c, i)).collect();
     let mut cpus: Vec<CpuSlot> = snap
         .host
         .cpus
         .iter()
         .zip(&snap.host.cpu_busy)
-        .map(|(&id, &busy)| CpuSlot { id, node: snap.host.topology.get(id).map_or(0, |t| t.node), fixed: busy })
+        .map(|(&id, &busy)| CpuSlot {
+            id,
+            node: snap.host.topology.get(id).map_or(0, |t| t.node),
+            fixed: busy,
+            settling: touched_at.get(&id).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.settle_ns)),
+        })
         .collect();
     let mut vcpus = Vec::new();
     for d in &snap.domains {
@@ -192,12 +209,16 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
 
     // 2. Balancing.
     let mut repins = 0;
+    let settling: Vec<bool> = input.cpus.iter().map(|c| c.settling).collect();
     while repins < policy.max_repins {
-        let b = argmax(&load);
+        let Some(b) = argmax(&load, &settling) else { break };
         if load[b] <= policy.high + EPS {
             break;
         }
-        let Some(best) = best_candidate(input, policy, &load, &on, &free, b, policy.max_repins - repins) else { break };
+        let Some(best) = best_candidate(input, policy, &load, &on, &free, &settling, b, policy.max_repins - repins)
+        else {
+            break;
+        };
         let t = best.target;
         let v = &input.vcpus[best.v];
         let (src_before, tgt_before) = (load[b], load[t]);
@@ -247,11 +268,12 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
     actions
 }
 
-fn argmax(load: &[f64]) -> usize {
-    let mut b = 0;
+/// The busiest cpu that is not settling.
+fn argmax(load: &[f64], settling: &[bool]) -> Option<usize> {
+    let mut b: Option<usize> = None;
     for (i, &l) in load.iter().enumerate() {
-        if l > load[b] + EPS {
-            b = i;
+        if !settling[i] && b.is_none_or(|j| l > load[j] + EPS) {
+            b = Some(i);
         }
     }
     b
@@ -286,6 +308,7 @@ fn best_candidate(
     load: &[f64],
     on: &[Vec<usize>],
     free: &[bool],
+    settling: &[bool],
     b: usize,
     repins_left: usize,
 ) -> Option<Candidate> {
@@ -294,7 +317,7 @@ fn best_candidate(
     for &v in on[b].iter().filter(|&&v| free[v]) {
         let dv = input.vcpus[v].demand;
         for t in 0..load.len() {
-            if t == b {
+            if t == b || settling[t] {
                 continue;
             }
             let same_node = input.cpus[t].node == node_b;

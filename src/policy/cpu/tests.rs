@@ -2,7 +2,7 @@ use super::*;
 use proptest::prelude::*;
 
 fn cpus(n: u32) -> Vec<CpuSlot> {
-    (0..n).map(|id| CpuSlot { id, node: 0, fixed: 0.0 }).collect()
+    (0..n).map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false }).collect()
 }
 
 fn vcpu(dom: &str, n: u32, demand: f64, cpu: Option<usize>) -> VcpuSlot {
@@ -214,4 +214,18 @@ fn busy_pair_leaves_a_core_with_some_background() {
     let Action::Pin { vcpu, to, .. } = &p[0] else { panic!() };
     after.vcpus[*vcpu as usize].cpu = Some(usize::try_from(to.as_single().unwrap()).unwrap());
     assert!(plan(&after, &CpuPolicy::default()).is_empty());
+}
+
+#[test]
+fn settling_cpus_sit_out() {
+    let mut c = cpus(3);
+    c[1].settling = true;
+    let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 1.0, Some(0)), vcpu("a", 1, 1.0, Some(0))] };
+    let p = plan(&input, &CpuPolicy::default());
+    let Action::Pin { to, .. } = &p[0] else { panic!() };
+    assert_eq!(to.as_single(), Some(2), "not onto the settling cpu");
+    let mut c = cpus(2);
+    c[0].settling = true;
+    let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 1.0, Some(0)), vcpu("a", 1, 1.0, Some(0))] };
+    assert!(plan(&input, &CpuPolicy::default()).is_empty(), "not off the settling cpu");
 }
