@@ -11,4 +11,5 @@ pub mod diagnose;
 pub mod host;
 pub mod model;
 pub mod policy;
+pub mod sim;
 pub mod units;
