@@ -40,6 +40,60 @@ pub enum Command {
         #[arg(long)]
         apply: bool,
     },
+    /// Run the balancer and reference policies over a simulated host in virtual time and
+    /// report balance quality and cost side by side.
+    Simulate {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        sim: SimArgs,
+    },
+}
+
+/// Flags of `simulate`.
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// Built-in generated workload (ignored with --traces).
+    #[arg(long, value_enum, default_value = "mixed", env = "VM_BALANCER_SCENARIO")]
+    pub scenario: crate::sim::workload::Scenario,
+    /// Directory of per-VM CSV traces in the Bitbrains GWA-T-12 format, replayed instead of a scenario.
+    #[arg(long, value_name = "DIR", env = "VM_BALANCER_TRACES")]
+    pub traces: Option<std::path::PathBuf>,
+    /// Virtual time to simulate. 1s to 30 days.
+    #[arg(long, default_value = "1h", value_parser = sim_duration, env = "VM_BALANCER_DURATION")]
+    pub duration: Duration,
+    /// Cpus of the simulated host. 1 to 4096.
+    #[arg(long, default_value = "64", value_parser = host_cpus, env = "VM_BALANCER_HOST_CPUS")]
+    pub host_cpus: u32,
+    /// Memory of the simulated host (default: 8 GiB per cpu).
+    #[arg(long, value_name = "SIZE", value_parser = size, env = "VM_BALANCER_HOST_MEM")]
+    pub host_mem: Option<u64>,
+    /// Guests to fill the host with (default: 2 per cpu). 1 to 100000.
+    #[arg(long, value_parser = guests, env = "VM_BALANCER_GUESTS")]
+    pub guests: Option<usize>,
+    /// Seed of the workload generators and trace offsets.
+    #[arg(long, default_value = "1", env = "VM_BALANCER_SEED")]
+    pub seed: u64,
+    /// Print one JSON document instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn sim_duration(s: &str) -> Result<Duration, String> {
+    units::parse_duration_in(s, Duration::from_secs(1), Duration::from_secs(30 * 86_400))
+}
+fn whole_in(s: &str, min: u64, max: u64) -> Result<u64, String> {
+    let v: u64 = s.trim().parse().map_err(|_| format!("{s:?} is not a whole number"))?;
+    if !(min..=max).contains(&v) {
+        return Err(format!("{s:?} is out of range: allowed {min} to {max}"));
+    }
+    Ok(v)
+}
+fn host_cpus(s: &str) -> Result<u32, String> {
+    whole_in(s, 1, 4096).map(|v| u32::try_from(v).unwrap_or(4096))
+}
+fn guests(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, 100_000).map(|v| usize::try_from(v).unwrap_or(100_000))
 }
 
 fn quantum(s: &str) -> Result<Duration, String> {

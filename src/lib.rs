@@ -12,4 +12,5 @@ pub mod host;
 pub mod memctl;
 pub mod model;
 pub mod policy;
+pub mod sim;
 pub mod units;

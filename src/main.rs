@@ -105,13 +105,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Simulate { common, sim } => {
+            // One line per pin would drown the report: warnings only unless -v.
+            let level = if common.verbose > 0 { common.log_filter() } else { log::LevelFilter::Warn };
+            env_logger::Builder::new().filter_level(level).format_target(false).init();
+            print!("{}", vm_balancer::sim::simulate(&common, &sim)?);
+            Ok(())
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let common = match &cli.command {
-        Command::Run { common, .. } | Command::Diagnose { common, .. } => common,
+        Command::Run { common, .. } | Command::Diagnose { common, .. } | Command::Simulate { common, .. } => common,
     };
     if let Err(msg) = common.validate() {
         eprintln!("error: {msg}");

@@ -1,0 +1,645 @@
+//! [`SimHost`]: an in-memory [`Host`] driven by virtual time.
+//!
+//! The simulation sets each vCPU's demand and each guest's memory need, then calls
+//! [`SimHost::advance`] to integrate one interval of virtual time. The agent (or a reference
+//! policy) reads counters and acts through the [`Host`] trait exactly as on a real host.
+//!
+//! # CPU model
+//!
+//! Every cpu serves one core of demand per second. Demands are constant within an interval.
+//!
+//! - **Pinned vCPUs** (affinity = one cpu) share their cpu in proportion to their demand: when
+//!   the demands `d_i` on a cpu sum to `D > 1`, each gets `d_i / D`.
+//! - **Floating vCPUs** (affinity = several cpus, the start state) are served by an ideal
+//!   work-conserving scheduler over what the pinned vCPUs left on their allowed cpus: the spare
+//!   capacity of the allowed set is pooled and water-filled among them (each gets
+//!   `min(d_i, level)`). Floating vCPUs are grouped by affinity and the groups with fewer allowed
+//!   cpus go first. *Approximation:* pooling fragments of spare capacity ignores that one vCPU
+//!   cannot run on two cpus at the same instant, and pinned vCPUs take precedence over floating
+//!   ones on a shared cpu (CFS would share fairly).
+//!
+//! What a vCPU wanted and did not get is its delay: `run_ns` accumulates the served time and
+//! `wait_ns` the unmet demand, like `/proc/<pid>/task/<tid>/schedstat`.
+//!
+//! # Memory model
+//!
+//! A guest has a provisioned maximum, a balloon size (`current`) that moves toward the target
+//! set by [`Host::set_balloon`] at [`SimConfig::balloon_rate_kib_s`], clamped to
+//! `[SimConfig::guest_min_kib, max]`, and a resident need. A guest only grows out of host
+//! memory that is actually free, so memory is never created: `Σ current + MemAvailable +
+//! overhead = total`. When `need > current` the guest swaps: `swap_in_kib` and `major_fault`
+//! rise in proportion to the deficit. A *liar* guest reports almost no usable memory whatever
+//! its real need.
+
+use std::collections::HashMap;
+
+use crate::host::{
+    BalloonStats, CpuSet, CpuTopo, DomainDesc, DomainRef, Host, HostError, HostSample, OptOut, Topology, VcpuTimes,
+};
+
+/// Share of a guest's memory deficit paged in per second while it swaps.
+const SWAP_IN_PER_S: f64 = 0.1;
+/// A liar reports this fraction of its size as usable.
+const LIAR_USABLE_FRACTION: f64 = 0.01;
+
+/// Errors building a simulated host.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("the simulated host needs at least one cpu")]
+    NoCpus,
+    #[error("the simulated host needs at least one guest")]
+    NoGuests,
+    #[error("guest {0} has no vCPUs")]
+    NoVcpus(String),
+    #[error("host memory {total_kib} KiB is smaller than its overhead {overhead_kib} KiB")]
+    TooLittleMemory { total_kib: u64, overhead_kib: u64 },
+    #[error("trace: {0}")]
+    Trace(#[from] crate::sim::traces::TraceError),
+    #[error("{0}")]
+    Workload(String),
+}
+
+/// The fixed shape of a simulated host.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub cpus: u32,
+    pub mem_total_kib: u64,
+    /// Memory the host itself uses (kernel, QEMU overhead), never available to guests.
+    pub host_overhead_kib: u64,
+    /// Host reserve: start sizes leave at least this much MemAvailable.
+    pub reserve_kib: u64,
+    /// How fast a balloon moves toward its target, KiB per virtual second.
+    pub balloon_rate_kib_s: u64,
+    /// Smallest balloon size a guest can be driven to.
+    pub guest_min_kib: u64,
+    /// Virtual epoch seconds at virtual time 0.
+    pub epoch0_s: u64,
+}
+
+impl SimConfig {
+    /// Defaults for a host of `cpus` cpus and `mem_total_kib` memory: overhead 1/64 of the
+    /// memory but at least 1 GiB (capped at half the memory), balloons moving 512 MiB/s,
+    /// guests never below 128 MiB.
+    pub fn new(cpus: u32, mem_total_kib: u64, reserve_kib: u64) -> Self {
+        SimConfig {
+            cpus,
+            mem_total_kib,
+            host_overhead_kib: (mem_total_kib / 64).max(1 << 20).min(mem_total_kib / 2),
+            reserve_kib,
+            balloon_rate_kib_s: 512 << 10,
+            guest_min_kib: 128 << 10,
+            epoch0_s: 1_700_000_000,
+        }
+    }
+}
+
+/// What the simulation needs to know to create a guest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestSpec {
+    pub name: String,
+    pub vcpus: u32,
+    pub max_kib: u64,
+    /// Reports almost no usable memory while not needing it.
+    pub liar: bool,
+}
+
+#[derive(Debug, Clone)]
+struct SimVcpu {
+    tid: u32,
+    demand: f64,
+    affinity: CpuSet,
+    last_cpu: u32,
+    run_ns: f64,
+    wait_ns: f64,
+    /// Served cores in the last interval.
+    served: f64,
+}
+
+#[derive(Debug, Clone)]
+struct SimGuest {
+    dom: DomainRef,
+    pid: u32,
+    spec: GuestSpec,
+    vcpus: Vec<SimVcpu>,
+    current_kib: u64,
+    target_kib: u64,
+    need_kib: u64,
+    swap_in_kib: f64,
+}
+
+/// Figures of the last interval, for the simulation's report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IntervalStats {
+    pub dt_s: f64,
+    /// Σ vCPU demand, cores.
+    pub demand: f64,
+    /// Σ served, cores.
+    pub served: f64,
+    /// Σ unmet demand, cores.
+    pub delay: f64,
+    /// Largest per-cpu load (demand placed on it, floating demand spread like its service).
+    pub busiest_load: f64,
+    /// Lower bound of the busiest load: max(demand / cpus, largest vCPU demand), capped at 1.
+    pub bound: f64,
+    /// Guests whose need exceeded their balloon size.
+    pub swapping_guests: usize,
+    /// Σ over guests of min(max − current, max − max(need, min)).
+    pub reclaimed_kib: u64,
+    /// Σ over guests of max − max(need, min): what perfect balloons could free.
+    pub reclaimable_kib: u64,
+}
+
+/// Action counters since the last [`SimHost::take_actions`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ActionCounts {
+    /// Pins of a vCPU that was pinned to another single cpu.
+    pub repins: u64,
+    /// Pins of a floating vCPU.
+    pub placements: u64,
+    /// Σ balloon growth asked for (target above current), KiB.
+    pub grants_kib: u64,
+}
+
+/// The simulated host. See the module documentation for the model.
+#[derive(Debug, Clone)]
+pub struct SimHost {
+    cfg: SimConfig,
+    topo: Topology,
+    t_ns: u64,
+    cpu_busy_ns: Vec<f64>,
+    guests: Vec<SimGuest>,
+    by_name: HashMap<String, usize>,
+    actions: ActionCounts,
+    last: IntervalStats,
+}
+
+/// Topology of `n` cpus: 2 sockets (= NUMA nodes) when `n ≥ 4` and even, 2 SMT threads per
+/// core when each socket has an even count. Numbered like Linux: the first threads of all cores
+/// come first, their siblings after (cpu `i` and `i + n/2` share a core).
+pub fn topology(n: u32) -> Topology {
+    let sockets = if n >= 4 && n.is_multiple_of(2) { 2 } else { 1 };
+    let smt = if n.is_multiple_of(2 * sockets) && n >= 2 * sockets { 2 } else { 1 };
+    let cores = n / smt;
+    let per_socket = (cores / sockets).max(1);
+    let cpus = (0..n)
+        .map(|cpu| {
+            let core_index = cpu % cores;
+            let package = (core_index / per_socket).min(sockets - 1);
+            CpuTopo { cpu, node: package, package, core: core_index % per_socket }
+        })
+        .collect();
+    Topology { cpus }
+}
+
+#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn scale_kib(kib: u64, f: f64) -> u64 {
+    (kib as f64 * f) as u64
+}
+
+impl SimHost {
+    /// A host with the given guests, all vCPUs floating over every cpu. Guests start at their
+    /// provisioned size when all of them fit with the reserve left free; otherwise every guest
+    /// starts at the same fraction of its size, chosen so that they fit (never below the
+    /// guest minimum).
+    pub fn new(cfg: SimConfig, guests: &[GuestSpec]) -> Result<Self, SimError> {
+        if cfg.cpus == 0 {
+            return Err(SimError::NoCpus);
+        }
+        if guests.is_empty() {
+            return Err(SimError::NoGuests);
+        }
+        if cfg.mem_total_kib <= cfg.host_overhead_kib {
+            return Err(SimError::TooLittleMemory { total_kib: cfg.mem_total_kib, overhead_kib: cfg.host_overhead_kib });
+        }
+        let room = cfg.mem_total_kib - cfg.host_overhead_kib;
+        let room_for_guests = room.saturating_sub(cfg.reserve_kib);
+        let sum_max: u64 = guests.iter().map(|g| g.max_kib).sum();
+        #[allow(clippy::cast_precision_loss)]
+        let f = if sum_max <= room_for_guests { 1.0 } else { room_for_guests as f64 / sum_max as f64 };
+        let all = CpuSet((0..cfg.cpus).collect());
+        let mut next_tid = 10_000u32;
+        let mut list = Vec::with_capacity(guests.len());
+        let mut by_name = HashMap::new();
+        let mut used = 0u64;
+        for (i, spec) in guests.iter().enumerate() {
+            if spec.vcpus == 0 {
+                return Err(SimError::NoVcpus(spec.name.clone()));
+            }
+            let min = cfg.guest_min_kib.min(spec.max_kib);
+            // Never more than what is left: memory is not created.
+            let start = scale_kib(spec.max_kib, f).clamp(min, spec.max_kib).min(room - used);
+            used += start;
+            let pid = next_tid;
+            let vcpus = (0..spec.vcpus)
+                .map(|v| {
+                    SimVcpu {
+                        tid: pid.saturating_add(1 + v),
+                        demand: 0.0,
+                        affinity: all.clone(),
+                        last_cpu: v % cfg.cpus,
+                        run_ns: 0.0,
+                        wait_ns: 0.0,
+                        served: 0.0,
+                    }
+                })
+                .collect();
+            next_tid = next_tid.saturating_add(spec.vcpus + 1);
+            let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            by_name.insert(spec.name.clone(), i);
+            list.push(SimGuest {
+                dom: DomainRef { name: spec.name.clone(), uuid: format!("00000000-0000-4000-8000-{:012x}", i + 1), id },
+                pid,
+                spec: spec.clone(),
+                vcpus,
+                current_kib: start,
+                target_kib: start,
+                need_kib: 0,
+                swap_in_kib: 0.0,
+            });
+        }
+        Ok(SimHost {
+            topo: topology(cfg.cpus),
+            cpu_busy_ns: vec![0.0; cfg.cpus as usize],
+            cfg,
+            t_ns: 0,
+            guests: list,
+            by_name,
+            actions: ActionCounts::default(),
+            last: IntervalStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.cfg
+    }
+
+    /// Number of guests.
+    pub fn guests(&self) -> usize {
+        self.guests.len()
+    }
+
+    /// vCPU count of each guest.
+    pub fn vcpu_counts(&self) -> Vec<usize> {
+        self.guests.iter().map(|g| g.vcpus.len()).collect()
+    }
+
+    /// Total vCPUs.
+    pub fn total_vcpus(&self) -> usize {
+        self.guests.iter().map(|g| g.vcpus.len()).sum()
+    }
+
+    /// Sets the demand (cores, clamped to [0, 1]) of vCPU `v` of guest `g` for the next
+    /// interval. Out-of-range indices are ignored.
+    pub fn set_demand(&mut self, g: usize, v: usize, demand: f64) {
+        if let Some(x) = self.guests.get_mut(g).and_then(|g| g.vcpus.get_mut(v)) {
+            x.demand = if demand.is_finite() { demand.clamp(0.0, 1.0) } else { 0.0 };
+        }
+    }
+
+    /// Sets the resident memory need of guest `g`, KiB.
+    pub fn set_mem_need(&mut self, g: usize, need_kib: u64) {
+        if let Some(x) = self.guests.get_mut(g) {
+            x.need_kib = need_kib;
+        }
+    }
+
+    /// Pins vCPU `k` (counting over all guests in order) to cpu `k mod cpus`, without counting
+    /// it as an action: the start state of the `static` and `baseline` policies.
+    pub fn pin_round_robin(&mut self) {
+        let n = self.cfg.cpus;
+        let mut k = 0u32;
+        for g in &mut self.guests {
+            for v in &mut g.vcpus {
+                v.affinity = CpuSet::single(k % n);
+                v.last_cpu = k % n;
+                k = k.wrapping_add(1);
+            }
+        }
+    }
+
+    /// Returns and clears the action counters.
+    pub fn take_actions(&mut self) -> ActionCounts {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// Figures of the last interval.
+    pub fn last_interval(&self) -> &IntervalStats {
+        &self.last
+    }
+
+    /// Host MemAvailable, KiB: total − overhead − Σ guest sizes.
+    pub fn mem_available_kib(&self) -> u64 {
+        let used: u64 = self.guests.iter().map(|g| g.current_kib).sum();
+        self.cfg.mem_total_kib.saturating_sub(self.cfg.host_overhead_kib).saturating_sub(used)
+    }
+
+    /// MemAvailable once every balloon has reached its target where that target is larger
+    /// than the current size (what the granted memory will leave), KiB; may be negative.
+    pub fn mem_available_committed_kib(&self) -> i64 {
+        let used: u64 = self.guests.iter().map(|g| g.current_kib.max(g.target_kib)).sum();
+        let total = i64::try_from(self.cfg.mem_total_kib).unwrap_or(i64::MAX);
+        let other = i64::try_from(self.cfg.host_overhead_kib.saturating_add(used)).unwrap_or(i64::MAX);
+        total - other
+    }
+
+    /// Balloon size of each guest, KiB.
+    pub fn guest_sizes_kib(&self) -> Vec<u64> {
+        self.guests.iter().map(|g| g.current_kib).collect()
+    }
+
+    /// Served and unmet demand of vCPU `v` of guest `g` accumulated so far, core-seconds.
+    pub fn vcpu_totals_s(&self, g: usize, v: usize) -> Option<(f64, f64)> {
+        let x = self.guests.get(g)?.vcpus.get(v)?;
+        Some((x.run_ns / 1e9, x.wait_ns / 1e9))
+    }
+
+    /// Integrates `dt_ns` of virtual time at the current demands, balloon targets and memory
+    /// needs, then moves the clock forward.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn advance(&mut self, dt_ns: u64) -> &IntervalStats {
+        let dt_s = dt_ns as f64 / 1e9;
+        let mut stats = IntervalStats { dt_s, ..IntervalStats::default() };
+        self.serve_cpus(dt_s, &mut stats);
+        self.move_memory(dt_s, &mut stats);
+        self.t_ns = self.t_ns.saturating_add(dt_ns);
+        self.last = stats;
+        &self.last
+    }
+
+    fn serve_cpus(&mut self, dt_s: f64, stats: &mut IntervalStats) {
+        let n = self.cfg.cpus as usize;
+        let mut pinned = vec![0.0f64; n];
+        let mut max_demand = 0.0f64;
+        let mut total = 0.0f64;
+        // Floating vCPUs grouped by affinity.
+        let mut groups: HashMap<Vec<u32>, Vec<(usize, usize)>> = HashMap::new();
+        for (gi, g) in self.guests.iter().enumerate() {
+            for (vi, v) in g.vcpus.iter().enumerate() {
+                total += v.demand;
+                max_demand = max_demand.max(v.demand);
+                match v.affinity.as_single() {
+                    Some(c) if (c as usize) < n => pinned[c as usize] += v.demand,
+                    _ => groups.entry(v.affinity.0.clone()).or_default().push((gi, vi)),
+                }
+            }
+        }
+        let mut spare: Vec<f64> = pinned.iter().map(|&d| (1.0 - d).max(0.0)).collect();
+        let mut busy: Vec<f64> = pinned.iter().map(|&d| d.min(1.0)).collect();
+        let mut load = pinned.clone();
+        // Pinned service.
+        for g in &mut self.guests {
+            for v in &mut g.vcpus {
+                if let Some(c) = v.affinity.as_single().filter(|&c| (c as usize) < n) {
+                    let d = pinned[c as usize];
+                    v.served = if d <= 1.0 { v.demand } else { v.demand / d };
+                }
+            }
+        }
+        // Floating service: most constrained groups first.
+        let mut order: Vec<_> = groups.into_iter().collect();
+        order.sort_by(|a: &(Vec<u32>, _), b| a.0.len().cmp(&b.0.len()).then(a.0.cmp(&b.0)));
+        for (set, members) in order {
+            let set: Vec<usize> = set.iter().map(|&c| c as usize).filter(|&c| c < n).collect();
+            let demands: Vec<f64> = members.iter().map(|&(g, v)| self.guests[g].vcpus[v].demand).collect();
+            let want: f64 = demands.iter().sum();
+            if set.is_empty() {
+                for &(g, v) in &members {
+                    self.guests[g].vcpus[v].served = 0.0;
+                }
+                continue;
+            }
+            let cap: f64 = set.iter().map(|&c| spare[c]).sum();
+            let level = water_level(&demands, cap);
+            let served: Vec<f64> = demands.iter().map(|&d| d.min(level)).collect();
+            let used: f64 = served.iter().sum();
+            // Spread load and busy time over the set in proportion to spare capacity.
+            let share: Vec<f64> = if cap > 1e-12 {
+                set.iter().map(|&c| spare[c] / cap).collect()
+            } else {
+                #[allow(clippy::cast_precision_loss)]
+                let e = 1.0 / set.len() as f64;
+                vec![e; set.len()]
+            };
+            let add: Vec<f64> = share.iter().map(|s| s * used).collect();
+            for (k, &c) in set.iter().enumerate() {
+                load[c] += share[k] * want;
+                busy[c] += add[k];
+            }
+            // last_cpu by wrap-around over the added busy time (McNaughton).
+            let (mut k, mut room) = (0usize, add.first().copied().unwrap_or(0.0));
+            for (&(g, v), &s) in members.iter().zip(&served) {
+                while room <= 1e-12 && k + 1 < set.len() {
+                    k += 1;
+                    room = add[k];
+                }
+                let x = &mut self.guests[g].vcpus[v];
+                x.served = s;
+                x.last_cpu = u32::try_from(set[k]).unwrap_or(0);
+                room -= s;
+            }
+            for (k, &c) in set.iter().enumerate() {
+                spare[c] = (spare[c] - add[k]).max(0.0);
+            }
+        }
+        // Accumulate.
+        let dt_ns = dt_s * 1e9;
+        for g in &mut self.guests {
+            for v in &mut g.vcpus {
+                let served = v.served.min(v.demand).max(0.0);
+                v.served = served;
+                v.run_ns += served * dt_ns;
+                v.wait_ns += (v.demand - served) * dt_ns;
+                stats.served += served;
+                stats.delay += v.demand - served;
+                if let Some(c) = v.affinity.as_single().filter(|&c| (c as usize) < n) {
+                    v.last_cpu = c;
+                }
+            }
+        }
+        for (c, b) in busy.iter().enumerate() {
+            self.cpu_busy_ns[c] += b.min(1.0) * dt_ns;
+        }
+        stats.demand = total;
+        stats.busiest_load = load.iter().copied().fold(0.0, f64::max);
+        #[allow(clippy::cast_precision_loss)]
+        let per_cpu = total / n as f64;
+        stats.bound = per_cpu.max(max_demand).min(1.0);
+    }
+
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn move_memory(&mut self, dt_s: f64, stats: &mut IntervalStats) {
+        let step = (self.cfg.balloon_rate_kib_s as f64 * dt_s) as u64;
+        // Shrinking first frees memory that growing guests may then take.
+        let mut free = self.mem_available_kib();
+        for g in &mut self.guests {
+            if g.target_kib < g.current_kib {
+                let d = (g.current_kib - g.target_kib).min(step);
+                g.current_kib -= d;
+                free += d;
+            }
+        }
+        for g in &mut self.guests {
+            if g.target_kib > g.current_kib {
+                let d = (g.target_kib - g.current_kib).min(step).min(free);
+                g.current_kib += d;
+                free -= d;
+            }
+        }
+        let min_global = self.cfg.guest_min_kib;
+        for g in &mut self.guests {
+            if g.need_kib > g.current_kib {
+                stats.swapping_guests += 1;
+                g.swap_in_kib += (g.need_kib - g.current_kib) as f64 * SWAP_IN_PER_S * dt_s;
+            }
+            let floor = g.need_kib.max(min_global.min(g.spec.max_kib)).min(g.spec.max_kib);
+            let reclaimable = g.spec.max_kib - floor;
+            stats.reclaimable_kib += reclaimable;
+            stats.reclaimed_kib += (g.spec.max_kib - g.current_kib.min(g.spec.max_kib)).min(reclaimable);
+        }
+    }
+
+    fn guest(&self, dom: &DomainRef) -> Result<usize, HostError> {
+        self.by_name
+            .get(&dom.name)
+            .copied()
+            .filter(|&i| self.guests[i].dom.id == dom.id)
+            .ok_or_else(|| HostError::DomainGone(dom.name.clone()))
+    }
+
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn balloon_of(&self, g: &SimGuest) -> BalloonStats {
+        let free = g.current_kib.saturating_sub(g.need_kib);
+        let usable = if g.spec.liar { (g.current_kib as f64 * LIAR_USABLE_FRACTION) as u64 } else { free };
+        let swap = g.swap_in_kib as u64;
+        BalloonStats {
+            current_kib: g.current_kib,
+            maximum_kib: g.spec.max_kib,
+            unused_kib: Some(if g.spec.liar { usable } else { free }),
+            available_kib: Some(g.current_kib),
+            usable_kib: Some(usable),
+            swap_in_kib: Some(swap),
+            major_fault: Some(swap / 4),
+            last_update_s: Some(self.epoch_s()),
+        }
+    }
+}
+
+/// Water level `L` such that `Σ min(d_i, L) = cap`, or the largest demand when all fit.
+fn water_level(demands: &[f64], cap: f64) -> f64 {
+    let want: f64 = demands.iter().sum();
+    if want <= cap {
+        return f64::INFINITY;
+    }
+    if cap <= 0.0 {
+        return 0.0;
+    }
+    let mut sorted: Vec<f64> = demands.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mut left = cap;
+    let mut rest = sorted.len();
+    for &d in &sorted {
+        #[allow(clippy::cast_precision_loss)]
+        let even = left / rest as f64;
+        if d >= even {
+            return even;
+        }
+        left -= d;
+        rest -= 1;
+    }
+    f64::INFINITY
+}
+
+impl Host for SimHost {
+    fn now_ns(&self) -> u64 {
+        self.t_ns
+    }
+    fn epoch_s(&self) -> u64 {
+        self.cfg.epoch0_s + self.t_ns / 1_000_000_000
+    }
+    fn ensure_connected(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn list_domains(&mut self) -> Result<Vec<DomainRef>, HostError> {
+        Ok(self.guests.iter().map(|g| g.dom.clone()).collect())
+    }
+    fn describe(&mut self, dom: &DomainRef) -> Result<DomainDesc, HostError> {
+        let g = &self.guests[self.guest(dom)?];
+        Ok(DomainDesc {
+            dom: g.dom.clone(),
+            vcpu_tids: g.vcpus.iter().map(|v| Some(v.tid)).collect(),
+            pid: Some(g.pid),
+            max_kib: g.spec.max_kib,
+            has_balloon: true,
+            stats_period_s: 5,
+            opt_out: OptOut::default(),
+        })
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn vcpu_times(&mut self, desc: &DomainDesc) -> Result<Vec<Option<VcpuTimes>>, HostError> {
+        let g = &self.guests[self.guest(&desc.dom)?];
+        Ok(desc
+            .vcpu_tids
+            .iter()
+            .map(|tid| {
+                let v = g.vcpus.iter().find(|v| Some(v.tid) == *tid)?;
+                Some(VcpuTimes {
+                    run_ns: v.run_ns as u64,
+                    wait_ns: v.wait_ns as u64,
+                    affinity_mask: v.affinity.clone(),
+                    last_cpu: Some(v.last_cpu),
+                })
+            })
+            .collect())
+    }
+    fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError> {
+        Ok(self.guests.iter().map(|g| (g.dom.name.clone(), self.balloon_of(g))).collect())
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn host_sample(&mut self) -> Result<HostSample, HostError> {
+        Ok(HostSample {
+            cpu_ids: (0..self.cfg.cpus).collect(),
+            cpu_busy_ns: self.cpu_busy_ns.iter().map(|&b| b as u64).collect(),
+            mem_total_kib: self.cfg.mem_total_kib,
+            mem_available_kib: self.mem_available_kib(),
+            mem_pressure_some_avg10: None,
+        })
+    }
+    fn topology(&mut self) -> Result<Topology, HostError> {
+        Ok(self.topo.clone())
+    }
+    fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
+        let gi = self.guest(dom)?;
+        if cpu >= self.cfg.cpus {
+            return Err(HostError::Libvirt { op: "pin", object: dom.name.clone(), message: format!("no cpu {cpu}") });
+        }
+        let v = self.guests[gi].vcpus.get_mut(vcpu as usize).ok_or_else(|| HostError::Libvirt {
+            op: "pin",
+            object: dom.name.clone(),
+            message: format!("no vCPU {vcpu}"),
+        })?;
+        match v.affinity.as_single() {
+            Some(c) if c == cpu => {}
+            Some(_) => self.actions.repins += 1,
+            None => self.actions.placements += 1,
+        }
+        v.affinity = CpuSet::single(cpu);
+        Ok(())
+    }
+    fn set_balloon(&mut self, dom: &DomainRef, target_kib: u64) -> Result<(), HostError> {
+        let gi = self.guest(dom)?;
+        let min = self.cfg.guest_min_kib;
+        let g = &mut self.guests[gi];
+        let t = target_kib.clamp(min.min(g.spec.max_kib), g.spec.max_kib);
+        if t > g.current_kib.max(g.target_kib) {
+            self.actions.grants_kib += t - g.current_kib.max(g.target_kib);
+        }
+        g.target_kib = t;
+        Ok(())
+    }
+    fn set_stats_period(&mut self, dom: &DomainRef, _period_s: u32) -> Result<(), HostError> {
+        self.guest(dom).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,81 @@
+//! The simulator: a host of any size in memory ([`SimHost`]), workloads (seeded generators and
+//! replayed Bitbrains traces), reference policies, and the `simulate` report comparing them.
+//!
+//! The real [`crate::daemon::Agent`] runs over [`SimHost`] unchanged; the clock is virtual.
+
+pub mod baseline;
+pub mod host;
+pub mod run;
+pub mod traces;
+pub mod workload;
+
+pub use host::{ActionCounts, GuestSpec, IntervalStats, SimConfig, SimError, SimHost};
+pub use run::{Policy, PolicyReport, Report, RunSpec};
+pub use workload::{Scenario, Workload};
+
+use crate::cli::{Common, SimArgs};
+use crate::daemon::AgentConfig;
+use crate::policy::cpu::CpuPolicy;
+
+/// The agent configuration the simulator runs `vm-balancer` with: the one place the simulator
+/// builds an [`AgentConfig`], straight from the shared flags.
+pub fn agent_config(c: &Common) -> AgentConfig {
+    AgentConfig {
+        quantum: c.quantum,
+        smoothing: c.smoothing,
+        cpus: c.cpus.clone(),
+        exclude: c.exclude.clone(),
+        cpu: (!c.no_cpu).then(|| CpuPolicy {
+            high: c.high,
+            min_gain: c.min_gain,
+            max_repins: c.max_repins,
+            flip_margin: c.flip_margin,
+            cooldown_ns: u64::try_from(c.cooldown.as_nanos()).unwrap_or(u64::MAX),
+            ..CpuPolicy::default()
+        }),
+        dry_run: false,
+    }
+}
+
+/// Default host memory: 8 GiB per cpu.
+pub fn default_host_mem_kib(cpus: u32) -> u64 {
+    u64::from(cpus) * (8 << 20)
+}
+
+/// Builds the run of `vm-balancer simulate` from its flags.
+pub fn build(common: &Common, args: &SimArgs) -> Result<(RunSpec, Workload), SimError> {
+    let cpus = args.host_cpus;
+    let guests = args.guests.unwrap_or(2 * cpus as usize);
+    let workload = match &args.traces {
+        Some(dir) => Workload::from_traces(traces::load_trace_dir(dir)?, guests, cpus, args.seed)?,
+        None => Workload::generated(args.scenario, guests, cpus, args.seed),
+    };
+    let mem = args.host_mem.unwrap_or_else(|| default_host_mem_kib(cpus));
+    let host = SimConfig::new(cpus, mem, common.host_reserve);
+    let q = common.quantum.as_nanos().max(1);
+    let quanta = u64::try_from(args.duration.as_nanos() / q).unwrap_or(u64::MAX).max(1);
+    Ok((RunSpec { host, quantum: common.quantum, quanta, common: common.clone() }, workload))
+}
+
+/// `vm-balancer simulate`: runs every policy and renders the report (table or JSON).
+pub fn simulate(common: &Common, args: &SimArgs) -> Result<String, SimError> {
+    let (spec, workload) = build(common, args)?;
+    // Fail on a host that cannot hold the guests before spending minutes.
+    SimHost::new(spec.host.clone(), workload.specs())?;
+    let report = run::run_all(&spec, &workload)?;
+    if args.json {
+        return Ok(run::render_json(&report) + "\n");
+    }
+    let vcpus: u32 = workload.specs().iter().map(|g| g.vcpus).sum();
+    let header = format!(
+        "simulated host: {} cpus, {} MiB, {} guests, {} vCPUs; {} quanta of {} ({} virtual)\n\n",
+        spec.host.cpus,
+        spec.host.mem_total_kib / 1024,
+        workload.specs().len(),
+        vcpus,
+        spec.quanta,
+        humantime::format_duration(spec.quantum),
+        humantime::format_duration(args.duration),
+    );
+    Ok(header + &run::render_table(&report))
+}

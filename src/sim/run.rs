@@ -1,0 +1,299 @@
+//! Running policies side by side over one workload, and the report.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cli::Common;
+use crate::daemon::Agent;
+use crate::sim::baseline::{Baseline, BaselineConfig};
+use crate::sim::host::{SimConfig, SimError, SimHost};
+use crate::sim::workload::Workload;
+
+/// The policies a run compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// The real agent over the simulated host.
+    Ours,
+    /// The classic threshold rule ([`crate::sim::baseline`]).
+    Baseline,
+    /// Round-robin pins placed once, never moved; balloons never moved.
+    Static,
+    /// No pins: the ideal work-conserving scheduler.
+    Floating,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 4] = [Policy::Ours, Policy::Baseline, Policy::Static, Policy::Floating];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Ours => "vm-balancer",
+            Policy::Baseline => "baseline",
+            Policy::Static => "static",
+            Policy::Floating => "floating",
+        }
+    }
+}
+
+/// Everything a run needs besides the workload.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub host: SimConfig,
+    pub quantum: Duration,
+    pub quanta: u64,
+    /// Shared flags: the agent's configuration and the baseline's thresholds come from them.
+    pub common: Common,
+}
+
+/// The figures of one policy.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PolicyReport {
+    pub name: String,
+    /// Mean of busiest-cpu load / lower bound over quanta where the bound is at least 0.5.
+    pub busiest_over_bound_mean: f64,
+    pub busiest_over_bound_p99: f64,
+    /// The same mean without the first tenth of the run (convergence).
+    pub busiest_over_bound_mean_converged: f64,
+    /// Core-seconds of unmet vCPU demand.
+    pub delay_core_seconds: f64,
+    /// Pin changes of already pinned vCPUs per vCPU-hour (initial placements not counted).
+    pub repins_per_vcpu_hour: f64,
+    /// Pins of floating vCPUs (initial placement).
+    pub placements: u64,
+    /// Σ reclaimed / Σ reclaimable over quanta.
+    pub mem_reclaimed_fraction: f64,
+    /// Guest-quanta in which a guest swapped (need above its balloon size).
+    pub starvation_events: u64,
+    /// Quanta whose balloon grants left committed host MemAvailable below the reserve.
+    pub host_reserve_violations: u64,
+    /// Policy CPU time per quantum (this thread, getrusage), µs.
+    pub agent_cpu_us_per_quantum: f64,
+}
+
+/// The whole report of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub policies: Vec<PolicyReport>,
+}
+
+fn thread_cpu_us() -> u64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_THREAD)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| {
+                u64::try_from(tv.tv_sec()).unwrap_or(0) * 1_000_000 + u64::try_from(tv.tv_usec()).unwrap_or(0)
+            };
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or(0)
+}
+
+enum Driver {
+    Ours(Box<Agent<SimHost>>),
+    Baseline(SimHost, Baseline),
+    Plain(SimHost),
+}
+
+impl Driver {
+    fn host(&mut self) -> &mut SimHost {
+        match self {
+            Driver::Ours(a) => &mut a.host,
+            Driver::Baseline(h, _) | Driver::Plain(h) => h,
+        }
+    }
+    fn act(&mut self) {
+        match self {
+            Driver::Ours(a) => {
+                a.step();
+            }
+            Driver::Baseline(h, b) => {
+                if let Err(e) = b.step(h) {
+                    log::warn!("baseline: {e}");
+                }
+            }
+            Driver::Plain(_) => {}
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() { f64::NAN } else { xs.iter().sum::<f64>() / xs.len() as f64 }
+}
+
+/// Runs one policy over a fresh copy of `workload`.
+#[allow(clippy::cast_precision_loss)]
+pub fn run_policy(policy: Policy, spec: &RunSpec, mut workload: Workload) -> Result<PolicyReport, SimError> {
+    let mut host = SimHost::new(spec.host.clone(), workload.specs())?;
+    let c = &spec.common;
+    let mut driver = match policy {
+        Policy::Ours => Driver::Ours(Box::new(Agent::new(host, crate::sim::agent_config(c)))),
+        Policy::Baseline => {
+            host.pin_round_robin();
+            let cfg = BaselineConfig {
+                high: c.high,
+                free_above: c.reclaim_above,
+                starve_below: c.starve_below,
+                floor_kib: c.guest_floor,
+                ..BaselineConfig::default()
+            };
+            Driver::Baseline(host, Baseline::new(cfg))
+        }
+        Policy::Static => {
+            host.pin_round_robin();
+            Driver::Plain(host)
+        }
+        Policy::Floating => Driver::Plain(host),
+    };
+    let counts = driver.host().vcpu_counts();
+    let total_vcpus: usize = counts.iter().sum();
+    let mut demand: Vec<Vec<f64>> = counts.iter().map(|&n| vec![0.0; n]).collect();
+    let mut need = vec![0u64; counts.len()];
+    let quantum_ns = u64::try_from(spec.quantum.as_nanos()).unwrap_or(u64::MAX);
+    let reserve = i64::try_from(spec.host.reserve_kib).unwrap_or(i64::MAX);
+    let converged_from = spec.quanta / 10;
+    let (mut ratios, mut ratios_conv) = (Vec::new(), Vec::new());
+    let (mut delay, mut reclaimed, mut reclaimable) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut starving, mut violations, mut repins, mut placements, mut cpu_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    for q in 0..spec.quanta {
+        workload.fill(q, &mut demand, &mut need);
+        let host = driver.host();
+        for (g, (d, n)) in demand.iter().zip(&need).enumerate() {
+            for (v, &x) in d.iter().enumerate() {
+                host.set_demand(g, v, x);
+            }
+            host.set_mem_need(g, *n);
+        }
+        let s = host.advance(quantum_ns).clone();
+        delay += s.delay * s.dt_s;
+        reclaimed += s.reclaimed_kib as f64;
+        reclaimable += s.reclaimable_kib as f64;
+        starving += s.swapping_guests as u64;
+        if s.bound >= 0.5 {
+            let r = s.busiest_load / s.bound;
+            ratios.push(r);
+            if q >= converged_from {
+                ratios_conv.push(r);
+            }
+        }
+        let t0 = thread_cpu_us();
+        driver.act();
+        cpu_us += thread_cpu_us().saturating_sub(t0);
+        let host = driver.host();
+        let a = host.take_actions();
+        repins += a.repins;
+        placements += a.placements;
+        if a.grants_kib > 0 && host.mem_available_committed_kib() < reserve {
+            violations += 1;
+        }
+    }
+    let hours = spec.quanta as f64 * spec.quantum.as_secs_f64() / 3600.0;
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(PolicyReport {
+        name: policy.name().into(),
+        busiest_over_bound_mean: mean(&ratios),
+        busiest_over_bound_p99: percentile(&sorted, 0.99),
+        busiest_over_bound_mean_converged: mean(&ratios_conv),
+        delay_core_seconds: delay,
+        repins_per_vcpu_hour: if hours > 0.0 && total_vcpus > 0 { repins as f64 / (total_vcpus as f64 * hours) } else { 0.0 },
+        placements,
+        mem_reclaimed_fraction: if reclaimable > 0.0 { reclaimed / reclaimable } else { 1.0 },
+        starvation_events: starving,
+        host_reserve_violations: violations,
+        agent_cpu_us_per_quantum: if spec.quanta > 0 { cpu_us as f64 / spec.quanta as f64 } else { 0.0 },
+    })
+}
+
+/// Runs every policy over identical copies of `workload`, two at a time (one thread each).
+pub fn run_all(spec: &RunSpec, workload: &Workload) -> Result<Report, SimError> {
+    let mut out: Vec<Option<Result<PolicyReport, SimError>>> = Policy::ALL.iter().map(|_| None).collect();
+    for (pair, slots) in Policy::ALL.chunks(2).zip(out.chunks_mut(2)) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pair.iter().map(|&p| s.spawn(move || run_policy(p, spec, workload.clone()))).collect();
+            for (h, slot) in handles.into_iter().zip(slots.iter_mut()) {
+                *slot = Some(h.join().unwrap_or_else(|_| Err(SimError::Workload("a policy run panicked".into()))));
+            }
+        });
+    }
+    let policies = out.into_iter().flatten().collect::<Result<Vec<_>, _>>()?;
+    Ok(Report { policies })
+}
+
+fn fmt(x: f64) -> String {
+    if !x.is_finite() {
+        "-".into()
+    } else if x.abs() >= 1000.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b.abs() < 1e-12 {
+        if a.abs() < 1e-12 { "=".into() } else { "inf".into() }
+    } else {
+        format!("{:.2}x", a / b)
+    }
+}
+
+/// The report as a table: one row per figure, one column per policy, then ours as a ratio to
+/// each other policy.
+#[allow(clippy::cast_precision_loss)]
+pub fn render_table(r: &Report) -> String {
+    use std::fmt::Write as _;
+    type Row = (&'static str, fn(&PolicyReport) -> f64);
+    let rows: [Row; 10] = [
+        ("busiest/bound mean", |p| p.busiest_over_bound_mean),
+        ("busiest/bound mean converged", |p| p.busiest_over_bound_mean_converged),
+        ("busiest/bound p99", |p| p.busiest_over_bound_p99),
+        ("vCPU delay (core-s)", |p| p.delay_core_seconds),
+        ("repins per vCPU-hour", |p| p.repins_per_vcpu_hour),
+        ("initial placements", |p| p.placements as f64),
+        ("memory reclaimed fraction", |p| p.mem_reclaimed_fraction),
+        ("starvation (guest-quanta)", |p| p.starvation_events as f64),
+        ("host-reserve violations", |p| p.host_reserve_violations as f64),
+        ("policy CPU µs/quantum", |p| p.agent_cpu_us_per_quantum),
+    ];
+    let mut s = String::new();
+    let _ = write!(s, "{:<30}", "figure");
+    for p in &r.policies {
+        let _ = write!(s, " {:>12}", p.name);
+    }
+    let ours = r.policies.iter().find(|p| p.name == Policy::Ours.name());
+    for p in r.policies.iter().filter(|p| p.name != Policy::Ours.name()) {
+        let _ = write!(s, " {:>12}", format!("ours/{}", p.name.chars().take(5).collect::<String>()));
+    }
+    s.push('\n');
+    for (label, get) in rows {
+        let _ = write!(s, "{label:<30}");
+        for p in &r.policies {
+            let _ = write!(s, " {:>12}", fmt(get(p)));
+        }
+        if let Some(o) = ours {
+            for p in r.policies.iter().filter(|p| p.name != Policy::Ours.name()) {
+                let _ = write!(s, " {:>12}", ratio(get(o), get(p)));
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The JSON document of `--json`.
+pub fn render_json(r: &Report) -> String {
+    serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}

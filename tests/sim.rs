@@ -1,0 +1,112 @@
+//! The simulator end to end: the real agent over `SimHost` against the reference policies.
+//! Behaviour only, never wall-clock time.
+
+use std::process::Command;
+
+use clap::Parser as _;
+use vm_balancer::cli::{Cli, Command as Sub};
+use vm_balancer::sim::{self, Policy, Report};
+
+fn run(args: &[&str]) -> Report {
+    let mut argv = vec!["vm-balancer", "simulate"];
+    argv.extend_from_slice(args);
+    let Sub::Simulate { common, sim: sa } = Cli::try_parse_from(argv).unwrap().command else { panic!("not simulate") };
+    let (spec, workload) = sim::build(&common, &sa).unwrap();
+    sim::run::run_all(&spec, &workload).unwrap()
+}
+
+fn get(r: &Report, p: Policy) -> &sim::PolicyReport {
+    r.policies.iter().find(|x| x.name == p.name()).unwrap()
+}
+
+#[test]
+fn ours_beats_static_on_delay() {
+    for scenario in ["steady", "bursty", "mixed"] {
+        let r = run(&["--scenario", scenario, "--host-cpus", "16", "--guests", "24", "--duration", "20m", "--seed", "3"]);
+        let (ours, stat, float) = (get(&r, Policy::Ours), get(&r, Policy::Static), get(&r, Policy::Floating));
+        assert!(ours.delay_core_seconds < stat.delay_core_seconds, "{scenario}: {r:#?}");
+        assert!(float.delay_core_seconds <= ours.delay_core_seconds + 1e-9, "{scenario}: {r:#?}");
+        assert_eq!(ours.host_reserve_violations, 0);
+        assert_eq!(stat.repins_per_vcpu_hour, 0.0);
+    }
+}
+
+#[test]
+fn fixture_traces_give_finite_figures() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitbrains-excerpt");
+    let r = run(&["--traces", dir, "--host-cpus", "32", "--duration", "30m", "--host-mem", "64GiB"]);
+    assert_eq!(r.policies.len(), 4);
+    for p in &r.policies {
+        for x in [
+            p.busiest_over_bound_mean,
+            p.busiest_over_bound_p99,
+            p.delay_core_seconds,
+            p.repins_per_vcpu_hour,
+            p.mem_reclaimed_fraction,
+            p.agent_cpu_us_per_quantum,
+        ] {
+            assert!(x.is_finite() && x >= 0.0, "{p:#?}");
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_report() {
+    let a = run(&["--scenario", "liar", "--host-cpus", "8", "--duration", "5m", "--seed", "9"]);
+    let b = run(&["--scenario", "liar", "--host-cpus", "8", "--duration", "5m", "--seed", "9"]);
+    for (x, y) in a.policies.iter().zip(&b.policies) {
+        assert_eq!(x.delay_core_seconds, y.delay_core_seconds);
+        assert_eq!(x.starvation_events, y.starvation_events);
+        assert_eq!(x.repins_per_vcpu_hour, y.repins_per_vcpu_hour);
+    }
+}
+
+fn vmb(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args).output().unwrap()
+}
+
+#[test]
+fn simulate_bad_flags_exit_2_naming_the_flag() {
+    for (args, flag) in [
+        (vec!["simulate", "--host-cpus", "0"], "--host-cpus"),
+        (vec!["simulate", "--host-cpus", "many"], "--host-cpus"),
+        (vec!["simulate", "--duration", "0s"], "--duration"),
+        (vec!["simulate", "--host-mem", "12"], "--host-mem"),
+        (vec!["simulate", "--guests", "0"], "--guests"),
+        (vec!["simulate", "--scenario", "chaos"], "--scenario"),
+        (vec!["simulate", "--seed", "x"], "--seed"),
+    ] {
+        let out = vmb(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?} should name {flag}: {err}");
+    }
+}
+
+#[test]
+fn simulate_json_has_every_policy() {
+    let out = vmb(&["simulate", "--host-cpus", "8", "--duration", "2m", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["policies"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["vm-balancer", "baseline", "static", "floating"]);
+    for key in [
+        "busiest_over_bound_mean",
+        "busiest_over_bound_p99",
+        "delay_core_seconds",
+        "repins_per_vcpu_hour",
+        "mem_reclaimed_fraction",
+        "starvation_events",
+        "host_reserve_violations",
+        "agent_cpu_us_per_quantum",
+    ] {
+        assert!(v["policies"][0].get(key).is_some(), "{key}");
+    }
+}
+
+#[test]
+fn missing_trace_dir_is_an_error_not_a_panic() {
+    let out = vmb(&["simulate", "--traces", "/nonexistent/traces", "--duration", "1m"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/traces"));
+}
