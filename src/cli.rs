@@ -193,12 +193,15 @@ pub struct Common {
     /// A guest whose usable memory is below this fraction of its size is starving. 0 to 0.95.
     #[arg(long, default_value = "0.1", value_parser = fraction, env = "VM_BALANCER_STARVE_BELOW")]
     pub starve_below: f64,
-    /// Most memory moved into or out of one guest per change.
+    /// Most memory taken from one guest per change (grants may be 4× this).
     #[arg(long, default_value = "256MiB", value_parser = size, env = "VM_BALANCER_MEM_STEP")]
     pub mem_step: u64,
     /// Time between two balloon changes of the same guest. 0 to 24h.
     #[arg(long, default_value = "15s", value_parser = long_duration, env = "VM_BALANCER_MEM_COOLDOWN")]
     pub mem_cooldown: Duration,
+    /// Reclaim looks at the guest's peak use over this window, not at one sample. 0 to 24h.
+    #[arg(long, default_value = "10m", value_parser = long_duration, env = "VM_BALANCER_RECLAIM_WINDOW")]
+    pub reclaim_window: Duration,
     /// Do not turn on the balloon statistics period of guests that have it off.
     #[arg(long, env = "VM_BALANCER_NO_STATS_PERIOD")]
     pub no_stats_period: bool,

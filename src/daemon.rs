@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 use crate::actuate::{self, Outcome};
+use crate::cli::Common;
 use crate::collect::Collector;
 use crate::host::{Host, HostError};
 use crate::model::{ModelConfig, Snapshot, Tracker};
@@ -30,6 +31,55 @@ pub struct AgentConfig {
     pub mem: Option<MemConfig>,
     /// Change nothing; plans are still made and reported.
     pub dry_run: bool,
+}
+
+impl AgentConfig {
+    /// The agent's configuration from its flags: the one place flags become policy.
+    pub fn from_flags(c: &Common, dry_run: bool) -> Self {
+        AgentConfig {
+            quantum: c.quantum,
+            smoothing: c.smoothing,
+            cpus: c.cpus.clone(),
+            exclude: c.exclude.clone(),
+            cpu: (!c.no_cpu).then(|| CpuPolicy {
+                high: c.high,
+                min_gain: c.min_gain,
+                max_repins: c.max_repins,
+                flip_margin: c.flip_margin,
+                // Two smoothing time constants: the moving averages have absorbed ~86% of the change.
+                settle_ns: ns(c.smoothing).saturating_mul(2),
+                cooldown_ns: ns(c.cooldown),
+                ..CpuPolicy::default()
+            }),
+            mem: (!c.no_memory).then(|| MemConfig {
+                policy: MemPolicy {
+                    floor_kib: c.guest_floor,
+                    host_reserve_kib: c.host_reserve,
+                    reclaim_above: c.reclaim_above,
+                    starve_below: c.starve_below,
+                    step_kib: c.mem_step,
+                    grant_step_kib: c.mem_step.saturating_mul(4),
+                    ..MemPolicy::default()
+                },
+                timing: MemTiming {
+                    min_age_ns: ns(c.min_age),
+                    cooldown_ns: ns(c.mem_cooldown),
+                    // A balloon moves hundreds of MiB per second; a guest that has not followed
+                    // after several stats intervals is not going to soon.
+                    target_timeout_ns: ns(c.mem_interval * 4).max(20_000_000_000),
+                    backoff_ns: 300_000_000_000,
+                    reclaim_window_ns: ns(c.reclaim_window),
+                },
+                interval: c.mem_interval,
+                set_stats_period: !c.no_stats_period,
+            }),
+            dry_run,
+        }
+    }
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The memory balancer's configuration.

@@ -8,56 +8,9 @@ use clap::Parser as _;
 use log::error;
 
 use vm_balancer::cli::{Cli, Command, Common};
-use vm_balancer::daemon::{self, Agent, AgentConfig, MemConfig};
-use vm_balancer::memctl::MemTiming;
-use vm_balancer::policy::mem::MemPolicy;
+use vm_balancer::daemon::{self, Agent, AgentConfig};
 use vm_balancer::host::libvirt::LibvirtHost;
-use vm_balancer::policy::cpu::CpuPolicy;
 use vm_balancer::{actuate, diagnose};
-
-fn agent_config(c: &Common, dry_run: bool) -> AgentConfig {
-    AgentConfig {
-        quantum: c.quantum,
-        smoothing: c.smoothing,
-        cpus: c.cpus.clone(),
-        exclude: c.exclude.clone(),
-        cpu: (!c.no_cpu).then(|| CpuPolicy {
-            high: c.high,
-            min_gain: c.min_gain,
-            max_repins: c.max_repins,
-            flip_margin: c.flip_margin,
-            // Two smoothing time constants: the moving averages have absorbed ~86% of the change.
-            settle_ns: ns(c.smoothing).saturating_mul(2),
-            cooldown_ns: ns(c.cooldown),
-            ..CpuPolicy::default()
-        }),
-        mem: (!c.no_memory).then(|| MemConfig {
-            policy: MemPolicy {
-                floor_kib: c.guest_floor,
-                host_reserve_kib: c.host_reserve,
-                reclaim_above: c.reclaim_above,
-                starve_below: c.starve_below,
-                step_kib: c.mem_step,
-                ..MemPolicy::default()
-            },
-            timing: MemTiming {
-                min_age_ns: ns(c.min_age),
-                cooldown_ns: ns(c.mem_cooldown),
-                // A balloon moves hundreds of MiB per second; a guest that has not followed
-                // after several stats intervals is not going to soon.
-                target_timeout_ns: ns(c.mem_interval * 4).max(20_000_000_000),
-                backoff_ns: 300_000_000_000,
-            },
-            interval: c.mem_interval,
-            set_stats_period: !c.no_stats_period,
-        }),
-        dry_run,
-    }
-}
-
-fn ns(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
 
 fn init_logging(c: &Common) {
     env_logger::Builder::new()
@@ -72,12 +25,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { common, dry_run } => {
             init_logging(&common);
             let host = LibvirtHost::new(&common.connect);
-            daemon::run(Agent::new(host, agent_config(&common, dry_run)))
+            daemon::run(Agent::new(host, AgentConfig::from_flags(&common, dry_run)))
         }
         Command::Diagnose { common, interval, json, apply } => {
             init_logging(&common);
             let host = LibvirtHost::new(&common.connect);
-            let mut cfg = agent_config(&common, true);
+            let mut cfg = AgentConfig::from_flags(&common, true);
             // Both samples of a diagnosis carry balloon statistics.
             if let Some(m) = cfg.mem.as_mut() {
                 m.interval = interval;

@@ -20,6 +20,8 @@ pub struct MemTiming {
     pub target_timeout_ns: u64,
     /// How long a backed-off guest is left alone.
     pub backoff_ns: u64,
+    /// Reclaim decisions look at the guest's peak use over this window.
+    pub reclaim_window_ns: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -32,6 +34,8 @@ struct GuestState {
     target: Option<(u64, u64, bool)>,
     last_change_ns: Option<u64>,
     backoff_until_ns: u64,
+    /// (time ns, KiB in use = current − usable) of recent reports.
+    used: std::collections::VecDeque<(u64, u64)>,
 }
 
 /// Per-guest memory history.
@@ -122,6 +126,13 @@ impl MemTracker {
             }
             let cooling = st.last_change_ns.is_some_and(|c| now.saturating_sub(c) < t.cooldown_ns);
             let (current, maximum, usable) = b.map_or((0, 0, None), |b| (b.current_kib, b.maximum_kib, b.usable_kib));
+            if let (Some(u), true) = (usable, stats_t == now && hold.is_none()) {
+                st.used.push_back((now, current.saturating_sub(u)));
+            }
+            while st.used.front().is_some_and(|&(t0, _)| now.saturating_sub(t0) > t.reclaim_window_ns) {
+                st.used.pop_front();
+            }
+            let peak_used = st.used.iter().map(|&(_, u)| u).max();
             // The configured maximum is trusted (libvirt); the tighter of the two wins.
             let max_kib = if maximum > 0 { maximum.min(d.desc.max_kib) } else { d.desc.max_kib };
             out.push(GuestMem {
@@ -129,6 +140,7 @@ impl MemTracker {
                 current_kib: current,
                 max_kib,
                 usable_kib: usable,
+                usable_low_kib: peak_used.map(|p| current.saturating_sub(p)),
                 swap_in_delta_kib: swap_d,
                 major_fault_delta: fault_d,
                 deflated_by_itself: deflated,

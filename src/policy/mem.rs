@@ -5,10 +5,13 @@
 //! - free memory is the guest's *usable* memory (what it can use without swapping), clamped to
 //!   its size; a report that contradicts itself (usable above current, current above maximum)
 //!   counts as no report;
+//! - reclaim looks at the guest's peak use over a window (`--reclaim-window`), not at one
+//!   sample: a guest whose use swings is not squeezed in a trough and then left swapping;
 //! - thresholds are fractions of the guest's current size with absolute floors, and between the
 //!   starve and the reclaim threshold lies a dead band: a change aims at the middle of that band,
 //!   so a steady guest is left alone after one change;
-//! - each change is at most `step_kib`; a guest changed recently gives nothing back for a
+//! - each reclaim is at most `step_kib` and each grant at most `grant_step_kib` (4× by
+//!   default: starving costs more than idle memory); a guest changed recently gives nothing back for a
 //!   cooldown (a starving one may still be granted once its last target is reached), and a
 //!   guest that did not reach its last target is backed off (by the caller);
 //! - rising `swap_in` or `major_fault` counts as starving even when free memory looks fine, and
@@ -42,8 +45,11 @@ pub struct MemPolicy {
     pub reclaim_min_kib: u64,
     /// Absolute floor of the starve threshold.
     pub starve_min_kib: u64,
-    /// Largest change of one guest in one plan.
+    /// Largest reclaim from one guest in one plan.
     pub step_kib: u64,
+    /// Largest grant to one guest in one plan: larger than `step_kib`, because a starving
+    /// guest costs more than idle memory does.
+    pub grant_step_kib: u64,
     /// Smallest change worth making.
     pub min_change_kib: u64,
     /// Major faults per stats interval above which a guest counts as swapping.
@@ -62,6 +68,7 @@ impl Default for MemPolicy {
             reclaim_min_kib: 128 * MIB,
             starve_min_kib: 32 * MIB,
             step_kib: 256 * MIB,
+            grant_step_kib: 1024 * MIB,
             min_change_kib: 8 * MIB,
             major_fault_threshold: 100,
             host_psi_limit: 20.0,
@@ -93,6 +100,10 @@ pub struct GuestMem {
     pub max_kib: u64,
     /// Guest-reported usable memory (untrusted).
     pub usable_kib: Option<u64>,
+    /// Usable memory had the guest's peak use over the reclaim window been now: current size
+    /// minus the most it used lately. Reclaim decisions use it, so a guest whose use swings is
+    /// not squeezed in a trough. `None`: no history, use `usable_kib`.
+    pub usable_low_kib: Option<u64>,
     /// Growth of swap_in (KiB) and major faults since the previous stats.
     pub swap_in_delta_kib: u64,
     pub major_fault_delta: u64,
@@ -204,13 +215,14 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
             continue;
         }
         let thr = if host_pressure { frac(current, middle).max(p.starve_min_kib) } else { reclaim_thr };
+        let usable = usable.min(g.usable_low_kib.unwrap_or(usable));
         if usable > thr && g.cooling {
             out.verdicts.push(verdict("steady", format!("usable {} above {}, but changed recently (--mem-cooldown)", mib(usable), mib(thr))));
         } else if usable > thr {
             givers.push(Give { i, usable });
             out.verdicts.push(verdict("reclaim", format!("usable {} above {}", mib(usable), mib(thr))));
         } else {
-            out.verdicts.push(verdict("steady", format!("usable {} within the dead band", mib(usable))));
+            out.verdicts.push(verdict("steady", format!("usable {} (at its recent peak use) within the dead band", mib(usable))));
         }
     }
 
@@ -276,7 +288,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
             let g = &guests[*i];
             let current = g.current_kib.min(g.max_kib);
             let headroom = g.max_kib.saturating_sub(current);
-            let grant = (*wanted).min(p.step_kib).min(headroom).min(share.max(p.min_change_kib)).min(budget);
+            let grant = (*wanted).min(p.grant_step_kib).min(headroom).min(share.max(p.min_change_kib)).min(budget);
             let v = out.verdicts.iter_mut().find(|v| v.name == g.name);
             if grant < p.min_change_kib {
                 if let Some(v) = v {

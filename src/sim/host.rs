@@ -572,6 +572,8 @@ impl Host for SimHost {
             has_balloon: true,
             stats_period_s: 5,
             opt_out: OptOut::default(),
+            // Every simulated guest runs from virtual time 0.
+            started_epoch_s: Some(self.cfg.epoch0_s),
         })
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]

@@ -15,26 +15,11 @@ pub use workload::{Scenario, Workload};
 
 use crate::cli::{Common, SimArgs};
 use crate::daemon::AgentConfig;
-use crate::policy::cpu::CpuPolicy;
 
 /// The agent configuration the simulator runs `vm-balancer` with: the one place the simulator
 /// builds an [`AgentConfig`], straight from the shared flags.
 pub fn agent_config(c: &Common) -> AgentConfig {
-    AgentConfig {
-        quantum: c.quantum,
-        smoothing: c.smoothing,
-        cpus: c.cpus.clone(),
-        exclude: c.exclude.clone(),
-        cpu: (!c.no_cpu).then(|| CpuPolicy {
-            high: c.high,
-            min_gain: c.min_gain,
-            max_repins: c.max_repins,
-            flip_margin: c.flip_margin,
-            cooldown_ns: u64::try_from(c.cooldown.as_nanos()).unwrap_or(u64::MAX),
-            ..CpuPolicy::default()
-        }),
-        dry_run: false,
-    }
+    AgentConfig::from_flags(c, false)
 }
 
 /// Default host memory: 8 GiB per cpu.

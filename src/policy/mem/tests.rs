@@ -7,6 +7,7 @@ fn guest(name: &str, current_mib: u64, max_mib: u64, usable_mib: u64) -> GuestMe
         current_kib: current_mib * MIB,
         max_kib: max_mib * MIB,
         usable_kib: Some(usable_mib * MIB),
+        usable_low_kib: None,
         swap_in_delta_kib: 0,
         major_fault_delta: 0,
         deflated_by_itself: false,
@@ -103,7 +104,7 @@ fn swapping_counts_as_starving_even_with_free_memory() {
     let mut g = guest("swapper", 1024, 2048, 400);
     g.swap_in_delta_kib = 4096;
     let p = plan(&[g], &host(8000), &MemPolicy::default());
-    assert_eq!(targets(&p), vec![("swapper".into(), 1024 + 256)]);
+    assert_eq!(targets(&p), vec![("swapper".into(), 1024 + 256)], "at least one reclaim step");
 }
 
 #[test]
@@ -171,7 +172,8 @@ proptest! {
             } else {
                 granted += to_kib - from_kib.min(&g.max_kib);
             }
-            prop_assert!(to_kib.abs_diff(*from_kib.min(&g.max_kib)) <= pol.step_kib);
+            let step = if to_kib < from_kib { pol.step_kib } else { pol.grant_step_kib };
+            prop_assert!(to_kib.abs_diff(*from_kib.min(&g.max_kib)) <= step);
         }
         // All grants together stay within what is above the reserve.
         prop_assert!(granted <= (avail * MIB).saturating_sub(pol.host_reserve_kib));
@@ -186,4 +188,13 @@ fn cooling_guest_gives_nothing_back_but_may_be_fed() {
     hungry.cooling = true;
     let p = plan(&[idle, hungry], &host(8000), &MemPolicy::default());
     assert_eq!(targets(&p).iter().map(|t| t.0.as_str()).collect::<Vec<_>>(), vec!["hungry"]);
+}
+
+#[test]
+fn reclaim_looks_at_recent_peak_use() {
+    // Uses 100 MiB now but used 900 MiB a minute ago: nothing to reclaim.
+    let mut g = guest("swing", 1024, 1024, 924);
+    g.usable_low_kib = Some(124 * MIB);
+    let p = plan(&[g], &host(8000), &MemPolicy::default());
+    assert!(p.actions.is_empty(), "{p:?}");
 }
