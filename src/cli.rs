@@ -167,7 +167,7 @@ pub struct Common {
     #[arg(long, default_value = "30s", value_parser = long_duration, env = "VM_BALANCER_COOLDOWN")]
     pub cooldown: Duration,
     /// Time constant of the moving average of vCPU usage and delay. 1ms to 1h.
-    #[arg(long, default_value = "6s", value_parser = smoothing, env = "VM_BALANCER_SMOOTHING")]
+    #[arg(long, default_value = "4s", value_parser = smoothing, env = "VM_BALANCER_SMOOTHING")]
     pub smoothing: Duration,
     /// Do not balance vCPUs.
     #[arg(long, env = "VM_BALANCER_NO_CPU")]

@@ -11,7 +11,10 @@
 //!    - *never flip*: the target may not end up busier than the source is left, beyond
 //!      `flip_margin` (a target with some host load, say 15%, must still take one of two busy
 //!      vCPUs piled on one core), and the busiest cpu's load never rises;
-//!    - the gain (how much the pair's larger load drops) must reach `min_gain` (hysteresis);
+//!    - the gain (how much the pair's larger load drops) must reach `min_gain` (hysteresis),
+//!      except for an *overload relief*: the source is above one core (its vCPUs wait) and the
+//!      target stays under `high`, so even a small move removes real delay and cannot be
+//!      undone (the target never becomes a source);
 //!    - among candidates within `about_equal` of the best gain, prefer fewer repins (a move
 //!      over a swap), a target in the same NUMA node, then the lighter vCPU (the heaviest one
 //!      keeps its warm cache), then the freer target;
@@ -28,6 +31,8 @@ use crate::model::Snapshot;
 use crate::policy::Action;
 
 const EPS: f64 = 1e-9;
+/// Smallest gain of an overload relief (cores): below it, measurement noise.
+const RELIEF_MIN_GAIN: f64 = 0.01;
 
 /// Tunables of the CPU balancer.
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +162,8 @@ struct Candidate {
     w: Option<usize>,
     target: usize,
     gain: f64,
+    /// Target's load after the change.
+    tgt_after: f64,
     same_node: bool,
 }
 
@@ -322,7 +329,7 @@ fn best_candidate(
             }
             let same_node = input.cpus[t].node == node_b;
             if let Some(gain) = pair_gain(policy, load[b], load[t], dv) {
-                cands.push(Candidate { v, w: None, target: t, gain, same_node });
+                cands.push(Candidate { v, w: None, target: t, gain, tgt_after: load[t] + dv, same_node });
             }
             if repins_left < 2 {
                 continue;
@@ -333,13 +340,20 @@ fn best_candidate(
                     continue;
                 }
                 if let Some(gain) = pair_gain(policy, load[b], load[t], delta) {
-                    cands.push(Candidate { v, w: Some(w), target: t, gain, same_node });
+                    cands.push(Candidate { v, w: Some(w), target: t, gain, tgt_after: load[t] + delta, same_node });
                 }
             }
         }
     }
+    // A candidate must gain `min_gain`, except an overload relief: the source is above one
+    // core (its vCPUs are being delayed) and the target stays under `high`, so the change
+    // removes real delay and the target can never become a source that sends it back.
+    let overloaded = load[b] > policy.high + EPS;
+    cands.retain(|c| {
+        c.gain >= policy.min_gain - EPS || (overloaded && c.tgt_after <= policy.high + EPS && c.gain >= RELIEF_MIN_GAIN)
+    });
     let best_gain = cands.iter().map(|c| c.gain).fold(f64::NEG_INFINITY, f64::max);
-    if best_gain < policy.min_gain - EPS {
+    if cands.is_empty() {
         return None;
     }
     cands
