@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use vm_balancer::collect::Collector;
+use vm_balancer::cli::Common;
 use vm_balancer::daemon::{Agent, AgentConfig};
 use vm_balancer::host::Host as _;
 use vm_balancer::model::{ModelConfig, Snapshot, Tracker};
@@ -56,6 +57,7 @@ fn snapshot(cpus: u32, domains: usize) -> Snapshot {
 fn decide(c: &mut Criterion) {
     let pol = CpuPolicy::default();
     let moved = HashMap::new();
+    let touched = HashMap::new();
     let mut g = c.benchmark_group("decide");
     g.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
     for cpus in [8u32, 64, 256, 512] {
@@ -65,12 +67,12 @@ fn decide(c: &mut Criterion) {
             let id = format!("{cpus}cpus/{domains}doms/{vcpus}vcpus");
             g.bench_with_input(BenchmarkId::new("input_from+plan", &id), &snap, |b, s| {
                 b.iter(|| {
-                    let input = cpu::input_from(black_box(s), &moved, &pol);
+                    let input = cpu::input_from(black_box(s), &moved, &touched, &pol);
                     black_box(cpu::plan(&input, &pol))
                 });
             });
             if cpus == 512 || domains == 1024 {
-                let input = cpu::input_from(&snap, &moved, &pol);
+                let input = cpu::input_from(&snap, &moved, &touched, &pol);
                 g.bench_with_input(BenchmarkId::new("plan", &id), &input, |b, i| b.iter(|| black_box(cpu::plan(black_box(i), &pol))));
             }
         }
@@ -82,14 +84,8 @@ fn quantum(c: &mut Criterion) {
     let mut g = c.benchmark_group("sim_quantum");
     g.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
     for (cpus, domains) in [(64u32, 128usize), (512, 1024)] {
-        let cfg = AgentConfig {
-            quantum: Duration::from_secs(2),
-            smoothing: Duration::from_secs(6),
-            cpus: None,
-            exclude: vec![],
-            cpu: Some(CpuPolicy::default()),
-            dry_run: false,
-        };
+        // The agent as `run` configures it by default, memory balancer included.
+        let cfg = AgentConfig::from_flags(&Common::defaults(), false);
         let mut agent = Agent::new(host(cpus, domains, 11), cfg);
         for _ in 0..30 {
             agent.host.advance(QUANTUM_NS);

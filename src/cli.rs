@@ -214,6 +214,15 @@ pub struct Common {
 }
 
 impl Common {
+    /// The flags' defaults (and whatever `VM_BALANCER_*` variables are set): for benches and
+    /// tools that build an agent without a command line.
+    pub fn defaults() -> Self {
+        match Cli::try_parse_from(["vm-balancer", "run"]) {
+            Ok(Cli { command: Command::Run { common, .. } }) => common,
+            _ => panic!("the default flags must parse"),
+        }
+    }
+
     pub fn log_filter(&self) -> log::LevelFilter {
         match self.verbose {
             0 => self.log_level,

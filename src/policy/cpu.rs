@@ -162,8 +162,6 @@ struct Candidate {
     w: Option<usize>,
     target: usize,
     gain: f64,
-    /// Target's load after the change.
-    tgt_after: f64,
     same_node: bool,
 }
 
@@ -320,42 +318,57 @@ fn best_candidate(
     repins_left: usize,
 ) -> Option<Candidate> {
     let node_b = input.cpus[b].node;
+    // A candidate must gain `min_gain`, except an overload relief: the source is above `high`
+    // (the caller only plans for such a source) and the target stays under it, so the change
+    // removes real delay and the target can never become a source that sends it back.
+    let admissible = |gain: f64, tgt_after: f64| {
+        gain >= policy.min_gain - EPS || (tgt_after <= policy.high + EPS && gain >= RELIEF_MIN_GAIN)
+    };
+    let movers: Vec<usize> = on[b].iter().copied().filter(|&v| free[v]).collect();
     let mut cands: Vec<Candidate> = Vec::new();
-    for &v in on[b].iter().filter(|&&v| free[v]) {
+    // Moves first.
+    for &v in &movers {
         let dv = input.vcpus[v].demand;
         for t in 0..load.len() {
             if t == b || settling[t] {
                 continue;
             }
-            let same_node = input.cpus[t].node == node_b;
             if let Some(gain) = pair_gain(policy, load[b], load[t], dv) {
-                cands.push(Candidate { v, w: None, target: t, gain, tgt_after: load[t] + dv, same_node });
-            }
-            if repins_left < 2 {
-                continue;
-            }
-            for &w in on[t].iter().filter(|&&w| free[w]) {
-                let delta = dv - input.vcpus[w].demand;
-                if delta <= EPS {
-                    continue;
-                }
-                if let Some(gain) = pair_gain(policy, load[b], load[t], delta) {
-                    cands.push(Candidate { v, w: Some(w), target: t, gain, tgt_after: load[t] + delta, same_node });
+                let tgt_after = load[t] + dv;
+                if admissible(gain, tgt_after) {
+                    let same_node = input.cpus[t].node == node_b;
+                    cands.push(Candidate { v, w: None, target: t, gain, same_node });
                 }
             }
         }
     }
-    // A candidate must gain `min_gain`, except an overload relief: the source is above one
-    // core (its vCPUs are being delayed) and the target stays under `high`, so the change
-    // removes real delay and the target can never become a source that sends it back.
-    let overloaded = load[b] > policy.high + EPS;
-    cands.retain(|c| {
-        c.gain >= policy.min_gain - EPS || (overloaded && c.tgt_after <= policy.high + EPS && c.gain >= RELIEF_MIN_GAIN)
-    });
-    let best_gain = cands.iter().map(|c| c.gain).fold(f64::NEG_INFINITY, f64::max);
-    if cands.is_empty() {
-        return None;
+    // Swaps, only where one could matter: no change between b and t gains more than half
+    // their gap, and a swap within `about_equal` of the best move loses to that move anyway.
+    if repins_left >= 2 {
+        let best_move = cands.iter().map(|c| c.gain).fold(f64::NEG_INFINITY, f64::max);
+        for t in 0..load.len() {
+            if t == b || settling[t] || (load[b] - load[t]) / 2.0 <= best_move + policy.about_equal + EPS {
+                continue;
+            }
+            let same_node = input.cpus[t].node == node_b;
+            for &v in &movers {
+                let dv = input.vcpus[v].demand;
+                for &w in on[t].iter().filter(|&&w| free[w]) {
+                    let delta = dv - input.vcpus[w].demand;
+                    if delta <= EPS {
+                        continue;
+                    }
+                    if let Some(gain) = pair_gain(policy, load[b], load[t], delta) {
+                        let tgt_after = load[t] + delta;
+                        if admissible(gain, tgt_after) {
+                            cands.push(Candidate { v, w: Some(w), target: t, gain, same_node });
+                        }
+                    }
+                }
+            }
+        }
     }
+    let best_gain = cands.iter().map(|c| c.gain).fold(f64::NEG_INFINITY, f64::max);
     cands
         .into_iter()
         .filter(|c| c.gain >= best_gain - policy.about_equal - EPS)

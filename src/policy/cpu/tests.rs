@@ -103,12 +103,17 @@ fn small_move_relieves_an_overloaded_core() {
 
 #[test]
 fn min_gain_is_hysteresis() {
-    // cpu 0 at 0.95, cpu 1 at 0.80: the only possible move gains 0.05 < 0.10.
+    // cpu 0 at 0.95, cpu 1 at 0.82: the only possible move gains 0.05 < 0.10 and would take
+    // cpu 1 over high (0.87), so it is no overload relief either.
     let mut c = cpus(2);
     c[0].fixed = 0.90;
-    c[1].fixed = 0.80;
-    let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 0.05, Some(0))] };
+    c[1].fixed = 0.82;
+    let input = CpuInput { cpus: c.clone(), vcpus: vec![vcpu("a", 0, 0.05, Some(0))] };
     assert!(plan(&input, &CpuPolicy::default()).is_empty());
+    // With cpu 1 at 0.70 the same small move is a relief: cpu 1 ends at 0.75, under high.
+    c[1].fixed = 0.70;
+    let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 0.05, Some(0))] };
+    assert_eq!(plan(&input, &CpuPolicy::default()).len(), 1);
 }
 
 #[test]
