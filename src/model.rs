@@ -87,6 +87,8 @@ pub struct Snapshot {
 #[derive(Debug, Clone)]
 struct VcpuState {
     tid: Option<u32>,
+    /// Moving average of usage + delay (the reported demand may be above it under contention).
+    demand_ema: Option<f64>,
     run_ns: u64,
     wait_ns: u64,
     rates: Option<VcpuRates>,
@@ -110,6 +112,9 @@ pub struct Tracker {
     cpu_busy: HashMap<u32, f64>,
     domains: HashMap<String, DomainState>,
 }
+
+/// Fraction of a core a vCPU must have waited in one interval for its demand to count at once.
+const CONTENTION: f64 = 0.05;
 
 fn ema(prev: Option<f64>, x: f64, alpha: f64) -> f64 {
     match prev {
@@ -189,7 +194,7 @@ impl Tracker {
             // Restarted or vCPU count changed: start the domain's history over.
             if st.id != rd.desc.dom.id || st.vcpus.len() != rd.vcpus.len() {
                 st.id = rd.desc.dom.id;
-                st.vcpus = rd.vcpus.iter().map(|_| VcpuState { tid: None, run_ns: 0, wait_ns: 0, rates: None }).collect();
+                st.vcpus = rd.vcpus.iter().map(|_| VcpuState { tid: None, demand_ema: None, run_ns: 0, wait_ns: 0, rates: None }).collect();
                 st.balloon = None;
             }
             if let Some(b) = balloons.get(name.as_str()) {
@@ -201,6 +206,7 @@ impl Tracker {
                 let Some(t) = t else {
                     vs.tid = None;
                     vs.rates = None;
+                    vs.demand_ema = None;
                     continue;
                 };
                 let same_thread = vs.tid.is_some() && vs.tid == tid;
@@ -211,13 +217,21 @@ impl Tracker {
                         let prev = vs.rates;
                         let u = ema(prev.map(|r| r.usage), usage, alpha);
                         let d = ema(prev.map(|r| r.delay), delay, alpha);
-                        let dm = ema(prev.map(|r| r.demand), (usage + delay).min(1.0), alpha);
-                        vs.rates = Some(VcpuRates { usage: u, delay: d, demand: dm });
+                        let raw = (usage + delay).min(1.0);
+                        let dm = ema(vs.demand_ema, raw, alpha);
+                        vs.demand_ema = Some(dm);
+                        // Waiting is evidence, not a forecast: a vCPU that was kept waiting in
+                        // this interval is planned on what it wanted now, not on a slow average.
+                        // A spike on an idle core causes no wait, so it stays smoothed.
+                        let demand = if delay >= CONTENTION { dm.max(raw) } else { dm };
+                        vs.rates = Some(VcpuRates { usage: u, delay: d, demand });
                     } else {
                         vs.rates = None; // counters went backwards: a new thread
+                        vs.demand_ema = None;
                     }
                 } else {
                     vs.rates = None;
+                    vs.demand_ema = None;
                 }
                 vs.tid = tid;
                 vs.run_ns = t.run_ns;
@@ -269,5 +283,99 @@ impl Tracker {
             },
             domains: views,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::RawDomain;
+    use crate::host::{DomainDesc, HostSample, OptOut, VcpuTimes};
+
+    const S: u64 = 1_000_000_000;
+
+    fn raw(t_s: u64, id: u32, times: &[(u64, u64)]) -> RawSample {
+        let dom = DomainRef { name: "g".into(), uuid: "u".into(), id };
+        let desc = DomainDesc {
+            dom,
+            vcpu_tids: (0..times.len()).map(|i| Some(100 + u32::try_from(i).unwrap())).collect(),
+            pid: Some(1),
+            max_kib: 1 << 20,
+            has_balloon: true,
+            stats_period_s: 1,
+            opt_out: OptOut::default(),
+            started_epoch_s: None,
+        };
+        let vcpus = times
+            .iter()
+            .map(|&(run_ns, wait_ns)| Some(VcpuTimes { run_ns, wait_ns, affinity_mask: CpuSet(vec![0]), last_cpu: Some(0) }))
+            .collect();
+        RawSample {
+            t_ns: t_s * S,
+            epoch_s: t_s,
+            domains: vec![RawDomain { desc, vcpus }],
+            host: HostSample { cpu_ids: vec![0, 1], cpu_busy_ns: vec![t_s * S, 0], mem_total_kib: 1, mem_available_kib: 1, mem_pressure_some_avg10: None },
+            balloons: None,
+        }
+    }
+
+    fn tracker(smoothing_s: u64) -> Tracker {
+        Tracker::new(
+            ModelConfig { smoothing_ns: smoothing_s * S, allowed_cpus: vec![0, 1], exclude: vec![] },
+            Topology::flat(2),
+        )
+    }
+
+    fn rates(s: &Snapshot) -> VcpuRates {
+        s.domains[0].vcpus[0].rates.unwrap()
+    }
+
+    #[test]
+    fn rates_need_two_samples_and_are_fractions_of_a_core() {
+        let mut t = tracker(1);
+        assert!(t.ingest(&raw(10, 1, &[(0, 0)])).is_none(), "no rates from one sample");
+        let s = t.ingest(&raw(12, 1, &[(S, S / 2)])).unwrap();
+        let r = rates(&s);
+        assert!((r.usage - 0.5).abs() < 1e-9 && (r.delay - 0.25).abs() < 1e-9, "{r:?}");
+        assert!((r.demand - 0.75).abs() < 1e-9);
+        assert!((s.host.cpu_busy[0] - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_spike_without_waiting_is_smoothed_but_waiting_counts_at_once() {
+        let mut t = tracker(10);
+        t.ingest(&raw(0, 1, &[(0, 0)]));
+        t.ingest(&raw(1, 1, &[(0, 0)]));
+        // One second fully busy, no wait: the average moves only part of the way.
+        let r = rates(&t.ingest(&raw(2, 1, &[(S, 0)])).unwrap());
+        assert!(r.demand > 0.05 && r.demand < 0.2, "{r:?}");
+        // Then half a second of waiting: demand is what it wanted now.
+        let r = rates(&t.ingest(&raw(3, 1, &[(S + S / 2, S / 2)])).unwrap());
+        assert!((r.demand - 1.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn a_restarted_domain_starts_over() {
+        let mut t = tracker(1);
+        t.ingest(&raw(0, 1, &[(0, 0)]));
+        assert!(t.ingest(&raw(1, 1, &[(S, 0)])).unwrap().domains[0].vcpus[0].rates.is_some());
+        // Same name, new runtime id, counters back near zero: no rates, no nonsense.
+        let s = t.ingest(&raw(2, 2, &[(10, 0)])).unwrap();
+        assert!(s.domains[0].vcpus[0].rates.is_none());
+        // vCPU count changed: history dropped too.
+        let s = t.ingest(&raw(3, 2, &[(S, 0), (0, 0)])).unwrap();
+        assert!(s.domains[0].vcpus.iter().all(|v| v.rates.is_none()));
+    }
+
+    #[test]
+    fn excluded_names_are_marked() {
+        let mut t = Tracker::new(
+            ModelConfig { smoothing_ns: S, allowed_cpus: vec![0], exclude: vec!["g".into()] },
+            Topology::flat(2),
+        );
+        t.ingest(&raw(0, 1, &[(0, 0)]));
+        let s = t.ingest(&raw(1, 1, &[(0, 0)])).unwrap();
+        assert!(s.domains[0].cpu_excluded.as_deref().unwrap().contains("--exclude"));
+        assert_eq!(s.host.cpus, vec![0], "only allowed cpus");
     }
 }
