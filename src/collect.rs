@@ -68,7 +68,7 @@ impl Collector {
                     debug!("discovered {} (id {}, {} vCPUs, pid {:?})", dom.name, dom.id, desc.vcpu_tids.len(), desc.pid);
                     self.known.insert(dom.name.clone(), desc);
                 }
-                Err(HostError::DomainGone(_)) => {}
+                Err(HostError::DomainGone(_)) => debug!("{} went away during discovery", dom.name),
                 Err(e) if e.is_disconnect() => return Err(e),
                 Err(e) => {
                     warn!("cannot discover domain {}: {e}; leaving it alone", dom.name);

@@ -302,7 +302,9 @@ impl<H: Host> Agent<H> {
                         match a {
                             Action::Pin { domain, vcpu, from, to, .. } => {
                                 self.moved_at.insert((domain.clone(), *vcpu), snap.t_ns);
-                                for c in from.0.iter().chain(&to.0) {
+                                // A placement's source is "anywhere": only a single-cpu source
+                                // and the target saw their load change.
+                                for c in from.as_single().iter().chain(&to.0) {
                                     self.touched_at.insert(*c, snap.t_ns);
                                 }
                             }

@@ -148,10 +148,11 @@ fn survives_libvirtd_restart_and_resumes() {
 fn vanishing_domain_is_skipped_and_sigterm_exits_cleanly() {
     let _lab = lab();
     let keep = Guest::start("keep", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
-    let mut agent = Agent::start(&["--quantum", "300ms", "--no-memory", "--cooldown", "1s"]);
-    for _ in 0..3 {
-        let gone = Guest::start("gone", &GuestSpec { vcpus: 2, burn: 1, ..GuestSpec::default() });
-        std::thread::sleep(Duration::from_millis(700));
+    let mut agent = Agent::start(&["--quantum", "300ms", "--no-memory", "--cooldown", "1s", "-v"]);
+    // Guests that vanish at every stage: during discovery, between two samples, after a plan.
+    for ms in [150, 400, 900, 1500, 2500] {
+        let gone = Guest::create("gone", &GuestSpec { vcpus: 2, burn: 1, ..GuestSpec::default() });
+        std::thread::sleep(Duration::from_millis(ms));
         drop(gone);
     }
     assert!(agent.alive(), "agent died:\n{}", agent.log());

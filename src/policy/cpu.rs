@@ -307,6 +307,8 @@ fn pair_gain(policy: &CpuPolicy, src: f64, tgt: f64, delta: f64) -> Option<f64> 
     Some(src - ns.max(nt))
 }
 
+// The planner's working state is passed piecewise to keep the borrows simple in `plan`.
+#[allow(clippy::too_many_arguments)]
 fn best_candidate(
     input: &CpuInput,
     policy: &CpuPolicy,

@@ -87,6 +87,13 @@ pub struct Guest {
 
 impl Guest {
     pub fn start(prefix: &str, spec: &GuestSpec) -> Guest {
+        let g = Guest::create(prefix, spec);
+        g.wait_ready(Duration::from_secs(60));
+        g
+    }
+
+    /// Creates the guest and returns at once, without waiting for it to boot.
+    pub fn create(prefix: &str, spec: &GuestSpec) -> Guest {
         let name = unique(prefix);
         let dir = std::env::temp_dir().join("vmb-tests");
         std::fs::create_dir_all(&dir).unwrap();
@@ -123,9 +130,7 @@ impl Guest {
         let path = dir.join(format!("{name}.xml"));
         std::fs::write(&path, xml).unwrap();
         virsh(&["create", path.to_str().unwrap()]).expect("guest starts");
-        let g = Guest { name, console };
-        g.wait_ready(Duration::from_secs(60));
-        g
+        Guest { name, console }
     }
 
     fn wait_ready(&self, timeout: Duration) {
