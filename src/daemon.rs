@@ -103,7 +103,7 @@ pub struct StepReport {
     pub mem_verdicts: Vec<Verdict>,
     /// Number of actions applied.
     pub applied: usize,
-    /// Agent CPU time spent in this step, µs (user + system, this process).
+    /// Agent CPU time spent in this step, µs (user + system, this thread).
     pub cpu_us: u64,
 }
 
@@ -131,9 +131,11 @@ pub struct Agent<H: Host> {
     period_set: HashMap<String, u32>,
 }
 
-fn cpu_time_us() -> u64 {
+/// CPU time (user + system) of the calling thread, µs: what one `Agent::step` costs, even
+/// when other threads (the simulator's other policies) run beside it.
+pub fn thread_cpu_us() -> u64 {
     use nix::sys::resource::{UsageWho, getrusage};
-    getrusage(UsageWho::RUSAGE_SELF)
+    getrusage(UsageWho::RUSAGE_THREAD)
         .map(|u| {
             let t = |tv: nix::sys::time::TimeVal| {
                 u64::try_from(tv.tv_sec()).unwrap_or(0) * 1_000_000 + u64::try_from(tv.tv_usec()).unwrap_or(0)
@@ -246,9 +248,9 @@ impl<H: Host> Agent<H> {
     /// One quantum: sample, plan, act (unless dry-run). Never panics on host data; errors are
     /// logged and the quantum is skipped.
     pub fn step(&mut self) -> StepReport {
-        let cpu0 = cpu_time_us();
+        let cpu0 = thread_cpu_us();
         let mut report = self.step_inner();
-        report.cpu_us = cpu_time_us().saturating_sub(cpu0);
+        report.cpu_us = thread_cpu_us().saturating_sub(cpu0);
         report
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::Common;
-use crate::daemon::Agent;
+use crate::daemon::{Agent, thread_cpu_us};
 use crate::sim::baseline::{Baseline, BaselineConfig};
 use crate::sim::host::{SimConfig, SimError, SimHost};
 use crate::sim::workload::Workload;
@@ -75,18 +75,6 @@ pub struct PolicyReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub policies: Vec<PolicyReport>,
-}
-
-fn thread_cpu_us() -> u64 {
-    use nix::sys::resource::{UsageWho, getrusage};
-    getrusage(UsageWho::RUSAGE_THREAD)
-        .map(|u| {
-            let t = |tv: nix::sys::time::TimeVal| {
-                u64::try_from(tv.tv_sec()).unwrap_or(0) * 1_000_000 + u64::try_from(tv.tv_usec()).unwrap_or(0)
-            };
-            t(u.user_time()) + t(u.system_time())
-        })
-        .unwrap_or(0)
 }
 
 enum Driver {
