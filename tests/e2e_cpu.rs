@@ -165,3 +165,26 @@ fn vanishing_domain_is_skipped_and_sigterm_exits_cleanly() {
     assert!(took < Duration::from_secs(3), "SIGTERM took {took:?}");
     assert!(!agent.log().contains("panicked"));
 }
+
+#[test]
+fn dry_run_changes_nothing_and_diagnose_apply_applies_once() {
+    let _lab = lab();
+    let g = Guest::start("dry", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    g.pin(0, "0");
+    g.pin(1, "0");
+    let mut args = FAST.to_vec();
+    args.push("--dry-run");
+    let mut agent = Agent::start(&args);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(g.pins(), vec!["0", "0"], "dry run changed a pin:\n{}", agent.log());
+    assert!(agent.log().contains("dry run, would pin"), "{}", agent.log());
+    let (st, _) = agent.terminate();
+    assert!(st.success());
+
+    let out = std::process::Command::new(bin())
+        .args(["diagnose", "--apply", "--interval", "1s", "--no-memory"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(distinct(&g.pins()), "diagnose --apply did not spread: {:?}", g.pins());
+}
