@@ -10,5 +10,10 @@ for d in $(virsh -c qemu:///system list --name 2>/dev/null | grep '^vmbt-' || tr
   virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
 done
 cargo build --release --all-targets --locked
-cargo test --release --locked -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --release --locked -- --test-threads=2 2>&1 | tee "$log"
 cargo bench --locked --no-run
+# One closing line over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
