@@ -246,3 +246,15 @@ fn settling_cpus_sit_out() {
     let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 1.0, Some(0)), vcpu("a", 1, 1.0, Some(0))] };
     assert!(plan(&input, &CpuPolicy::default()).is_empty(), "not off the settling cpu");
 }
+
+#[test]
+fn a_full_core_vcpu_gets_its_core_to_itself() {
+    // A saturated vCPU and a nearly idle one (0.5% of a core) share cpu 0: the idle one goes.
+    let input = CpuInput { cpus: cpus(2), vcpus: vec![vcpu("busy", 0, 1.0, Some(0)), vcpu("idle", 0, 0.005, Some(0))] };
+    let p = plan(&input, &CpuPolicy::default());
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert_eq!(p[0].domain(), "idle");
+    // A vCPU that barely registers (0.1%) is noise: left alone.
+    let input = CpuInput { cpus: cpus(2), vcpus: vec![vcpu("busy", 0, 0.9995, Some(0)), vcpu("idle", 0, 0.001, Some(0))] };
+    assert!(plan(&input, &CpuPolicy::default()).is_empty());
+}
