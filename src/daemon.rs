@@ -122,7 +122,7 @@ pub struct Agent<H: Host> {
     tracker: Option<Tracker>,
     link: Link,
     /// When (host clock, ns) each vCPU was last moved, for the cooldown.
-    moved_at: HashMap<(String, u32), u64>,
+    moved_at: cpu::MovedAt,
     /// When (host clock, ns) each host cpu was last the source or target of a repin.
     touched_at: HashMap<u32, u64>,
     mem: MemTracker,
@@ -303,7 +303,7 @@ impl<H: Host> Agent<H> {
                         report.applied += 1;
                         match a {
                             Action::Pin { domain, vcpu, from, to, .. } => {
-                                self.moved_at.insert((domain.clone(), *vcpu), snap.t_ns);
+                                self.moved_at.entry(domain.clone()).or_default().insert(*vcpu, snap.t_ns);
                                 // A placement's source is "anywhere": only a single-cpu source
                                 // and the target saw their load change.
                                 for c in from.as_single().iter().chain(&to.0) {
@@ -318,7 +318,7 @@ impl<H: Host> Agent<H> {
             }
         }
         // Forget cooldowns of vCPUs that no longer exist.
-        self.moved_at.retain(|(d, _), _| snap.domains.iter().any(|x| &x.dom.name == d));
+        self.moved_at.retain(|d, _| snap.domains.iter().any(|x| &x.dom.name == d));
         report.plan = plan;
         report.snapshot = Some(snap);
         report

@@ -36,6 +36,9 @@ const EPS: f64 = 1e-9;
 /// 0.5-1% of a core; moving that one away costs one repin and ends the contention for good.
 const RELIEF_MIN_GAIN: f64 = 0.002;
 
+/// When (host clock, ns) each vCPU was last moved: domain name → vCPU → time.
+pub type MovedAt = HashMap<String, HashMap<u32, u64>>;
+
 /// Tunables of the CPU balancer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuPolicy {
@@ -98,11 +101,11 @@ pub struct CpuInput {
 }
 
 /// Builds the planner input from a snapshot. `moved_at` holds the time (host clock, ns) each
-/// vCPU was last moved, keyed by (domain, vCPU); `touched_at` the time each host cpu was last
+/// vCPU was last moved, by domain then vCPU; `touched_at` the time each host cpu was last
 /// the source or target of a repin.
 pub fn input_from(
     snap: &Snapshot,
-    moved_at: &HashMap<(String, u32), u64>,
+    moved_at: &MovedAt,
     touched_at: &HashMap<u32, u64>,
     policy: &CpuPolicy,
 ) -> CpuInput {
@@ -121,12 +124,13 @@ pub fn input_from(
         .collect();
     let mut vcpus = Vec::new();
     for d in &snap.domains {
+        let moved = moved_at.get(&d.dom.name);
         for v in &d.vcpus {
             let Some(rates) = v.rates else { continue };
             let single = v.pinned_to.as_single();
             let cpu = single.and_then(|c| index.get(&c).copied());
-            let cooling = moved_at
-                .get(&(d.dom.name.clone(), v.id))
+            let cooling = moved
+                .and_then(|m| m.get(&v.id))
                 .is_some_and(|&t| snap.t_ns < t.saturating_add(policy.cooldown_ns));
             let movable = d.cpu_excluded.is_none() && !cooling;
             // Pinned to one cpu outside the allowed set: someone chose it; leave it in the fixed load.
