@@ -188,3 +188,19 @@ fn dry_run_changes_nothing_and_diagnose_apply_applies_once() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(distinct(&g.pins()), "diagnose --apply did not spread: {:?}", g.pins());
 }
+
+#[test]
+fn persistent_pins_chosen_by_an_administrator_are_kept() {
+    let _lab = lab();
+    let pins = "<vcpupin vcpu='0' cpuset='0'/><vcpupin vcpu='1' cpuset='0'/>";
+    let g = Guest::start("adminpin", &GuestSpec { vcpus: 2, burn: 2, cputune: Some(pins.into()), ..GuestSpec::default() });
+    assert_eq!(g.pins(), vec!["0", "0"]);
+    let doc = diagnose_json(&["--no-memory"]);
+    let d = doc["domains"].as_array().unwrap().iter().find(|d| d["name"] == g.name.as_str()).unwrap();
+    assert_eq!(d["excluded"], true, "{d:#}");
+    assert!(d["excluded_why"].as_str().unwrap().contains("persistent definition"), "{d:#}");
+    let mut agent = Agent::start(FAST);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(g.pins(), vec!["0", "0"], "an administrator's pins were moved:\n{}", agent.log());
+    assert!(agent.alive());
+}

@@ -71,11 +71,13 @@ pub struct GuestSpec {
     pub stats_period: Option<u32>,
     /// Raw XML put in `<metadata>`.
     pub metadata: Option<String>,
+    /// Raw XML put in `<cputune>`; with it the guest is defined (persistent), then started.
+    pub cputune: Option<String>,
 }
 
 impl Default for GuestSpec {
     fn default() -> Self {
-        GuestSpec { vcpus: 1, memory_mib: 256, current_mib: 256, burn: 0, fill_mib: 0, fill_step_mib: 0, stats_period: Some(1), metadata: None }
+        GuestSpec { vcpus: 1, memory_mib: 256, current_mib: 256, burn: 0, fill_mib: 0, fill_step_mib: 0, stats_period: Some(1), metadata: None, cputune: None }
     }
 }
 
@@ -83,6 +85,7 @@ impl Default for GuestSpec {
 pub struct Guest {
     pub name: String,
     pub console: PathBuf,
+    persistent: bool,
 }
 
 impl Guest {
@@ -108,6 +111,7 @@ impl Guest {
   <memory unit='MiB'>{mem}</memory>
   <currentMemory unit='MiB'>{cur}</currentMemory>
   <vcpu>{vcpus}</vcpu>
+  {cputune}
   <os><type arch='x86_64'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd>
     <cmdline>console=ttyS0 quiet vmb.burn={burn} vmb.fill={fill} vmb.fillstep={step}</cmdline></os>
   <features><acpi/><apic/></features>
@@ -117,6 +121,7 @@ impl Guest {
   </devices>
 </domain>",
             meta = spec.metadata.as_ref().map_or(String::new(), |m| format!("<metadata>{m}</metadata>")),
+            cputune = spec.cputune.as_ref().map_or(String::new(), |t| format!("<cputune>{t}</cputune>")),
             mem = spec.memory_mib,
             cur = spec.current_mib,
             vcpus = spec.vcpus,
@@ -129,8 +134,14 @@ impl Guest {
         );
         let path = dir.join(format!("{name}.xml"));
         std::fs::write(&path, xml).unwrap();
+        if spec.cputune.is_some() {
+            virsh(&["define", path.to_str().unwrap()]).expect("guest defined");
+            let g = Guest { name, console, persistent: true };
+            virsh(&["start", &g.name]).expect("guest starts");
+            return g;
+        }
         virsh(&["create", path.to_str().unwrap()]).expect("guest starts");
-        Guest { name, console }
+        Guest { name, console, persistent: false }
     }
 
     fn wait_ready(&self, timeout: Duration) {
@@ -176,6 +187,9 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         let _ = virsh(&["destroy", &self.name]);
+        if self.persistent {
+            let _ = virsh(&["undefine", &self.name]);
+        }
     }
 }
 
