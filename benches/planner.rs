@@ -85,7 +85,7 @@ fn quantum(c: &mut Criterion) {
     g.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
     for (cpus, domains) in [(64u32, 128usize), (512, 1024)] {
         // The agent as `run` configures it by default, memory balancer included.
-        let cfg = AgentConfig::from_flags(&Common::defaults(), false);
+        let cfg = AgentConfig::from_flags(&Common::defaults().expect("valid VM_BALANCER_* variables"), false);
         let mut agent = Agent::new(host(cpus, domains, 11), cfg);
         for _ in 0..30 {
             agent.host.advance(QUANTUM_NS);

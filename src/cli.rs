@@ -215,11 +215,11 @@ pub struct Common {
 
 impl Common {
     /// The flags' defaults (and whatever `VM_BALANCER_*` variables are set): for benches and
-    /// tools that build an agent without a command line.
-    pub fn defaults() -> Self {
-        match Cli::try_parse_from(["vm-balancer", "run"]) {
-            Ok(Cli { command: Command::Run { common, .. } }) => common,
-            _ => panic!("the default flags must parse"),
+    /// tools that build an agent without a command line. Fails when such a variable is invalid.
+    pub fn defaults() -> Result<Self, clap::Error> {
+        match Cli::try_parse_from(["vm-balancer", "run"])? {
+            Cli { command: Command::Run { common, .. } } => Ok(common),
+            _ => Err(clap::Error::new(clap::error::ErrorKind::InvalidSubcommand)),
         }
     }
 
