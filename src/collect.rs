@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use log::{debug, warn};
 
-use crate::host::{BalloonStats, DomainDesc, DomainRef, Host, HostError, HostSample, VcpuTimes};
+use crate::host::{BalloonStats, DomainDesc, Host, HostError, HostSample, VcpuTimes};
 
 /// One domain's raw counters of one quantum.
 #[derive(Debug, Clone)]
@@ -47,11 +47,6 @@ impl Collector {
     pub fn reset(&mut self) {
         self.known.clear();
         self.failed.clear();
-    }
-
-    /// Number of describe calls that a set of domains would need (for tests and logs).
-    pub fn known(&self) -> usize {
-        self.known.len()
     }
 
     /// Reads one quantum. A vanished domain is dropped, not an error; a lost connection is.
@@ -103,10 +98,5 @@ impl Collector {
         let host_sample = host.host_sample()?;
         let balloons = if with_balloons { Some(host.balloon_stats()?) } else { None };
         Ok(RawSample { t_ns: host.now_ns(), epoch_s: host.epoch_s(), domains, host: host_sample, balloons })
-    }
-
-    /// The domain set the last listing produced, by reference.
-    pub fn domains(&self) -> impl Iterator<Item = &DomainRef> {
-        self.known.values().map(|d| &d.dom)
     }
 }

@@ -81,7 +81,7 @@ pub fn report(snap: &Snapshot, plan: &[Action], verdicts: &[crate::policy::mem::
                 .collect(),
             memory: d.balloon.as_ref().map(|(b, _)| MemoryOut {
                 current_kib: b.current_kib,
-                max_kib: b.maximum_kib.max(d.desc.max_kib),
+                max_kib: crate::memctl::max_kib(d.desc.max_kib, b.maximum_kib),
                 unused_kib: b.unused_kib,
                 available_kib: b.available_kib,
                 usable_kib: b.usable_kib,

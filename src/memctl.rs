@@ -133,8 +133,7 @@ impl MemTracker {
                 st.used.pop_front();
             }
             let peak_used = st.used.iter().map(|&(_, u)| u).max();
-            // The configured maximum is trusted (libvirt); the tighter of the two wins.
-            let max_kib = if maximum > 0 { maximum.min(d.desc.max_kib) } else { d.desc.max_kib };
+            let max_kib = max_kib(d.desc.max_kib, maximum);
             out.push(GuestMem {
                 name: d.dom.name.clone(),
                 current_kib: current,
@@ -151,6 +150,12 @@ impl MemTracker {
         let host = HostMem { available_kib: snap.host.mem_available_kib, psi_some_avg10: snap.host.mem_pressure_some_avg10 };
         (out, host)
     }
+}
+
+/// The most a guest may be given: the configured `<memory>` and libvirt's `balloon.maximum`
+/// (both from libvirt, trusted), the tighter of the two; 0 means not reported.
+pub fn max_kib(configured_kib: u64, balloon_maximum_kib: u64) -> u64 {
+    if balloon_maximum_kib > 0 { balloon_maximum_kib.min(configured_kib) } else { configured_kib }
 }
 
 /// A guest's age: from its QEMU process start when known, else since the agent first saw it.

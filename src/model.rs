@@ -243,16 +243,9 @@ impl Tracker {
                     rates: vs.rates,
                 });
             }
-            let cpu_excluded = if self.cfg.exclude.iter().any(|e| e == name) {
-                Some("excluded by --exclude".to_string())
-            } else {
-                rd.desc.opt_out.cpu.clone()
-            };
-            let mem_excluded = if self.cfg.exclude.iter().any(|e| e == name) {
-                Some("excluded by --exclude".to_string())
-            } else {
-                rd.desc.opt_out.memory.clone()
-            };
+            let by_flag = self.cfg.exclude.iter().any(|e| e == name).then(|| "excluded by --exclude".to_string());
+            let cpu_excluded = by_flag.clone().or_else(|| rd.desc.opt_out.cpu.clone());
+            let mem_excluded = by_flag.or_else(|| rd.desc.opt_out.memory.clone());
             views.push(DomainView {
                 dom: rd.desc.dom.clone(),
                 desc: rd.desc.clone(),

@@ -33,11 +33,6 @@ impl LibvirtHost {
         LibvirtHost { uri: uri.to_string(), root: PathBuf::from("/"), conn: None, start: Instant::now() }
     }
 
-    /// The open connection, for the few callers (tests, diagnose) that need raw libvirt.
-    pub fn connection(&self) -> Option<&Connect> {
-        self.conn.as_ref()
-    }
-
     fn conn(&self) -> Result<&Connect, HostError> {
         self.conn.as_ref().ok_or_else(|| HostError::Disconnected("not connected".into()))
     }

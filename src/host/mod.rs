@@ -110,9 +110,6 @@ impl CpuSet {
             _ => None,
         }
     }
-    pub fn contains(&self, cpu: u32) -> bool {
-        self.0.binary_search(&cpu).is_ok()
-    }
 }
 
 impl std::fmt::Display for CpuSet {

@@ -55,9 +55,7 @@ impl DomainStats {
 /// Statistics groups (`virDomainStatsTypes`).
 pub mod groups {
     use virt::sys;
-    pub const STATE: u32 = sys::VIR_DOMAIN_STATS_STATE;
     pub const BALLOON: u32 = sys::VIR_DOMAIN_STATS_BALLOON;
-    pub const VCPU: u32 = sys::VIR_DOMAIN_STATS_VCPU;
 }
 
 /// Runs `virConnectGetAllDomainStats(conn, groups, ACTIVE)` and returns owned records.

@@ -149,11 +149,10 @@ fn frac(x: u64, f: f64) -> u64 {
 /// Size change that brings `usable` to `target` × the new size, from a guest of size `current`:
 /// solving usable ± g = target × (current ± g).
 #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-fn to_band_middle(current: u64, usable: u64, target: f64) -> (bool, u64) {
+fn to_band_middle(current: u64, usable: u64, target: f64) -> u64 {
     let want = target * current as f64;
-    let u = usable as f64;
-    let g = ((u - want) / (1.0 - target)).abs();
-    (u > want, g as u64)
+    let g = ((usable as f64 - want) / (1.0 - target)).abs();
+    g as u64
 }
 
 /// Plans one memory quantum.
@@ -203,7 +202,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
             continue;
         }
         if swapping || usable < starve_thr {
-            let (_, to_middle) = to_band_middle(current, usable, middle);
+            let to_middle = to_band_middle(current, usable, middle);
             let wanted = if swapping { to_middle.max(p.step_kib) } else { to_middle };
             let why = if swapping {
                 format!("swapping (swap_in +{} KiB, major faults +{})", g.swap_in_delta_kib, g.major_fault_delta)
@@ -231,7 +230,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
     for gv in &givers {
         let g = &guests[gv.i];
         let current = g.current_kib.min(g.max_kib);
-        let (_, to_middle) = to_band_middle(current, gv.usable, middle);
+        let to_middle = to_band_middle(current, gv.usable, middle);
         let give = to_middle.min(p.step_kib).min(current.saturating_sub(p.floor_kib));
         let v = out.verdicts.iter_mut().find(|v| v.name == g.name);
         if give < p.min_change_kib {
