@@ -173,20 +173,34 @@ fn dry_run_changes_nothing_and_diagnose_apply_applies_once() {
     g.pin(0, "0");
     g.pin(1, "0");
     let mut args = FAST.to_vec();
-    args.push("--dry-run");
+    args.extend(["--dry-run", "-v"]);
     let mut agent = Agent::start(&args);
-    std::thread::sleep(Duration::from_secs(4));
+    // Wait for the plan rather than a fixed time: on a busy CI machine the first quanta may
+    // see the other cpu loaded too (the debug log then shows the loads it saw).
+    let planned = wait_for(Duration::from_secs(20), || agent.log().contains("dry run, would pin"));
+    assert!(planned, "no plan logged:\n{}", agent.log());
+    // Several more quanta of the same plan, still nothing applied.
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(g.pins(), vec!["0", "0"], "dry run changed a pin:\n{}", agent.log());
-    assert!(agent.log().contains("dry run, would pin"), "{}", agent.log());
+    assert!(agent.log().matches("dry run, would pin").count() >= 2, "{}", agent.log());
     let (st, _) = agent.terminate();
     assert!(st.success());
 
-    let out = std::process::Command::new(bin())
-        .args(["diagnose", "--apply", "--interval", "1s", "--no-memory"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(distinct(&g.pins()), "diagnose --apply did not spread: {:?}", g.pins());
+    // One diagnose --apply spreads the pile-up; a second sample interval if the first one saw
+    // nothing to do (the planner only moves when a cpu is over its threshold).
+    let mut outputs = Vec::new();
+    for _ in 0..3 {
+        let out = std::process::Command::new(bin())
+            .args(["diagnose", "--apply", "--interval", "1s", "--no-memory"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        if distinct(&g.pins()) {
+            break;
+        }
+    }
+    assert!(distinct(&g.pins()), "diagnose --apply did not spread: {:?}\n{}", g.pins(), outputs.join("\n"));
 }
 
 #[test]
