@@ -42,7 +42,7 @@ fn host(cpus: u32, domains: usize, seed: u64) -> SimHost {
 fn snapshot(cpus: u32, domains: usize) -> Snapshot {
     let mut h = host(cpus, domains, 7);
     let topo = h.topology().expect("topology");
-    let cfg = ModelConfig { smoothing_ns: 6_000_000_000, allowed_cpus: (0..cpus).collect(), exclude: vec![] };
+    let cfg = ModelConfig { smoothing_ns: 6_000_000_000, peak_ns: 4 * 3_600_000_000_000, allowed_cpus: (0..cpus).collect(), exclude: vec![] };
     let mut tracker = Tracker::new(cfg, topo);
     let mut col = Collector::new();
     let mut snap = None;

@@ -169,6 +169,10 @@ pub struct Common {
     /// Time constant of the moving average of vCPU usage and delay. 1ms to 1h.
     #[arg(long, default_value = "4s", value_parser = smoothing, env = "VM_BALANCER_SMOOTHING")]
     pub smoothing: Duration,
+    /// Each vCPU's peak demand is its highest demand over this window: the balancer keeps
+    /// cpus able to hold their vCPUs' recent peaks, not only their averages. 0 (no peaks) to 24h.
+    #[arg(long, default_value = "4h", value_parser = long_duration, env = "VM_BALANCER_PEAK_WINDOW")]
+    pub peak_window: Duration,
     /// Do not balance vCPUs.
     #[arg(long, env = "VM_BALANCER_NO_CPU")]
     pub no_cpu: bool,

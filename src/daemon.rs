@@ -24,6 +24,8 @@ use crate::policy::{Action, Plan};
 pub struct AgentConfig {
     pub quantum: Duration,
     pub smoothing: Duration,
+    /// Window of each vCPU's peak demand.
+    pub peak_window: Duration,
     /// `None`: all online cpus.
     pub cpus: Option<Vec<u32>>,
     pub exclude: Vec<String>,
@@ -39,6 +41,7 @@ impl AgentConfig {
         AgentConfig {
             quantum: c.quantum,
             smoothing: c.smoothing,
+            peak_window: c.peak_window,
             cpus: c.cpus.clone(),
             exclude: c.exclude.clone(),
             cpu: (!c.no_cpu).then(|| CpuPolicy {
@@ -193,6 +196,7 @@ impl<H: Host> Agent<H> {
                 }
                 let mc = ModelConfig {
                     smoothing_ns: u64::try_from(self.cfg.smoothing.as_nanos()).unwrap_or(u64::MAX),
+                    peak_ns: u64::try_from(self.cfg.peak_window.as_nanos()).unwrap_or(u64::MAX),
                     allowed_cpus: allowed,
                     exclude: self.cfg.exclude.clone(),
                 };
@@ -302,12 +306,15 @@ impl<H: Host> Agent<H> {
                         }
                         report.applied += 1;
                         match a {
+                            // A repin starts the vCPU's cooldown and lets both cpus settle. A
+                            // placement (the vCPU floated) does neither: it was made on the
+                            // least evidence, and the balancer must be free to correct it at once.
                             Action::Pin { domain, vcpu, from, to, .. } => {
-                                self.moved_at.entry(domain.clone()).or_default().insert(*vcpu, snap.t_ns);
-                                // A placement's source is "anywhere": only a single-cpu source
-                                // and the target saw their load change.
-                                for c in from.as_single().iter().chain(&to.0) {
-                                    self.touched_at.insert(*c, snap.t_ns);
+                                if let Some(src) = from.as_single() {
+                                    self.moved_at.entry(domain.clone()).or_default().insert(*vcpu, snap.t_ns);
+                                    for c in std::iter::once(&src).chain(&to.0) {
+                                        self.touched_at.insert(*c, snap.t_ns);
+                                    }
                                 }
                             }
                             Action::Balloon { domain, to_kib, .. } => self.mem.set_target(domain, *to_kib, snap.t_ns),

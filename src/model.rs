@@ -16,6 +16,8 @@ use crate::host::{BalloonStats, CpuSet, DomainDesc, DomainRef, Topology};
 pub struct ModelConfig {
     /// Time constant of the exponential moving average of usage and delay, ns.
     pub smoothing_ns: u64,
+    /// Window of a vCPU's peak demand, ns; 0 keeps no peak (the peak is the demand).
+    pub peak_ns: u64,
     /// Host cpus the balancer may place vCPUs on.
     pub allowed_cpus: Vec<u32>,
     /// Domain names never touched.
@@ -31,6 +33,9 @@ pub struct VcpuRates {
     pub delay: f64,
     /// usage + delay: what the vCPU wanted, capped at one core.
     pub demand: f64,
+    /// The highest demand of one interval over the peak window: what the vCPU may ask for
+    /// again. At least `demand`.
+    pub peak: f64,
 }
 
 /// One vCPU in a snapshot.
@@ -89,6 +94,7 @@ struct VcpuState {
     tid: Option<u32>,
     /// Moving average of usage + delay (the reported demand may be above it under contention).
     demand_ema: Option<f64>,
+    peaks: PeakWindow,
     run_ns: u64,
     wait_ns: u64,
     rates: Option<VcpuRates>,
@@ -111,6 +117,38 @@ pub struct Tracker {
     cpu_prev: HashMap<u32, u64>,
     cpu_busy: HashMap<u32, f64>,
     domains: HashMap<String, DomainState>,
+}
+
+/// Buckets of a peak window: the peak is the highest demand of the last `PEAK_BUCKETS` buckets
+/// of `window / PEAK_BUCKETS` each, so a peak is kept for between 7/8 and all of the window.
+const PEAK_BUCKETS: usize = 8;
+
+/// A vCPU's highest interval demands over a sliding window, in coarse buckets.
+#[derive(Debug, Clone, Default)]
+struct PeakWindow {
+    max: [f64; PEAK_BUCKETS],
+    /// Number of the newest bucket (time / bucket length).
+    newest: u64,
+}
+
+impl PeakWindow {
+    /// Records one interval's demand at `t_ns`; returns the peak over the window.
+    fn record(&mut self, t_ns: u64, window_ns: u64, x: f64) -> f64 {
+        if window_ns == 0 {
+            return x;
+        }
+        let k = t_ns / (window_ns / PEAK_BUCKETS as u64).max(1);
+        if k > self.newest {
+            // Buckets that fell out of the window start empty.
+            for j in (self.newest + 1..=k).rev().take(PEAK_BUCKETS) {
+                self.max[usize::try_from(j % PEAK_BUCKETS as u64).unwrap_or(0)] = 0.0;
+            }
+            self.newest = k;
+        }
+        let slot = &mut self.max[usize::try_from(k % PEAK_BUCKETS as u64).unwrap_or(0)];
+        *slot = slot.max(x);
+        self.max.iter().copied().fold(0.0, f64::max)
+    }
 }
 
 /// Fraction of a core a vCPU must have waited in one interval for its demand to count at once.
@@ -159,6 +197,7 @@ impl Tracker {
             None => None,
         };
         self.last_t_ns = Some(raw.t_ns);
+        let now_ns = raw.t_ns;
         #[allow(clippy::cast_precision_loss)]
         let alpha = match wall {
             Some(w) => 1.0 - (-(w as f64) / self.cfg.smoothing_ns.max(1) as f64).exp(),
@@ -194,7 +233,7 @@ impl Tracker {
             // Restarted or vCPU count changed: start the domain's history over.
             if st.id != rd.desc.dom.id || st.vcpus.len() != rd.vcpus.len() {
                 st.id = rd.desc.dom.id;
-                st.vcpus = rd.vcpus.iter().map(|_| VcpuState { tid: None, demand_ema: None, run_ns: 0, wait_ns: 0, rates: None }).collect();
+                st.vcpus = rd.vcpus.iter().map(|_| VcpuState { tid: None, demand_ema: None, peaks: PeakWindow::default(), run_ns: 0, wait_ns: 0, rates: None }).collect();
                 st.balloon = None;
             }
             if let Some(b) = balloons.get(name.as_str()) {
@@ -207,6 +246,7 @@ impl Tracker {
                     vs.tid = None;
                     vs.rates = None;
                     vs.demand_ema = None;
+                    vs.peaks = PeakWindow::default();
                     continue;
                 };
                 let same_thread = vs.tid.is_some() && vs.tid == tid;
@@ -224,14 +264,17 @@ impl Tracker {
                         // this interval is planned on what it wanted now, not on a slow average.
                         // A spike on an idle core causes no wait, so it stays smoothed.
                         let demand = if delay >= CONTENTION { dm.max(raw) } else { dm };
-                        vs.rates = Some(VcpuRates { usage: u, delay: d, demand });
+                        let peak = vs.peaks.record(now_ns, self.cfg.peak_ns, raw).max(demand);
+                        vs.rates = Some(VcpuRates { usage: u, delay: d, demand, peak });
                     } else {
                         vs.rates = None; // counters went backwards: a new thread
                         vs.demand_ema = None;
+                    vs.peaks = PeakWindow::default();
                     }
                 } else {
                     vs.rates = None;
                     vs.demand_ema = None;
+                    vs.peaks = PeakWindow::default();
                 }
                 vs.tid = tid;
                 vs.run_ns = t.run_ns;
@@ -314,7 +357,7 @@ mod tests {
 
     fn tracker(smoothing_s: u64) -> Tracker {
         Tracker::new(
-            ModelConfig { smoothing_ns: smoothing_s * S, allowed_cpus: vec![0, 1], exclude: vec![] },
+            ModelConfig { smoothing_ns: smoothing_s * S, peak_ns: 0, allowed_cpus: vec![0, 1], exclude: vec![] },
             Topology::flat(2),
         )
     }
@@ -363,12 +406,27 @@ mod tests {
     #[test]
     fn excluded_names_are_marked() {
         let mut t = Tracker::new(
-            ModelConfig { smoothing_ns: S, allowed_cpus: vec![0], exclude: vec!["g".into()] },
+            ModelConfig { smoothing_ns: S, peak_ns: 0, allowed_cpus: vec![0], exclude: vec!["g".into()] },
             Topology::flat(2),
         );
         t.ingest(&raw(0, 1, &[(0, 0)]));
         let s = t.ingest(&raw(1, 1, &[(0, 0)])).unwrap();
         assert!(s.domains[0].cpu_excluded.as_deref().unwrap().contains("--exclude"));
         assert_eq!(s.host.cpus, vec![0], "only allowed cpus");
+    }
+
+    #[test]
+    fn peak_window_keeps_a_peak_for_the_window_then_forgets_it() {
+        let mut w = PeakWindow::default();
+        let win = 800 * S;
+        assert!((w.record(S, win, 0.9) - 0.9).abs() < 1e-12);
+        // Quiet for most of the window: the peak stays.
+        for t in (2..700).step_by(2) {
+            assert!((w.record(t * S, win, 0.1) - 0.9).abs() < 1e-12, "at {t} s");
+        }
+        // A full window later it is gone.
+        assert!((w.record(801 * S, win, 0.1) - 0.1).abs() < 1e-12);
+        // A window of 0 keeps no peak.
+        assert!((PeakWindow::default().record(S, 0, 0.3) - 0.3).abs() < 1e-12);
     }
 }

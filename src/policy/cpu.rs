@@ -59,11 +59,24 @@ pub struct CpuPolicy {
     /// After a repin, the cpus involved are left out of balancing this long (ns), until their
     /// smoothed loads show the move's effect: no second move on stale figures.
     pub settle_ns: u64,
+    /// Peak safety: a cpu whose vCPUs' recent peaks (plus its fixed load) add up to more than
+    /// this may shed a vCPU to a cpu where they stay under it, in cores.
+    pub peak_limit: f64,
 }
 
 impl Default for CpuPolicy {
     fn default() -> Self {
-        CpuPolicy { high: 0.85, min_gain: 0.10, max_repins: 4, max_placements: 64, cooldown_ns: 30_000_000_000, about_equal: 0.05, flip_margin: 0.25, settle_ns: 6_000_000_000 }
+        CpuPolicy {
+            high: 0.85,
+            min_gain: 0.10,
+            max_repins: 4,
+            max_placements: 64,
+            cooldown_ns: 30_000_000_000,
+            about_equal: 0.05,
+            flip_margin: 0.25,
+            settle_ns: 6_000_000_000,
+            peak_limit: 1.0,
+        }
     }
 }
 
@@ -85,6 +98,8 @@ pub struct VcpuSlot {
     pub vcpu: u32,
     /// Smoothed usage + delay, cores.
     pub demand: f64,
+    /// Its recent peak demand (decaying), at least `demand`, cores.
+    pub peak: f64,
     /// Its affinity now.
     pub current: CpuSet,
     /// Index into `CpuInput::cpus` when pinned to exactly one allowed cpu; `None` when floating.
@@ -149,6 +164,7 @@ pub fn input_from(
                 domain: d.dom.name.clone(),
                 vcpu: v.id,
                 demand: rates.demand.clamp(0.0, 1.0),
+                peak: rates.peak.clamp(rates.demand.clamp(0.0, 1.0), 1.0),
                 current: v.pinned_to.clone(),
                 cpu,
                 movable,
@@ -183,12 +199,15 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         return actions;
     }
     let mut load: Vec<f64> = input.cpus.iter().map(|c| c.fixed).collect();
+    // The same with each vCPU counted at its recent peak.
+    let mut peak_load = load.clone();
     let mut on: Vec<Vec<usize>> = vec![Vec::new(); n];
     let mut at: Vec<Option<usize>> = input.vcpus.iter().map(|v| v.cpu).collect();
     let mut free: Vec<bool> = input.vcpus.iter().map(|v| v.movable).collect();
     for (i, v) in input.vcpus.iter().enumerate() {
         if let Some(c) = v.cpu {
             load[c] += v.demand;
+            peak_load[c] += v.peak;
             on[c].push(i);
         }
     }
@@ -197,8 +216,8 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
     let mut floating: Vec<usize> = (0..input.vcpus.len()).filter(|&i| at[i].is_none() && free[i]).collect();
     floating.sort_by(|&a, &b| input.vcpus[b].demand.total_cmp(&input.vcpus[a].demand).then(a.cmp(&b)));
     for &i in floating.iter().take(policy.max_placements) {
-        let c = argmin(&load);
         let v = &input.vcpus[i];
+        let c = place(input, policy, &load, &peak_load, &on, v);
         actions.push(Action::Pin {
             domain: v.domain.clone(),
             vcpu: v.vcpu,
@@ -213,6 +232,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             ),
         });
         load[c] += v.demand;
+        peak_load[c] += v.peak;
         on[c].push(i);
         at[i] = Some(c);
         free[i] = false;
@@ -226,7 +246,8 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         if load[b] <= policy.high + EPS {
             break;
         }
-        let Some(best) = best_candidate(input, policy, &load, &on, &free, &settling, b, policy.max_repins - repins)
+        let Some(best) =
+            best_candidate(input, policy, &load, &peak_load, &on, &free, &settling, b, policy.max_repins - repins)
         else {
             break;
         };
@@ -236,6 +257,9 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         let moved_back = best.w.map_or(0.0, |w| input.vcpus[w].demand);
         load[b] += moved_back - v.demand;
         load[t] += v.demand - moved_back;
+        let peak_back = best.w.map_or(0.0, |w| input.vcpus[w].peak);
+        peak_load[b] += peak_back - v.peak;
+        peak_load[t] += v.peak - peak_back;
         on[b].retain(|&x| x != best.v);
         on[t].push(best.v);
         free[best.v] = false;
@@ -276,7 +300,101 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             repins += 1;
         }
     }
+
+    // 3. Peak safety.
+    while repins < policy.max_repins {
+        let Some((b, i, t)) = peak_relief(input, policy, &load, &peak_load, &on, &free, &settling) else { break };
+        let v = &input.vcpus[i];
+        let why = format!(
+            "peak safety: the recent peaks on cpu {} add up to {} (over {}); vCPU peak {} (now {}) moves to cpu {} (peaks {}, load {})",
+            input.cpus[b].id,
+            pct(peak_load[b]),
+            pct(policy.peak_limit),
+            pct(v.peak),
+            pct(v.demand),
+            input.cpus[t].id,
+            pct(peak_load[t]),
+            pct(load[t])
+        );
+        load[b] -= v.demand;
+        load[t] += v.demand;
+        peak_load[b] -= v.peak;
+        peak_load[t] += v.peak;
+        on[b].retain(|&x| x != i);
+        on[t].push(i);
+        free[i] = false;
+        actions.push(Action::Pin {
+            domain: v.domain.clone(),
+            vcpu: v.vcpu,
+            from: v.current.clone(),
+            to: CpuSet::single(input.cpus[t].id),
+            reason: why,
+        });
+        repins += 1;
+    }
     actions
+}
+
+/// Smallest drop of a cpu's peak excess that justifies a peak-safety repin, in cores.
+const PEAK_MIN_GAIN: f64 = 0.05;
+
+/// One peak-safety move `(source, vCPU, target)`: from the cpu whose peaks exceed
+/// `peak_limit` the most (among those where a move exists), the vCPU with the smallest peak
+/// that covers the excess (else the largest), to the cpu with the lowest peaks where it fits
+/// under both `peak_limit` and `high`, in the same NUMA node if one fits there. Each such move
+/// lowers the total excess over all cpus by at least `PEAK_MIN_GAIN` and creates none, so
+/// these moves cannot cycle.
+fn peak_relief(
+    input: &CpuInput,
+    policy: &CpuPolicy,
+    load: &[f64],
+    peak_load: &[f64],
+    on: &[Vec<usize>],
+    free: &[bool],
+    settling: &[bool],
+) -> Option<(usize, usize, usize)> {
+    let limit = policy.peak_limit;
+    let mut over: Vec<usize> = (0..load.len()).filter(|&c| !settling[c] && peak_load[c] > limit + EPS).collect();
+    if over.is_empty() {
+        return None;
+    }
+    over.sort_by(|&a, &b| peak_load[b].total_cmp(&peak_load[a]).then(a.cmp(&b)));
+    let mut targets: Vec<usize> = (0..load.len()).filter(|&c| !settling[c]).collect();
+    targets.sort_by(|&a, &b| peak_load[a].total_cmp(&peak_load[b]).then(a.cmp(&b)));
+    for &b in &over {
+        let excess = peak_load[b] - limit;
+        let mut movers: Vec<usize> = on[b].iter().copied().filter(|&v| free[v]).collect();
+        let pk = |v: usize| input.vcpus[v].peak;
+        movers.sort_by(|&x, &y| {
+            let (px, py) = (pk(x), pk(y));
+            let (cx, cy) = (px >= excess - EPS, py >= excess - EPS);
+            cy.cmp(&cx).then(if cx { px.total_cmp(&py) } else { py.total_cmp(&px) }).then(x.cmp(&y))
+        });
+        for &v in &movers {
+            let (d, p) = (input.vcpus[v].demand, pk(v));
+            if p.min(excess) < PEAK_MIN_GAIN - EPS {
+                continue;
+            }
+            let fits = |t: usize| t != b && load[t] + d <= policy.high + EPS;
+            let mut first = None;
+            for &t in &targets {
+                if peak_load[t] + p > limit + EPS {
+                    break;
+                }
+                if !fits(t) {
+                    continue;
+                }
+                if input.cpus[t].node == input.cpus[b].node {
+                    return Some((b, v, t));
+                }
+                first.get_or_insert(t);
+            }
+            if let Some(t) = first {
+                return Some((b, v, t));
+            }
+        }
+    }
+    None
 }
 
 /// The busiest cpu that is not settling.
@@ -290,14 +408,30 @@ fn argmax(load: &[f64], settling: &[bool]) -> Option<usize> {
     b
 }
 
-fn argmin(load: &[f64]) -> usize {
-    let mut b = 0;
-    for (i, &l) in load.iter().enumerate() {
-        if l < load[b] - EPS {
-            b = i;
-        }
-    }
-    b
+/// Where a floating vCPU goes: among the cpus within `about_equal` of the least loaded, the
+/// one holding the fewest vCPUs of the same domain (siblings tend to get busy together: a
+/// guest that wakes up wakes all its vCPUs), then the lowest recent peaks, then the fewest
+/// vCPUs.
+fn place(
+    input: &CpuInput,
+    policy: &CpuPolicy,
+    load: &[f64],
+    peak_load: &[f64],
+    on: &[Vec<usize>],
+    v: &VcpuSlot,
+) -> usize {
+    let least = load.iter().copied().fold(f64::INFINITY, f64::min);
+    let siblings = |c: usize| on[c].iter().filter(|&&x| input.vcpus[x].domain == v.domain).count();
+    (0..load.len())
+        .filter(|&c| load[c] <= least + policy.about_equal + EPS)
+        .min_by(|&a, &b| {
+            siblings(a)
+                .cmp(&siblings(b))
+                .then(peak_load[a].total_cmp(&peak_load[b]))
+                .then(on[a].len().cmp(&on[b].len()))
+                .then(a.cmp(&b))
+        })
+        .unwrap_or(0)
 }
 
 /// Moving `delta` cores from `src` to `tgt`: the drop of the pair's larger load, or `None` when
@@ -319,6 +453,7 @@ fn best_candidate(
     input: &CpuInput,
     policy: &CpuPolicy,
     load: &[f64],
+    peak_load: &[f64],
     on: &[Vec<usize>],
     free: &[bool],
     settling: &[bool],
@@ -381,7 +516,12 @@ fn best_candidate(
         .into_iter()
         .filter(|c| c.gain >= best_gain - policy.about_equal - EPS)
         .min_by(|x, y| {
-            let key = |c: &Candidate| (usize::from(c.w.is_some()), !c.same_node);
+            // Peaks the target would hold after the change: within the limit first.
+            let peak_safe = |c: &Candidate| {
+                let back = c.w.map_or(0.0, |w| input.vcpus[w].peak);
+                peak_load[c.target] + input.vcpus[c.v].peak - back <= policy.peak_limit + EPS
+            };
+            let key = |c: &Candidate| (usize::from(c.w.is_some()), !peak_safe(c), !c.same_node);
             key(x)
                 .cmp(&key(y))
                 .then(input.vcpus[x.v].demand.total_cmp(&input.vcpus[y.v].demand))
