@@ -111,6 +111,9 @@ fn smoothing(s: &str) -> Result<Duration, String> {
 fn high(s: &str) -> Result<f64, String> {
     units::parse_f64_in(s, 0.1, 1.0)
 }
+fn peak_limit(s: &str) -> Result<f64, String> {
+    units::parse_f64_in(s, 0.5, 4.0)
+}
 fn gain(s: &str) -> Result<f64, String> {
     units::parse_f64_in(s, 0.0, 1.0)
 }
@@ -173,6 +176,11 @@ pub struct Common {
     /// cpus able to hold their vCPUs' recent peaks, not only their averages. 0 (no peaks) to 24h.
     #[arg(long, default_value = "4h", value_parser = long_duration, env = "VM_BALANCER_PEAK_WINDOW")]
     pub peak_window: Duration,
+    /// A cpu whose vCPUs' peaks (plus its other load) add up to more than this many cores
+    /// sheds a vCPU to a cpu where they stay under it. Above 1 because peaks rarely coincide.
+    /// 0.5 to 4.
+    #[arg(long, default_value = "1.2", value_parser = peak_limit, env = "VM_BALANCER_PEAK_LIMIT")]
+    pub peak_limit: f64,
     /// Do not balance vCPUs.
     #[arg(long, env = "VM_BALANCER_NO_CPU")]
     pub no_cpu: bool,

@@ -52,6 +52,7 @@ impl AgentConfig {
                 // Two smoothing time constants: the moving averages have absorbed ~86% of the change.
                 settle_ns: ns(c.smoothing).saturating_mul(2),
                 cooldown_ns: ns(c.cooldown),
+                peak_limit: c.peak_limit,
                 ..CpuPolicy::default()
             }),
             mem: (!c.no_memory).then(|| MemConfig {

@@ -60,7 +60,8 @@ pub struct CpuPolicy {
     /// smoothed loads show the move's effect: no second move on stale figures.
     pub settle_ns: u64,
     /// Peak safety: a cpu whose vCPUs' recent peaks (plus its fixed load) add up to more than
-    /// this may shed a vCPU to a cpu where they stay under it, in cores.
+    /// this may shed a vCPU to a cpu where they stay under it, in cores. Above one core on
+    /// purpose: peaks of different vCPUs rarely coincide.
     pub peak_limit: f64,
 }
 
@@ -75,7 +76,7 @@ impl Default for CpuPolicy {
             about_equal: 0.05,
             flip_margin: 0.25,
             settle_ns: 6_000_000_000,
-            peak_limit: 1.0,
+            peak_limit: 1.2,
         }
     }
 }

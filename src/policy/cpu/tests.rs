@@ -282,7 +282,8 @@ fn a_full_core_vcpu_gets_its_core_to_itself() {
 
 #[test]
 fn peak_safety_separates_recent_peaks() {
-    // cpu 0 now at 0.5 (well under high), but its vCPUs peaked at 0.9 and 0.4 recently: 1.3.
+    // cpu 0 now at 0.5 (well under high), but its vCPUs peaked at 0.9 and 0.4 recently: 1.3
+    // cores, over the default limit of 1.2.
     let mut a = vcpu("a", 0, 0.2, Some(0));
     a.peak = 0.9;
     let mut b = vcpu("b", 0, 0.3, Some(0));
@@ -290,12 +291,12 @@ fn peak_safety_separates_recent_peaks() {
     let input = CpuInput { cpus: cpus(2), vcpus: vec![a.clone(), b.clone()] };
     let p = plan(&input, &CpuPolicy::default());
     assert_eq!(p.len(), 1, "{p:#?}");
-    // The smallest peak that covers the excess (0.3) moves: the 0.9 one keeps its cache.
+    // The smallest peak that covers the excess (0.1) moves: the 0.9 one keeps its cache.
     assert_eq!(p[0].domain(), "b");
     assert!(p[0].to_string().contains("peak safety"), "{}", p[0]);
     // Where the peaks would overfill the only target, nothing moves.
     let mut c = vcpu("c", 0, 0.1, Some(1));
-    c.peak = 0.8;
+    c.peak = 0.9;
     let input = CpuInput { cpus: cpus(2), vcpus: vec![a, b, c] };
     assert!(plan(&input, &CpuPolicy::default()).is_empty());
 }
