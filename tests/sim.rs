@@ -110,3 +110,20 @@ fn missing_trace_dir_is_an_error_not_a_panic() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/traces"));
 }
+
+#[test]
+fn several_seeds_report_the_mean_and_each_seed() {
+    let argv = ["vm-balancer", "simulate", "--scenario", "bursty", "--host-cpus", "8", "--duration", "5m", "--seed", "4", "--seeds", "2"];
+    let Sub::Simulate { common, sim: sa } = Cli::try_parse_from(argv).unwrap().command else { panic!("not simulate") };
+    let out = sim::simulate(&common, &sa).unwrap();
+    assert!(out.contains("seeds 4 to 5") && out.contains("delay ours/baseline per seed: 4:"), "{out}");
+    let json = sim::simulate(&common, &vm_balancer::cli::SimArgs { json: true, ..sa.clone() }).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (i, p) in doc["policies"].as_array().unwrap().iter().enumerate() {
+        let each: Vec<f64> = runs.iter().map(|r| r["policies"][i]["delay_core_seconds"].as_f64().unwrap()).collect();
+        let mean = p["delay_core_seconds"].as_f64().unwrap();
+        assert!((mean - (each[0] + each[1]) / 2.0).abs() < 1e-6, "{p}");
+    }
+}

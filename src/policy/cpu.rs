@@ -68,7 +68,7 @@ pub struct CpuPolicy {
 impl Default for CpuPolicy {
     fn default() -> Self {
         CpuPolicy {
-            high: 0.85,
+            high: 0.75,
             min_gain: 0.10,
             max_repins: 4,
             max_placements: 64,

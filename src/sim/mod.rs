@@ -47,13 +47,22 @@ pub fn simulate(common: &Common, args: &SimArgs) -> Result<String, SimError> {
     let (spec, workload) = build(common, args)?;
     // Fail on a host that cannot hold the guests before spending minutes.
     SimHost::new(spec.host.clone(), workload.specs())?;
-    let report = run::run_all(&spec, &workload)?;
+    let report = if args.seeds > 1 {
+        let mut runs = Vec::new();
+        for seed in args.seed..args.seed.saturating_add(args.seeds) {
+            let (spec, workload) = build(common, &SimArgs { seed, ..args.clone() })?;
+            runs.push(run::SeedReport { seed, policies: run::run_all(&spec, &workload)?.policies });
+        }
+        Report::combine(runs)
+    } else {
+        run::run_all(&spec, &workload)?
+    };
     if args.json {
         return Ok(run::render_json(&report) + "\n");
     }
     let vcpus: u32 = workload.specs().iter().map(|g| g.vcpus).sum();
     let header = format!(
-        "simulated host: {} cpus, {} MiB, {} guests, {} vCPUs; {} quanta of {} ({} virtual)\n\n",
+        "simulated host: {} cpus, {} MiB, {} guests, {} vCPUs; {} quanta of {} ({} virtual){}\n\n",
         spec.host.cpus,
         spec.host.mem_total_kib / 1024,
         workload.specs().len(),
@@ -61,6 +70,7 @@ pub fn simulate(common: &Common, args: &SimArgs) -> Result<String, SimError> {
         spec.quanta,
         humantime::format_duration(spec.quantum),
         humantime::format_duration(args.duration),
+        if args.seeds > 1 { format!("; seeds {} to {}", args.seed, args.seed + args.seeds - 1) } else { String::new() },
     );
     Ok(header + &run::render_table(&report))
 }

@@ -74,7 +74,53 @@ pub struct PolicyReport {
 /// The whole report of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Per policy; over several seeds, the mean of each figure (host-reserve violations: the
+    /// worst seed).
     pub policies: Vec<PolicyReport>,
+    /// Over several seeds: each seed's own report.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<SeedReport>,
+}
+
+/// One seed's report within a run over several seeds.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedReport {
+    pub seed: u64,
+    pub policies: Vec<PolicyReport>,
+}
+
+impl Report {
+    /// Combines the reports of several seeds: the mean of each figure per policy, the worst
+    /// seed's host-reserve violations; each seed's report is kept in `runs`.
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    pub fn combine(runs: Vec<SeedReport>) -> Report {
+        let Some(first) = runs.first() else { return Report { policies: Vec::new(), runs } };
+        let n = runs.len() as f64;
+        let policies = first
+            .policies
+            .iter()
+            .enumerate()
+            .map(|(i, p0)| {
+                let all: Vec<&PolicyReport> = runs.iter().filter_map(|r| r.policies.get(i)).collect();
+                let m = |f: fn(&PolicyReport) -> f64| all.iter().map(|p| f(p)).sum::<f64>() / n;
+                let mu = |f: fn(&PolicyReport) -> u64| (all.iter().map(|p| f(p) as f64).sum::<f64>() / n).round() as u64;
+                PolicyReport {
+                    name: p0.name.clone(),
+                    busiest_over_bound_mean: m(|p| p.busiest_over_bound_mean),
+                    busiest_over_bound_p99: m(|p| p.busiest_over_bound_p99),
+                    busiest_over_bound_mean_converged: m(|p| p.busiest_over_bound_mean_converged),
+                    delay_core_seconds: m(|p| p.delay_core_seconds),
+                    repins_per_vcpu_hour: m(|p| p.repins_per_vcpu_hour),
+                    placements: mu(|p| p.placements),
+                    mem_reclaimed_fraction: m(|p| p.mem_reclaimed_fraction),
+                    starvation_events: mu(|p| p.starvation_events),
+                    host_reserve_violations: all.iter().map(|p| p.host_reserve_violations).max().unwrap_or(0),
+                    agent_cpu_us_per_quantum: m(|p| p.agent_cpu_us_per_quantum),
+                }
+            })
+            .collect();
+        Report { policies, runs }
+    }
 }
 
 enum Driver {
@@ -215,7 +261,7 @@ pub fn run_all(spec: &RunSpec, workload: &Workload) -> Result<Report, SimError> 
         });
     }
     let policies = out.into_iter().flatten().collect::<Result<Vec<_>, _>>()?;
-    Ok(Report { policies })
+    Ok(Report { policies, runs: Vec::new() })
 }
 
 fn fmt(x: f64) -> String {
@@ -277,6 +323,19 @@ pub fn render_table(r: &Report) -> String {
             }
         }
         s.push('\n');
+    }
+    if r.runs.len() > 1 {
+        let _ = write!(s, "\nmeans over {} seeds (host-reserve violations: worst seed)\n", r.runs.len());
+        for other in [Policy::Baseline, Policy::Static] {
+            let _ = write!(s, "delay ours/{} per seed:", other.name());
+            for run in &r.runs {
+                let get = |p: Policy| run.policies.iter().find(|x| x.name == p.name()).map(|x| x.delay_core_seconds);
+                if let (Some(o), Some(b)) = (get(Policy::Ours), get(other)) {
+                    let _ = write!(s, " {}:{}", run.seed, ratio(o, b));
+                }
+            }
+            s.push('\n');
+        }
     }
     s
 }

@@ -86,7 +86,7 @@ fn never_flips_a_single_heavy_vcpu() {
 
 #[test]
 fn below_threshold_means_no_action() {
-    let input = CpuInput { cpus: cpus(2), vcpus: vec![vcpu("a", 0, 0.4, Some(0)), vcpu("a", 1, 0.4, Some(0))] };
+    let input = CpuInput { cpus: cpus(2), vcpus: vec![vcpu("a", 0, 0.35, Some(0)), vcpu("a", 1, 0.35, Some(0))] };
     assert!(plan(&input, &CpuPolicy::default()).is_empty());
 }
 
