@@ -362,6 +362,15 @@ fn peak_relief(
     over.sort_by(|&a, &b| peak_load[b].total_cmp(&peak_load[a]).then(a.cmp(&b)));
     let mut targets: Vec<usize> = (0..load.len()).filter(|&c| !settling[c]).collect();
     targets.sort_by(|&a, &b| peak_load[a].total_cmp(&peak_load[b]).then(a.cmp(&b)));
+    // least_load[k]: the lowest load among the k targets with the lowest peaks. A vCPU of peak
+    // p can only go to a prefix of `targets`; if even that prefix's least loaded cpu cannot
+    // take its demand, no scan is needed.
+    let mut least_load = Vec::with_capacity(targets.len() + 1);
+    least_load.push(f64::INFINITY);
+    for &t in &targets {
+        let m = least_load.last().copied().unwrap_or(f64::INFINITY);
+        least_load.push(m.min(load[t]));
+    }
     for &b in &over {
         let excess = peak_load[b] - limit;
         let mut movers: Vec<usize> = on[b].iter().copied().filter(|&v| free[v]).collect();
@@ -377,11 +386,12 @@ fn peak_relief(
                 continue;
             }
             let fits = |t: usize| t != b && load[t] + d <= policy.high + EPS;
+            let room = targets.partition_point(|&t| peak_load[t] + p <= limit + EPS);
+            if least_load[room] + d > policy.high + EPS {
+                continue;
+            }
             let mut first = None;
-            for &t in &targets {
-                if peak_load[t] + p > limit + EPS {
-                    break;
-                }
+            for &t in &targets[..room] {
                 if !fits(t) {
                     continue;
                 }
