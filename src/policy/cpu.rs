@@ -25,6 +25,7 @@
 //! Pure: no I/O, no clock. [`input_from`] turns a snapshot into the plain input of [`plan`].
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use crate::host::CpuSet;
 use crate::model::Snapshot;
@@ -95,7 +96,8 @@ pub struct CpuSlot {
 /// One vCPU the planner knows the demand of.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VcpuSlot {
-    pub domain: String,
+    /// Shared by the domain's vCPUs: one allocation per domain, not per vCPU.
+    pub domain: Rc<str>,
     pub vcpu: u32,
     /// Smoothed usage + delay, cores.
     pub demand: f64,
@@ -125,7 +127,16 @@ pub fn input_from(
     touched_at: &HashMap<u32, u64>,
     policy: &CpuPolicy,
 ) -> CpuInput {
-    let index: HashMap<u32, usize> = snap.host.cpus.iter().enumerate().map(|(i, &c)| (c, i)).collect();
+    // Cpu id -> index into `cpus`, as a table: looked up once or twice per vCPU.
+    let mut index: Vec<Option<usize>> = Vec::new();
+    for (i, &c) in snap.host.cpus.iter().enumerate() {
+        let c = c as usize;
+        if index.len() <= c {
+            index.resize(c + 1, None);
+        }
+        index[c] = Some(i);
+    }
+    let index_of = |c: u32| index.get(c as usize).copied().flatten();
     let mut cpus: Vec<CpuSlot> = snap
         .host
         .cpus
@@ -141,10 +152,11 @@ pub fn input_from(
     let mut vcpus = Vec::new();
     for d in &snap.domains {
         let moved = moved_at.get(&d.dom.name);
+        let name: Rc<str> = Rc::from(d.dom.name.as_str());
         for v in &d.vcpus {
             let Some(rates) = v.rates else { continue };
             let single = v.pinned_to.as_single();
-            let cpu = single.and_then(|c| index.get(&c).copied());
+            let cpu = single.and_then(index_of);
             let cooling = moved
                 .and_then(|m| m.get(&v.id))
                 .is_some_and(|&t| snap.t_ns < t.saturating_add(policy.cooldown_ns));
@@ -158,11 +170,11 @@ pub fn input_from(
                 continue;
             }
             // Take what it ran out of the fixed load of the cpu it ran on.
-            if let Some(i) = cpu.or_else(|| v.pcpu.and_then(|c| index.get(&c).copied())) {
+            if let Some(i) = cpu.or_else(|| v.pcpu.and_then(index_of)) {
                 cpus[i].fixed -= rates.usage;
             }
             vcpus.push(VcpuSlot {
-                domain: d.dom.name.clone(),
+                domain: Rc::clone(&name),
                 vcpu: v.id,
                 demand: rates.demand.clamp(0.0, 1.0),
                 peak: rates.peak.clamp(rates.demand.clamp(0.0, 1.0), 1.0),
@@ -220,7 +232,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         let v = &input.vcpus[i];
         let c = place(input, policy, &load, &peak_load, &on, v);
         actions.push(Action::Pin {
-            domain: v.domain.clone(),
+            domain: v.domain.to_string(),
             vcpu: v.vcpu,
             from: v.current.clone(),
             to: CpuSet::single(input.cpus[c].id),
@@ -279,7 +291,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             None => format!("move (demand {}): {why}", pct(v.demand)),
         };
         actions.push(Action::Pin {
-            domain: v.domain.clone(),
+            domain: v.domain.to_string(),
             vcpu: v.vcpu,
             from: v.current.clone(),
             to: CpuSet::single(input.cpus[t].id),
@@ -292,7 +304,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             on[b].push(w);
             free[w] = false;
             actions.push(Action::Pin {
-                domain: wv.domain.clone(),
+                domain: wv.domain.to_string(),
                 vcpu: wv.vcpu,
                 from: wv.current.clone(),
                 to: CpuSet::single(input.cpus[b].id),
@@ -325,7 +337,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         on[t].push(i);
         free[i] = false;
         actions.push(Action::Pin {
-            domain: v.domain.clone(),
+            domain: v.domain.to_string(),
             vcpu: v.vcpu,
             from: v.current.clone(),
             to: CpuSet::single(input.cpus[t].id),

@@ -22,7 +22,7 @@ fn loads_after(input: &CpuInput, plan: &[Action]) -> Vec<f64> {
     let mut at: Vec<Option<usize>> = input.vcpus.iter().map(|v| v.cpu).collect();
     for a in plan {
         if let Action::Pin { domain, vcpu, to, .. } = a {
-            let i = input.vcpus.iter().position(|v| &v.domain == domain && v.vcpu == *vcpu).unwrap();
+            let i = input.vcpus.iter().position(|v| *v.domain == **domain && v.vcpu == *vcpu).unwrap();
             let c = input.cpus.iter().position(|c| c.id == to.as_single().unwrap()).unwrap();
             at[i] = Some(c);
         }
@@ -206,7 +206,7 @@ proptest! {
             let mut pk: Vec<f64> = input.cpus.iter().map(|c| c.fixed).collect();
             for v in &input.vcpus {
                 let to = plan.iter().find_map(|a| match a {
-                    Action::Pin { domain, vcpu, to, .. } if *domain == v.domain && *vcpu == v.vcpu => to.as_single(),
+                    Action::Pin { domain, vcpu, to, .. } if **domain == *v.domain && *vcpu == v.vcpu => to.as_single(),
                     _ => None,
                 });
                 let c = to.map_or(v.cpu.unwrap(), |t| input.cpus.iter().position(|c| c.id == t).unwrap());
@@ -224,7 +224,7 @@ proptest! {
         let mut seen = std::collections::HashSet::new();
         for a in &p {
             let Action::Pin { domain, vcpu, to, .. } = a else { panic!() };
-            let v = input.vcpus.iter().find(|v| &v.domain == domain && v.vcpu == *vcpu).unwrap();
+            let v = input.vcpus.iter().find(|v| *v.domain == **domain && v.vcpu == *vcpu).unwrap();
             prop_assert!(v.movable);
             prop_assert!(seen.insert(*vcpu));
             let t = to.as_single();
