@@ -215,7 +215,6 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
     // The same with each vCPU counted at its recent peak.
     let mut peak_load = load.clone();
     let mut on: Vec<Vec<usize>> = vec![Vec::new(); n];
-    let mut at: Vec<Option<usize>> = input.vcpus.iter().map(|v| v.cpu).collect();
     let mut free: Vec<bool> = input.vcpus.iter().map(|v| v.movable).collect();
     for (i, v) in input.vcpus.iter().enumerate() {
         if let Some(c) = v.cpu {
@@ -226,7 +225,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
     }
 
     // 1. Placement of floating vCPUs, heaviest first.
-    let mut floating: Vec<usize> = (0..input.vcpus.len()).filter(|&i| at[i].is_none() && free[i]).collect();
+    let mut floating: Vec<usize> = (0..input.vcpus.len()).filter(|&i| input.vcpus[i].cpu.is_none() && free[i]).collect();
     floating.sort_by(|&a, &b| input.vcpus[b].demand.total_cmp(&input.vcpus[a].demand).then(a.cmp(&b)));
     for &i in floating.iter().take(policy.max_placements) {
         let v = &input.vcpus[i];
@@ -237,7 +236,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             from: v.current.clone(),
             to: CpuSet::single(input.cpus[c].id),
             reason: format!(
-                "initial placement: vCPU floated on cpus {} (demand {}); cpu {} is the least loaded allowed cpu ({})",
+                "initial placement: vCPU floated on cpus {} (demand {}); cpu {} is among the least loaded allowed cpus ({}) and holds the fewest of its siblings",
                 v.current,
                 pct(v.demand),
                 input.cpus[c].id,
@@ -247,7 +246,6 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         load[c] += v.demand;
         peak_load[c] += v.peak;
         on[c].push(i);
-        at[i] = Some(c);
         free[i] = false;
     }
 
@@ -268,14 +266,6 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         let v = &input.vcpus[best.v];
         let (src_before, tgt_before) = (load[b], load[t]);
         let moved_back = best.w.map_or(0.0, |w| input.vcpus[w].demand);
-        load[b] += moved_back - v.demand;
-        load[t] += v.demand - moved_back;
-        let peak_back = best.w.map_or(0.0, |w| input.vcpus[w].peak);
-        peak_load[b] += peak_back - v.peak;
-        peak_load[t] += v.peak - peak_back;
-        on[b].retain(|&x| x != best.v);
-        on[t].push(best.v);
-        free[best.v] = false;
         let why = format!(
             "cpu {} at {} (over {}), cpu {} at {}; after: {} and {}",
             input.cpus[b].id,
@@ -283,33 +273,18 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             pct(policy.high),
             input.cpus[t].id,
             pct(tgt_before),
-            pct(load[b]),
-            pct(load[t])
+            pct(src_before + moved_back - v.demand),
+            pct(tgt_before + v.demand - moved_back)
         );
         let pin_reason = match best.w {
             Some(w) => format!("swap with vCPU {} of {}: {why}", input.vcpus[w].vcpu, input.vcpus[w].domain),
             None => format!("move (demand {}): {why}", pct(v.demand)),
         };
-        actions.push(Action::Pin {
-            domain: v.domain.to_string(),
-            vcpu: v.vcpu,
-            from: v.current.clone(),
-            to: CpuSet::single(input.cpus[t].id),
-            reason: pin_reason,
-        });
+        actions.push(shift(input, &mut load, &mut peak_load, &mut on, &mut free, best.v, b, t, pin_reason));
         repins += 1;
         if let Some(w) = best.w {
-            let wv = &input.vcpus[w];
-            on[t].retain(|&x| x != w);
-            on[b].push(w);
-            free[w] = false;
-            actions.push(Action::Pin {
-                domain: wv.domain.to_string(),
-                vcpu: wv.vcpu,
-                from: wv.current.clone(),
-                to: CpuSet::single(input.cpus[b].id),
-                reason: format!("swap with vCPU {} of {} (demand {}): {why}", v.vcpu, v.domain, pct(wv.demand)),
-            });
+            let reason = format!("swap with vCPU {} of {} (demand {}): {why}", v.vcpu, v.domain, pct(input.vcpus[w].demand));
+            actions.push(shift(input, &mut load, &mut peak_load, &mut on, &mut free, w, t, b, reason));
             repins += 1;
         }
     }
@@ -329,23 +304,41 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             pct(peak_load[t]),
             pct(load[t])
         );
-        load[b] -= v.demand;
-        load[t] += v.demand;
-        peak_load[b] -= v.peak;
-        peak_load[t] += v.peak;
-        on[b].retain(|&x| x != i);
-        on[t].push(i);
-        free[i] = false;
-        actions.push(Action::Pin {
-            domain: v.domain.to_string(),
-            vcpu: v.vcpu,
-            from: v.current.clone(),
-            to: CpuSet::single(input.cpus[t].id),
-            reason: why,
-        });
+        actions.push(shift(input, &mut load, &mut peak_load, &mut on, &mut free, i, b, t, why));
         repins += 1;
     }
     actions
+}
+
+/// Moves vCPU `i` from cpu `b` to cpu `t` in the plan's working state; returns its pin.
+// The working state is passed piecewise, as to `best_candidate`.
+#[allow(clippy::too_many_arguments)]
+fn shift(
+    input: &CpuInput,
+    load: &mut [f64],
+    peak_load: &mut [f64],
+    on: &mut [Vec<usize>],
+    free: &mut [bool],
+    i: usize,
+    b: usize,
+    t: usize,
+    reason: String,
+) -> Action {
+    let v = &input.vcpus[i];
+    load[b] -= v.demand;
+    load[t] += v.demand;
+    peak_load[b] -= v.peak;
+    peak_load[t] += v.peak;
+    on[b].retain(|&x| x != i);
+    on[t].push(i);
+    free[i] = false;
+    Action::Pin {
+        domain: v.domain.to_string(),
+        vcpu: v.vcpu,
+        from: v.current.clone(),
+        to: CpuSet::single(input.cpus[t].id),
+        reason,
+    }
 }
 
 /// Smallest drop of a cpu's peak excess that justifies a peak-safety repin, in cores.
