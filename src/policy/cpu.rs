@@ -204,68 +204,100 @@ fn pct(x: f64) -> String {
     format!("{:.0}%", x * 100.0)
 }
 
-/// Plans the pins of one quantum.
-pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
-    let n = input.cpus.len();
-    let mut actions = Vec::new();
-    if n == 0 {
-        return actions;
-    }
-    let mut load: Vec<f64> = input.cpus.iter().map(|c| c.fixed).collect();
-    // The same with each vCPU counted at its recent peak.
-    let mut peak_load = load.clone();
-    let mut on: Vec<Vec<usize>> = vec![Vec::new(); n];
-    let mut free: Vec<bool> = input.vcpus.iter().map(|v| v.movable).collect();
-    for (i, v) in input.vcpus.iter().enumerate() {
-        if let Some(c) = v.cpu {
-            load[c] += v.demand;
-            peak_load[c] += v.peak;
-            on[c].push(i);
+/// The plan's working state: loads and placements as the changes planned so far leave them.
+struct Work {
+    load: Vec<f64>,
+    /// The same with each vCPU counted at its recent peak.
+    peak_load: Vec<f64>,
+    /// vCPUs on each cpu.
+    on: Vec<Vec<usize>>,
+    /// vCPUs the plan may still move.
+    free: Vec<bool>,
+    /// Cpus left out of balancing (`CpuSlot::settling`).
+    settling: Vec<bool>,
+}
+
+impl Work {
+    fn new(input: &CpuInput) -> Work {
+        let n = input.cpus.len();
+        let load: Vec<f64> = input.cpus.iter().map(|c| c.fixed).collect();
+        let mut w = Work {
+            peak_load: load.clone(),
+            load,
+            on: vec![Vec::new(); n],
+            free: input.vcpus.iter().map(|v| v.movable).collect(),
+            settling: input.cpus.iter().map(|c| c.settling).collect(),
+        };
+        for (i, v) in input.vcpus.iter().enumerate() {
+            if let Some(c) = v.cpu {
+                w.add(input, i, c);
+            }
         }
+        w
     }
 
+    /// Counts vCPU `i` on cpu `c`.
+    fn add(&mut self, input: &CpuInput, i: usize, c: usize) {
+        let v = &input.vcpus[i];
+        self.load[c] += v.demand;
+        self.peak_load[c] += v.peak;
+        self.on[c].push(i);
+    }
+
+    /// Moves vCPU `i` from cpu `b` to cpu `t` (it moves no more in this plan); returns its pin.
+    fn shift(&mut self, input: &CpuInput, i: usize, b: usize, t: usize, reason: String) -> Action {
+        let v = &input.vcpus[i];
+        self.load[b] -= v.demand;
+        self.peak_load[b] -= v.peak;
+        self.on[b].retain(|&x| x != i);
+        self.add(input, i, t);
+        self.free[i] = false;
+        pin(v, input.cpus[t].id, reason)
+    }
+}
+
+fn pin(v: &VcpuSlot, cpu: u32, reason: String) -> Action {
+    Action::Pin { domain: v.domain.to_string(), vcpu: v.vcpu, from: v.current.clone(), to: CpuSet::single(cpu), reason }
+}
+
+/// Plans the pins of one quantum.
+pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
+    let mut actions = Vec::new();
+    if input.cpus.is_empty() {
+        return actions;
+    }
+    let mut w = Work::new(input);
+
     // 1. Placement of floating vCPUs, heaviest first.
-    let mut floating: Vec<usize> = (0..input.vcpus.len()).filter(|&i| input.vcpus[i].cpu.is_none() && free[i]).collect();
+    let mut floating: Vec<usize> = (0..input.vcpus.len()).filter(|&i| input.vcpus[i].cpu.is_none() && w.free[i]).collect();
     floating.sort_by(|&a, &b| input.vcpus[b].demand.total_cmp(&input.vcpus[a].demand).then(a.cmp(&b)));
     for &i in floating.iter().take(policy.max_placements) {
         let v = &input.vcpus[i];
-        let c = place(input, policy, &load, &peak_load, &on, v);
-        actions.push(Action::Pin {
-            domain: v.domain.to_string(),
-            vcpu: v.vcpu,
-            from: v.current.clone(),
-            to: CpuSet::single(input.cpus[c].id),
-            reason: format!(
-                "initial placement: vCPU floated on cpus {} (demand {}); cpu {} is among the least loaded allowed cpus ({}) and holds the fewest of its siblings",
-                v.current,
-                pct(v.demand),
-                input.cpus[c].id,
-                pct(load[c])
-            ),
-        });
-        load[c] += v.demand;
-        peak_load[c] += v.peak;
-        on[c].push(i);
-        free[i] = false;
+        let c = place(input, policy, &w, v);
+        let reason = format!(
+            "initial placement: vCPU floated on cpus {} (demand {}); cpu {} is among the least loaded allowed cpus ({}) and holds the fewest of its siblings",
+            v.current,
+            pct(v.demand),
+            input.cpus[c].id,
+            pct(w.load[c])
+        );
+        actions.push(pin(v, input.cpus[c].id, reason));
+        w.add(input, i, c);
+        w.free[i] = false;
     }
 
     // 2. Balancing.
     let mut repins = 0;
-    let settling: Vec<bool> = input.cpus.iter().map(|c| c.settling).collect();
     while repins < policy.max_repins {
-        let Some(b) = argmax(&load, &settling) else { break };
-        if load[b] <= policy.high + EPS {
+        let Some(b) = argmax(&w.load, &w.settling) else { break };
+        if w.load[b] <= policy.high + EPS {
             break;
         }
-        let Some(best) =
-            best_candidate(input, policy, &load, &peak_load, &on, &free, &settling, b, policy.max_repins - repins)
-        else {
-            break;
-        };
+        let Some(best) = best_candidate(input, policy, &w, b, policy.max_repins - repins) else { break };
         let t = best.target;
         let v = &input.vcpus[best.v];
-        let (src_before, tgt_before) = (load[b], load[t]);
-        let moved_back = best.w.map_or(0.0, |w| input.vcpus[w].demand);
+        let (src_before, tgt_before) = (w.load[b], w.load[t]);
+        let moved_back = best.w.map_or(0.0, |x| input.vcpus[x].demand);
         let why = format!(
             "cpu {} at {} (over {}), cpu {} at {}; after: {} and {}",
             input.cpus[b].id,
@@ -277,68 +309,37 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             pct(tgt_before + v.demand - moved_back)
         );
         let pin_reason = match best.w {
-            Some(w) => format!("swap with vCPU {} of {}: {why}", input.vcpus[w].vcpu, input.vcpus[w].domain),
+            Some(x) => format!("swap with vCPU {} of {}: {why}", input.vcpus[x].vcpu, input.vcpus[x].domain),
             None => format!("move (demand {}): {why}", pct(v.demand)),
         };
-        actions.push(shift(input, &mut load, &mut peak_load, &mut on, &mut free, best.v, b, t, pin_reason));
+        actions.push(w.shift(input, best.v, b, t, pin_reason));
         repins += 1;
-        if let Some(w) = best.w {
-            let reason = format!("swap with vCPU {} of {} (demand {}): {why}", v.vcpu, v.domain, pct(input.vcpus[w].demand));
-            actions.push(shift(input, &mut load, &mut peak_load, &mut on, &mut free, w, t, b, reason));
+        if let Some(x) = best.w {
+            let reason = format!("swap with vCPU {} of {} (demand {}): {why}", v.vcpu, v.domain, pct(input.vcpus[x].demand));
+            actions.push(w.shift(input, x, t, b, reason));
             repins += 1;
         }
     }
 
     // 3. Peak safety.
     while repins < policy.max_repins {
-        let Some((b, i, t)) = peak_relief(input, policy, &load, &peak_load, &on, &free, &settling) else { break };
+        let Some((b, i, t)) = peak_relief(input, policy, &w) else { break };
         let v = &input.vcpus[i];
         let why = format!(
             "peak safety: the recent peaks on cpu {} add up to {} (over {}); vCPU peak {} (now {}) moves to cpu {} (peaks {}, load {})",
             input.cpus[b].id,
-            pct(peak_load[b]),
+            pct(w.peak_load[b]),
             pct(policy.peak_limit),
             pct(v.peak),
             pct(v.demand),
             input.cpus[t].id,
-            pct(peak_load[t]),
-            pct(load[t])
+            pct(w.peak_load[t]),
+            pct(w.load[t])
         );
-        actions.push(shift(input, &mut load, &mut peak_load, &mut on, &mut free, i, b, t, why));
+        actions.push(w.shift(input, i, b, t, why));
         repins += 1;
     }
     actions
-}
-
-/// Moves vCPU `i` from cpu `b` to cpu `t` in the plan's working state; returns its pin.
-// The working state is passed piecewise, as to `best_candidate`.
-#[allow(clippy::too_many_arguments)]
-fn shift(
-    input: &CpuInput,
-    load: &mut [f64],
-    peak_load: &mut [f64],
-    on: &mut [Vec<usize>],
-    free: &mut [bool],
-    i: usize,
-    b: usize,
-    t: usize,
-    reason: String,
-) -> Action {
-    let v = &input.vcpus[i];
-    load[b] -= v.demand;
-    load[t] += v.demand;
-    peak_load[b] -= v.peak;
-    peak_load[t] += v.peak;
-    on[b].retain(|&x| x != i);
-    on[t].push(i);
-    free[i] = false;
-    Action::Pin {
-        domain: v.domain.to_string(),
-        vcpu: v.vcpu,
-        from: v.current.clone(),
-        to: CpuSet::single(input.cpus[t].id),
-        reason,
-    }
 }
 
 /// Smallest drop of a cpu's peak excess that justifies a peak-safety repin, in cores.
@@ -350,15 +351,8 @@ const PEAK_MIN_GAIN: f64 = 0.05;
 /// under both `peak_limit` and `high`, in the same NUMA node if one fits there. Each such move
 /// lowers the total excess over all cpus by at least `PEAK_MIN_GAIN` and creates none, so
 /// these moves cannot cycle.
-fn peak_relief(
-    input: &CpuInput,
-    policy: &CpuPolicy,
-    load: &[f64],
-    peak_load: &[f64],
-    on: &[Vec<usize>],
-    free: &[bool],
-    settling: &[bool],
-) -> Option<(usize, usize, usize)> {
+fn peak_relief(input: &CpuInput, policy: &CpuPolicy, w: &Work) -> Option<(usize, usize, usize)> {
+    let Work { load, peak_load, on, free, settling } = w;
     let limit = policy.peak_limit;
     let mut over: Vec<usize> = (0..load.len()).filter(|&c| !settling[c] && peak_load[c] > limit + EPS).collect();
     if over.is_empty() {
@@ -428,14 +422,8 @@ fn argmax(load: &[f64], settling: &[bool]) -> Option<usize> {
 /// one holding the fewest vCPUs of the same domain (siblings tend to get busy together: a
 /// guest that wakes up wakes all its vCPUs), then the lowest recent peaks, then the fewest
 /// vCPUs.
-fn place(
-    input: &CpuInput,
-    policy: &CpuPolicy,
-    load: &[f64],
-    peak_load: &[f64],
-    on: &[Vec<usize>],
-    v: &VcpuSlot,
-) -> usize {
+fn place(input: &CpuInput, policy: &CpuPolicy, w: &Work, v: &VcpuSlot) -> usize {
+    let Work { load, peak_load, on, .. } = w;
     let least = load.iter().copied().fold(f64::INFINITY, f64::min);
     let siblings = |c: usize| on[c].iter().filter(|&&x| input.vcpus[x].domain == v.domain).count();
     (0..load.len())
@@ -463,19 +451,8 @@ fn pair_gain(policy: &CpuPolicy, src: f64, tgt: f64, delta: f64) -> Option<f64> 
     Some(src - ns.max(nt))
 }
 
-// The planner's working state is passed piecewise to keep the borrows simple in `plan`.
-#[allow(clippy::too_many_arguments)]
-fn best_candidate(
-    input: &CpuInput,
-    policy: &CpuPolicy,
-    load: &[f64],
-    peak_load: &[f64],
-    on: &[Vec<usize>],
-    free: &[bool],
-    settling: &[bool],
-    b: usize,
-    repins_left: usize,
-) -> Option<Candidate> {
+fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repins_left: usize) -> Option<Candidate> {
+    let Work { load, peak_load, on, free, settling } = w;
     let node_b = input.cpus[b].node;
     // A candidate must gain `min_gain`, except an overload relief: the source is above `high`
     // (the caller only plans for such a source) and the target stays under it, so the change
