@@ -9,8 +9,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use vm_balancer::collect::Collector;
 use vm_balancer::cli::Common;
+use vm_balancer::collect::Collector;
 use vm_balancer::daemon::{Agent, AgentConfig};
 use vm_balancer::host::Host as _;
 use vm_balancer::model::{ModelConfig, Snapshot, Tracker};
@@ -42,7 +42,12 @@ fn host(cpus: u32, domains: usize, seed: u64) -> SimHost {
 fn snapshot(cpus: u32, domains: usize) -> Snapshot {
     let mut h = host(cpus, domains, 7);
     let topo = h.topology().expect("topology");
-    let cfg = ModelConfig { smoothing_ns: 6_000_000_000, peak_ns: 4 * 3_600_000_000_000, allowed_cpus: (0..cpus).collect(), exclude: vec![] };
+    let cfg = ModelConfig {
+        smoothing_ns: 6_000_000_000,
+        peak_ns: 4 * 3_600_000_000_000,
+        allowed_cpus: (0..cpus).collect(),
+        exclude: vec![],
+    };
     let mut tracker = Tracker::new(cfg, topo);
     let mut col = Collector::new();
     let mut snap = None;
@@ -73,7 +78,9 @@ fn decide(c: &mut Criterion) {
             });
             if cpus == 512 || domains == 1024 {
                 let input = cpu::input_from(&snap, &moved, &touched, &pol);
-                g.bench_with_input(BenchmarkId::new("plan", &id), &input, |b, i| b.iter(|| black_box(cpu::plan(black_box(i), &pol))));
+                g.bench_with_input(BenchmarkId::new("plan", &id), &input, |b, i| {
+                    b.iter(|| black_box(cpu::plan(black_box(i), &pol)))
+                });
             }
         }
     }

@@ -42,7 +42,11 @@ fn sampling(c: &mut Criterion) {
     let root = Path::new("/");
     let t0 = Instant::now();
     let ok = tids.iter().filter(|&&t| matches!(procfs::schedstat(root, pid, t), Ok(Some(_)))).count();
-    eprintln!("one pass over {} threads ({ok} read): {:.2} µs per thread", tids.len(), t0.elapsed().as_secs_f64() * 1e6 / tids.len() as f64);
+    eprintln!(
+        "one pass over {} threads ({ok} read): {:.2} µs per thread",
+        tids.len(),
+        t0.elapsed().as_secs_f64() * 1e6 / tids.len() as f64
+    );
 
     let mut g = c.benchmark_group("sampling");
     g.sample_size(20).measurement_time(Duration::from_secs(5)).throughput(Throughput::Elements(tids.len() as u64));

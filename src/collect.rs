@@ -60,7 +60,13 @@ impl Collector {
             }
             match host.describe(dom) {
                 Ok(desc) => {
-                    debug!("discovered {} (id {}, {} vCPUs, pid {:?})", dom.name, dom.id, desc.vcpu_tids.len(), desc.pid);
+                    debug!(
+                        "discovered {} (id {}, {} vCPUs, pid {:?})",
+                        dom.name,
+                        dom.id,
+                        desc.vcpu_tids.len(),
+                        desc.pid
+                    );
                     self.known.insert(dom.name.clone(), desc);
                 }
                 Err(HostError::DomainGone(_)) => debug!("{} went away during discovery", dom.name),

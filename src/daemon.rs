@@ -13,8 +13,8 @@ use crate::actuate::{self, Outcome};
 use crate::cli::Common;
 use crate::collect::Collector;
 use crate::host::{Host, HostError};
-use crate::model::{ModelConfig, Snapshot, Tracker};
 use crate::memctl::{MemTiming, MemTracker};
+use crate::model::{ModelConfig, Snapshot, Tracker};
 use crate::policy::cpu::{self, CpuPolicy};
 use crate::policy::mem::{self, MemPolicy, Verdict};
 use crate::policy::{Action, Plan};
@@ -266,8 +266,9 @@ impl<H: Host> Agent<H> {
             return report;
         }
         let want_balloons = self.cfg.mem.as_ref().is_some_and(|m| {
-            self.last_balloons_ns
-                .is_none_or(|t| now.saturating_sub(t) + 1_000_000 >= u64::try_from(m.interval.as_nanos()).unwrap_or(u64::MAX))
+            self.last_balloons_ns.is_none_or(|t| {
+                now.saturating_sub(t) + 1_000_000 >= u64::try_from(m.interval.as_nanos()).unwrap_or(u64::MAX)
+            })
         });
         let raw = match self.collector.sample(&mut self.host, want_balloons) {
             Ok(r) => r,

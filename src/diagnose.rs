@@ -131,7 +131,11 @@ pub fn render_table(r: &Report) -> String {
             pct(r.host.cpu_busy.get(i).copied())
         );
     }
-    let _ = writeln!(s, "\n{:<24} {:>4} {:>5} {:>9} {:>6} {:>6}  note", "domain", "vcpu", "pcpu", "pinned", "usage", "delay");
+    let _ = writeln!(
+        s,
+        "\n{:<24} {:>4} {:>5} {:>9} {:>6} {:>6}  note",
+        "domain", "vcpu", "pcpu", "pinned", "usage", "delay"
+    );
     for d in &r.domains {
         let note = d.excluded_why.clone().unwrap_or_default();
         if d.vcpus.is_empty() {

@@ -13,11 +13,7 @@ use vm_balancer::host::libvirt::LibvirtHost;
 use vm_balancer::{actuate, diagnose};
 
 fn init_logging(c: &Common) {
-    env_logger::Builder::new()
-        .filter_level(c.log_filter())
-        .format_timestamp_millis()
-        .format_target(false)
-        .init();
+    env_logger::Builder::new().filter_level(c.log_filter()).format_timestamp_millis().format_target(false).init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

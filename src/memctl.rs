@@ -117,7 +117,8 @@ impl MemTracker {
                 hold = Some(Hold::NoReport("no balloon statistics this interval".into()));
             } else if let Some(why) = stale(b, snap.epoch_s, d.desc.stats_period_s) {
                 hold = Some(Hold::NoReport(why));
-            } else if age_ns(d.desc.started_epoch_s, snap.epoch_s, now.saturating_sub(st.first_seen_ns)) < t.min_age_ns {
+            } else if age_ns(d.desc.started_epoch_s, snap.epoch_s, now.saturating_sub(st.first_seen_ns)) < t.min_age_ns
+            {
                 hold = Some(Hold::Young);
             } else if now < st.backoff_until_ns {
                 hold = Some(Hold::BackedOff);
@@ -147,7 +148,8 @@ impl MemTracker {
                 hold,
             });
         }
-        let host = HostMem { available_kib: snap.host.mem_available_kib, psi_some_avg10: snap.host.mem_pressure_some_avg10 };
+        let host =
+            HostMem { available_kib: snap.host.mem_available_kib, psi_some_avg10: snap.host.mem_pressure_some_avg10 };
         (out, host)
     }
 }

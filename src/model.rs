@@ -233,7 +233,18 @@ impl Tracker {
             // Restarted or vCPU count changed: start the domain's history over.
             if st.id != rd.desc.dom.id || st.vcpus.len() != rd.vcpus.len() {
                 st.id = rd.desc.dom.id;
-                st.vcpus = rd.vcpus.iter().map(|_| VcpuState { tid: None, demand_ema: None, peaks: PeakWindow::default(), run_ns: 0, wait_ns: 0, rates: None }).collect();
+                st.vcpus = rd
+                    .vcpus
+                    .iter()
+                    .map(|_| VcpuState {
+                        tid: None,
+                        demand_ema: None,
+                        peaks: PeakWindow::default(),
+                        run_ns: 0,
+                        wait_ns: 0,
+                        rates: None,
+                    })
+                    .collect();
                 st.balloon = None;
             }
             if let Some(b) = balloons.get(name.as_str()) {
@@ -269,7 +280,7 @@ impl Tracker {
                     } else {
                         vs.rates = None; // counters went backwards: a new thread
                         vs.demand_ema = None;
-                    vs.peaks = PeakWindow::default();
+                        vs.peaks = PeakWindow::default();
                     }
                 } else {
                     vs.rates = None;
@@ -302,8 +313,7 @@ impl Tracker {
 
         wall?;
         self.quantum += 1;
-        let cpus: Vec<u32> =
-            raw.host.cpu_ids.iter().copied().filter(|c| self.cfg.allowed_cpus.contains(c)).collect();
+        let cpus: Vec<u32> = raw.host.cpu_ids.iter().copied().filter(|c| self.cfg.allowed_cpus.contains(c)).collect();
         let cpu_busy = cpus.iter().map(|c| self.cpu_busy.get(c).copied().unwrap_or(0.0)).collect();
         Some(Snapshot {
             t_ns: raw.t_ns,
@@ -344,13 +354,21 @@ mod tests {
         };
         let vcpus = times
             .iter()
-            .map(|&(run_ns, wait_ns)| Some(VcpuTimes { run_ns, wait_ns, affinity_mask: CpuSet(vec![0]), last_cpu: Some(0) }))
+            .map(|&(run_ns, wait_ns)| {
+                Some(VcpuTimes { run_ns, wait_ns, affinity_mask: CpuSet(vec![0]), last_cpu: Some(0) })
+            })
             .collect();
         RawSample {
             t_ns: t_s * S,
             epoch_s: t_s,
             domains: vec![RawDomain { desc, vcpus }],
-            host: HostSample { cpu_ids: vec![0, 1], cpu_busy_ns: vec![t_s * S, 0], mem_total_kib: 1, mem_available_kib: 1, mem_pressure_some_avg10: None },
+            host: HostSample {
+                cpu_ids: vec![0, 1],
+                cpu_busy_ns: vec![t_s * S, 0],
+                mem_total_kib: 1,
+                mem_available_kib: 1,
+                mem_pressure_some_avg10: None,
+            },
             balloons: None,
         }
     }

@@ -29,7 +29,8 @@ pub fn parse_size_kib(s: &str) -> Result<u64, String> {
 
 /// Parses a duration (`humantime`: `500ms`, `2s`, `1m30s`) within `[min, max]`.
 pub fn parse_duration_in(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?} is not a duration like 500ms or 2s ({e})"))?;
+    let d =
+        humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?} is not a duration like 500ms or 2s ({e})"))?;
     if d < min || d > max {
         return Err(format!(
             "{s:?} is out of range: allowed {} to {}",

@@ -51,7 +51,8 @@ fn environment_variables_are_read() {
 
 #[test]
 fn unreachable_hypervisor_is_a_clear_error_for_diagnose() {
-    let out = vmb(&["diagnose", "--connect", "qemu+unix:///system?socket=/nonexistent/sock", "--interval", "100ms"], &[]);
+    let out =
+        vmb(&["diagnose", "--connect", "qemu+unix:///system?socket=/nonexistent/sock", "--interval", "100ms"], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
 }

@@ -33,7 +33,11 @@ fn piled_up_busy_vcpus_get_spread() {
     let mut agent = Agent::start(FAST);
     let spread = wait_for(Duration::from_secs(20), || distinct(&g.pins()));
     assert!(spread, "vCPUs still piled: {:?}\nagent log:\n{}", g.pins(), agent.log());
-    assert!(agent.log().contains(&format!("of {} 0 -> 1", g.name)), "the move is logged with its reason:\n{}", agent.log());
+    assert!(
+        agent.log().contains(&format!("of {} 0 -> 1", g.name)),
+        "the move is logged with its reason:\n{}",
+        agent.log()
+    );
 
     // diagnose reports what libvirt says, and both vCPUs busy.
     let doc = diagnose_json(&[]);
@@ -55,7 +59,8 @@ fn piled_up_busy_vcpus_get_spread() {
 fn excluded_and_opted_out_domains_are_not_touched() {
     let _lab = lab();
     let meta = r#"<vmb:balancer xmlns:vmb="https://vm-balancer.org/xmlns/1" manage="no"/>"#;
-    let opted = Guest::start("optout", &GuestSpec { vcpus: 2, burn: 2, metadata: Some(meta.into()), ..GuestSpec::default() });
+    let opted =
+        Guest::start("optout", &GuestSpec { vcpus: 2, burn: 2, metadata: Some(meta.into()), ..GuestSpec::default() });
     let named = Guest::start("excl", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
     for g in [&opted, &named] {
         g.pin(0, "0");
@@ -212,7 +217,8 @@ fn dry_run_changes_nothing_and_diagnose_apply_applies_once() {
 fn persistent_pins_chosen_by_an_administrator_are_kept() {
     let _lab = lab();
     let pins = "<vcpupin vcpu='0' cpuset='0'/><vcpupin vcpu='1' cpuset='0'/>";
-    let g = Guest::start("adminpin", &GuestSpec { vcpus: 2, burn: 2, cputune: Some(pins.into()), ..GuestSpec::default() });
+    let g =
+        Guest::start("adminpin", &GuestSpec { vcpus: 2, burn: 2, cputune: Some(pins.into()), ..GuestSpec::default() });
     assert_eq!(g.pins(), vec!["0", "0"]);
     let doc = diagnose_json(&["--no-memory"]);
     let d = doc["domains"].as_array().unwrap().iter().find(|d| d["name"] == g.name.as_str()).unwrap();

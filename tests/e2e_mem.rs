@@ -8,18 +8,8 @@ use std::time::Duration;
 use common::*;
 
 const MIB: u64 = 1024;
-const FAST: &[&str] = &[
-    "--no-cpu",
-    "-v",
-    "--quantum",
-    "500ms",
-    "--mem-interval",
-    "1s",
-    "--mem-cooldown",
-    "2s",
-    "--min-age",
-    "3s",
-];
+const FAST: &[&str] =
+    &["--no-cpu", "-v", "--quantum", "500ms", "--mem-interval", "1s", "--mem-cooldown", "2s", "--min-age", "3s"];
 
 fn current_kib(g: &Guest) -> u64 {
     g.stat_u64(&["--balloon"], "balloon.current").expect("balloon.current")
@@ -105,14 +95,18 @@ fn host_reserve_blocks_grants_and_diagnose_says_so() {
     assert!(d["memory"]["current_kib"].as_u64().unwrap() > 0);
     // Without the reserve, the same diagnosis plans a grant.
     let doc = diagnose_json(&["--no-cpu", "--min-age", "1s"]);
-    let planned = doc["plan"].as_array().unwrap().iter().any(|a| a["action"] == "balloon" && a["domain"] == g.name.as_str());
+    let planned =
+        doc["plan"].as_array().unwrap().iter().any(|a| a["action"] == "balloon" && a["domain"] == g.name.as_str());
     assert!(planned, "{:#}", doc["plan"]);
 }
 
 #[test]
 fn guest_without_stats_period_gets_it_turned_on() {
     let _lab = lab();
-    let g = Guest::start("noperiod", &GuestSpec { memory_mib: 512, current_mib: 512, stats_period: None, ..GuestSpec::default() });
+    let g = Guest::start(
+        "noperiod",
+        &GuestSpec { memory_mib: 512, current_mib: 512, stats_period: None, ..GuestSpec::default() },
+    );
     // Without a period the guest reports once, at driver load, and never again.
     let last = || g.stat_u64(&["--balloon"], "balloon.last-update").unwrap_or(0);
     let before = last();

@@ -22,7 +22,8 @@ fn get(r: &Report, p: Policy) -> &sim::PolicyReport {
 #[test]
 fn ours_beats_static_on_delay() {
     for scenario in ["steady", "bursty", "mixed"] {
-        let r = run(&["--scenario", scenario, "--host-cpus", "16", "--guests", "24", "--duration", "20m", "--seed", "3"]);
+        let r =
+            run(&["--scenario", scenario, "--host-cpus", "16", "--guests", "24", "--duration", "20m", "--seed", "3"]);
         let (ours, stat, float) = (get(&r, Policy::Ours), get(&r, Policy::Static), get(&r, Policy::Floating));
         assert!(ours.delay_core_seconds < stat.delay_core_seconds, "{scenario}: {r:#?}");
         assert!(float.delay_core_seconds <= ours.delay_core_seconds + 1e-9, "{scenario}: {r:#?}");
@@ -113,7 +114,20 @@ fn missing_trace_dir_is_an_error_not_a_panic() {
 
 #[test]
 fn several_seeds_report_the_mean_and_each_seed() {
-    let argv = ["vm-balancer", "simulate", "--scenario", "bursty", "--host-cpus", "8", "--duration", "5m", "--seed", "4", "--seeds", "2"];
+    let argv = [
+        "vm-balancer",
+        "simulate",
+        "--scenario",
+        "bursty",
+        "--host-cpus",
+        "8",
+        "--duration",
+        "5m",
+        "--seed",
+        "4",
+        "--seeds",
+        "2",
+    ];
     let Sub::Simulate { common, sim: sa } = Cli::try_parse_from(argv).unwrap().command else { panic!("not simulate") };
     let out = sim::simulate(&common, &sa).unwrap();
     assert!(out.contains("seeds 4 to 5") && out.contains("delay ours/baseline per seed: 4:"), "{out}");

@@ -8,9 +8,9 @@ use virt::domain::Domain;
 use virt::error::ErrorNumber;
 use virt::sys;
 
+use super::procfs as pfs;
 use super::stats::{self, DomainStats};
 use super::{BalloonStats, DomainDesc, DomainRef, Host, HostError, HostSample, OptOut, Topology, VcpuTimes};
-use super::procfs as pfs;
 
 /// XML namespace of the opt-out element in a domain's `<metadata>`:
 /// `<vmb:balancer xmlns:vmb="https://vm-balancer.org/xmlns/1" manage="no"/>` leaves the whole
@@ -247,15 +247,14 @@ pub fn parse_domain_xml(live: &str, persistent: Option<&str>) -> Result<XmlFacts
     let doc = roxmltree::Document::parse(live).map_err(|e| e.to_string())?;
     let root = doc.root_element();
     let vcpu = child(root, "vcpu").ok_or("no <vcpu>")?;
-    let vcpus: u32 = vcpu
-        .attribute("current")
-        .or(vcpu.text())
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or("bad <vcpu>")?;
+    let vcpus: u32 =
+        vcpu.attribute("current").or(vcpu.text()).and_then(|s| s.trim().parse().ok()).ok_or("bad <vcpu>")?;
     let mem = child(root, "memory").ok_or("no <memory>")?;
     let max_kib = kib(mem.text().unwrap_or(""), mem.attribute("unit")).ok_or("bad <memory>")?;
     let balloon = child(root, "devices").and_then(|d| child(d, "memballoon"));
-    let has_balloon = balloon.is_some_and(|b| b.attribute("model") == Some("virtio") || b.attribute("model").is_some_and(|m| m.starts_with("virtio")));
+    let has_balloon = balloon.is_some_and(|b| {
+        b.attribute("model") == Some("virtio") || b.attribute("model").is_some_and(|m| m.starts_with("virtio"))
+    });
     let stats_period_s = balloon
         .and_then(|b| child(b, "stats"))
         .and_then(|s| s.attribute("period"))
@@ -280,21 +279,22 @@ pub fn parse_domain_xml(live: &str, persistent: Option<&str>) -> Result<XmlFacts
         }
     }
     if opt_out.cpu.is_none()
-        && let Some(p) = persistent {
-            let pdoc = roxmltree::Document::parse(p).map_err(|e| e.to_string())?;
-            let proot = pdoc.root_element();
-            let pins = child(proot, "cputune").is_some_and(|t| t.children().any(|c| c.has_tag_name("vcpupin")));
-            let pvcpu = child(proot, "vcpu");
-            let cpuset = pvcpu.and_then(|v| v.attribute("cpuset")).is_some();
-            let auto = pvcpu.and_then(|v| v.attribute("placement")) == Some("auto");
-            if pins {
-                opt_out.cpu = Some("persistent definition pins vCPUs (<cputune><vcpupin>)".into());
-            } else if cpuset {
-                opt_out.cpu = Some("persistent definition sets <vcpu cpuset>".into());
-            } else if auto {
-                opt_out.cpu = Some("persistent definition uses placement='auto' (numad)".into());
-            }
+        && let Some(p) = persistent
+    {
+        let pdoc = roxmltree::Document::parse(p).map_err(|e| e.to_string())?;
+        let proot = pdoc.root_element();
+        let pins = child(proot, "cputune").is_some_and(|t| t.children().any(|c| c.has_tag_name("vcpupin")));
+        let pvcpu = child(proot, "vcpu");
+        let cpuset = pvcpu.and_then(|v| v.attribute("cpuset")).is_some();
+        let auto = pvcpu.and_then(|v| v.attribute("placement")) == Some("auto");
+        if pins {
+            opt_out.cpu = Some("persistent definition pins vCPUs (<cputune><vcpupin>)".into());
+        } else if cpuset {
+            opt_out.cpu = Some("persistent definition sets <vcpu cpuset>".into());
+        } else if auto {
+            opt_out.cpu = Some("persistent definition uses placement='auto' (numad)".into());
         }
+    }
     Ok(XmlFacts { vcpus, max_kib, has_balloon, stats_period_s, opt_out })
 }
 

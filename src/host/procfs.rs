@@ -86,7 +86,8 @@ pub fn host_sample(root: &Path) -> Result<HostSample, HostError> {
     // Meminfo is in bytes in procfs-core (it converts the kB of the file).
     let mem_total_kib = mi.mem_total / 1024;
     let mem_available_kib = mi.mem_available.unwrap_or(mi.mem_free + mi.cached) / 1024;
-    let psi = procfs::MemoryPressure::from_file(root.join("proc/pressure/memory")).ok().map(|p| f64::from(p.some.avg10));
+    let psi =
+        procfs::MemoryPressure::from_file(root.join("proc/pressure/memory")).ok().map(|p| f64::from(p.some.avg10));
     Ok(HostSample { cpu_ids: online, cpu_busy_ns, mem_total_kib, mem_available_kib, mem_pressure_some_avg10: psi })
 }
 
@@ -201,9 +202,18 @@ mod tests {
         w("sys/devices/system/cpu/cpu0/node0/.keep", "");
         w("sys/devices/system/cpu/cpu1/topology/core_id", "1\n");
         w("sys/devices/system/cpu/cpu1/topology/physical_package_id", "0\n");
-        w("proc/stat", "cpu  100 0 50 1000 0 0 0 0 0 0\ncpu0 60 0 30 500 0 0 0 0 0 0\ncpu1 40 0 20 500 0 0 0 0 0 0\nintr 0\nctxt 10\nbtime 1700000000\nprocesses 5\nprocs_running 1\nprocs_blocked 0\n");
-        w("proc/meminfo", "MemTotal:       24000000 kB\nMemFree:        20000000 kB\nMemAvailable:   22000000 kB\nBuffers: 0 kB\nCached: 100 kB\nSwapCached: 0 kB\nActive: 0 kB\nInactive: 0 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\nDirty: 0 kB\nWriteback: 0 kB\nMapped: 0 kB\nShmem: 0 kB\nSlab: 0 kB\nPageTables: 0 kB\nCommitLimit: 0 kB\nCommitted_AS: 0 kB\nVmallocTotal: 0 kB\nVmallocUsed: 0 kB\nVmallocChunk: 0 kB\nAnonPages: 0 kB\nKernelStack: 0 kB\nSReclaimable: 0 kB\nSUnreclaim: 0 kB\nBounce: 0 kB\nNFS_Unstable: 0 kB\nMlocked: 0 kB\nUnevictable: 0 kB\nInactive(file): 0 kB\nActive(file): 0 kB\nInactive(anon): 0 kB\nActive(anon): 0 kB\n");
-        w("proc/pressure/memory", "some avg10=1.50 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n");
+        w(
+            "proc/stat",
+            "cpu  100 0 50 1000 0 0 0 0 0 0\ncpu0 60 0 30 500 0 0 0 0 0 0\ncpu1 40 0 20 500 0 0 0 0 0 0\nintr 0\nctxt 10\nbtime 1700000000\nprocesses 5\nprocs_running 1\nprocs_blocked 0\n",
+        );
+        w(
+            "proc/meminfo",
+            "MemTotal:       24000000 kB\nMemFree:        20000000 kB\nMemAvailable:   22000000 kB\nBuffers: 0 kB\nCached: 100 kB\nSwapCached: 0 kB\nActive: 0 kB\nInactive: 0 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\nDirty: 0 kB\nWriteback: 0 kB\nMapped: 0 kB\nShmem: 0 kB\nSlab: 0 kB\nPageTables: 0 kB\nCommitLimit: 0 kB\nCommitted_AS: 0 kB\nVmallocTotal: 0 kB\nVmallocUsed: 0 kB\nVmallocChunk: 0 kB\nAnonPages: 0 kB\nKernelStack: 0 kB\nSReclaimable: 0 kB\nSUnreclaim: 0 kB\nBounce: 0 kB\nNFS_Unstable: 0 kB\nMlocked: 0 kB\nUnevictable: 0 kB\nInactive(file): 0 kB\nActive(file): 0 kB\nInactive(anon): 0 kB\nActive(anon): 0 kB\n",
+        );
+        w(
+            "proc/pressure/memory",
+            "some avg10=1.50 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+        );
         w("proc/42/task/43/comm", "CPU 0/TCG\n");
         w("proc/42/task/43/schedstat", "7521520270 91560117 3251\n");
         w("proc/42/task/43/status", "Name:\tCPU 0/TCG\nCpus_allowed_list:\t1\n");

@@ -27,7 +27,8 @@ impl StatValue {
         match *self {
             StatValue::UInt(v) => Some(v),
             StatValue::Int(v) => u64::try_from(v).ok(),
-            StatValue::Double(v) if v >= 0.0 && v.is_finite() => {
+            StatValue::Double(v) if v >= 0.0 && v.is_finite() =>
+            {
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                 Some(v as u64)
             }

@@ -121,12 +121,7 @@ pub struct CpuInput {
 /// Builds the planner input from a snapshot. `moved_at` holds the time (host clock, ns) each
 /// vCPU was last moved, by domain then vCPU; `touched_at` the time each host cpu was last
 /// the source or target of a repin.
-pub fn input_from(
-    snap: &Snapshot,
-    moved_at: &MovedAt,
-    touched_at: &HashMap<u32, u64>,
-    policy: &CpuPolicy,
-) -> CpuInput {
+pub fn input_from(snap: &Snapshot, moved_at: &MovedAt, touched_at: &HashMap<u32, u64>, policy: &CpuPolicy) -> CpuInput {
     // Cpu id -> index into `cpus`, as a table: looked up once or twice per vCPU.
     let mut index: Vec<Option<usize>> = Vec::new();
     for (i, &c) in snap.host.cpus.iter().enumerate() {
@@ -157,9 +152,8 @@ pub fn input_from(
             let Some(rates) = v.rates else { continue };
             let single = v.pinned_to.as_single();
             let cpu = single.and_then(index_of);
-            let cooling = moved
-                .and_then(|m| m.get(&v.id))
-                .is_some_and(|&t| snap.t_ns < t.saturating_add(policy.cooldown_ns));
+            let cooling =
+                moved.and_then(|m| m.get(&v.id)).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.cooldown_ns));
             let movable = d.cpu_excluded.is_none() && !cooling;
             // Pinned to one cpu outside the allowed set: someone chose it; leave it in the fixed load.
             if single.is_some() && cpu.is_none() {
@@ -269,7 +263,8 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
     let mut w = Work::new(input);
 
     // 1. Placement of floating vCPUs, heaviest first.
-    let mut floating: Vec<usize> = (0..input.vcpus.len()).filter(|&i| input.vcpus[i].cpu.is_none() && w.free[i]).collect();
+    let mut floating: Vec<usize> =
+        (0..input.vcpus.len()).filter(|&i| input.vcpus[i].cpu.is_none() && w.free[i]).collect();
     floating.sort_by(|&a, &b| input.vcpus[b].demand.total_cmp(&input.vcpus[a].demand).then(a.cmp(&b)));
     for &i in floating.iter().take(policy.max_placements) {
         let v = &input.vcpus[i];
@@ -315,7 +310,8 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         actions.push(w.shift(input, best.v, b, t, pin_reason));
         repins += 1;
         if let Some(x) = best.w {
-            let reason = format!("swap with vCPU {} of {} (demand {}): {why}", v.vcpu, v.domain, pct(input.vcpus[x].demand));
+            let reason =
+                format!("swap with vCPU {} of {} (demand {}): {why}", v.vcpu, v.domain, pct(input.vcpus[x].demand));
             actions.push(w.shift(input, x, t, b, reason));
             repins += 1;
         }
@@ -505,23 +501,20 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
         }
     }
     let best_gain = cands.iter().map(|c| c.gain).fold(f64::NEG_INFINITY, f64::max);
-    cands
-        .into_iter()
-        .filter(|c| c.gain >= best_gain - policy.about_equal - EPS)
-        .min_by(|x, y| {
-            // Peaks the target would hold after the change: within the limit first.
-            let peak_safe = |c: &Candidate| {
-                let back = c.w.map_or(0.0, |w| input.vcpus[w].peak);
-                peak_load[c.target] + input.vcpus[c.v].peak - back <= policy.peak_limit + EPS
-            };
-            let key = |c: &Candidate| (usize::from(c.w.is_some()), !peak_safe(c), !c.same_node);
-            key(x)
-                .cmp(&key(y))
-                .then(input.vcpus[x.v].demand.total_cmp(&input.vcpus[y.v].demand))
-                .then(load[x.target].total_cmp(&load[y.target]))
-                .then(x.target.cmp(&y.target))
-                .then(x.v.cmp(&y.v))
-        })
+    cands.into_iter().filter(|c| c.gain >= best_gain - policy.about_equal - EPS).min_by(|x, y| {
+        // Peaks the target would hold after the change: within the limit first.
+        let peak_safe = |c: &Candidate| {
+            let back = c.w.map_or(0.0, |w| input.vcpus[w].peak);
+            peak_load[c.target] + input.vcpus[c.v].peak - back <= policy.peak_limit + EPS
+        };
+        let key = |c: &Candidate| (usize::from(c.w.is_some()), !peak_safe(c), !c.same_node);
+        key(x)
+            .cmp(&key(y))
+            .then(input.vcpus[x.v].demand.total_cmp(&input.vcpus[y.v].demand))
+            .then(load[x.target].total_cmp(&load[y.target]))
+            .then(x.target.cmp(&y.target))
+            .then(x.v.cmp(&y.v))
+    })
 }
 
 #[cfg(test)]

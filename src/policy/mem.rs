@@ -186,7 +186,10 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
         let usable = match g.usable_kib {
             Some(u) if u <= g.current_kib => u,
             Some(u) => {
-                out.verdicts.push(verdict("hold", format!("inconsistent report: usable {} above current {}", mib(u), mib(g.current_kib))));
+                out.verdicts.push(verdict(
+                    "hold",
+                    format!("inconsistent report: usable {} above current {}", mib(u), mib(g.current_kib)),
+                ));
                 continue;
             }
             None => {
@@ -198,7 +201,8 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
         let reclaim_thr = frac(current, p.reclaim_above).max(p.reclaim_min_kib);
         let swapping = g.swap_in_delta_kib > 0 || g.major_fault_delta > p.major_fault_threshold;
         if g.deflated_by_itself {
-            out.verdicts.push(verdict("starving", "balloon deflated by itself (deflate-on-oom): not inflated back".into()));
+            out.verdicts
+                .push(verdict("starving", "balloon deflated by itself (deflate-on-oom): not inflated back".into()));
             continue;
         }
         if swapping || usable < starve_thr {
@@ -216,12 +220,18 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
         let thr = if host_pressure { frac(current, middle).max(p.starve_min_kib) } else { reclaim_thr };
         let usable = usable.min(g.usable_low_kib.unwrap_or(usable));
         if usable > thr && g.cooling {
-            out.verdicts.push(verdict("steady", format!("usable {} above {}, but changed recently (--mem-cooldown)", mib(usable), mib(thr))));
+            out.verdicts.push(verdict(
+                "steady",
+                format!("usable {} above {}, but changed recently (--mem-cooldown)", mib(usable), mib(thr)),
+            ));
         } else if usable > thr {
             givers.push(Give { i, usable });
             out.verdicts.push(verdict("reclaim", format!("usable {} above {}", mib(usable), mib(thr))));
         } else {
-            out.verdicts.push(verdict("steady", format!("usable {} (at its recent peak use) within the dead band", mib(usable))));
+            out.verdicts.push(verdict(
+                "steady",
+                format!("usable {} (at its recent peak use) within the dead band", mib(usable)),
+            ));
         }
     }
 

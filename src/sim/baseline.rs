@@ -99,7 +99,12 @@ impl Baseline {
                 let Some(t) = t else { continue };
                 run_now.insert((di, vi), t.run_ns);
                 if let (Some(c), Some(prev)) = (t.affinity_mask.as_single(), self.prev_run.get(&(di, vi))) {
-                    vcpus.push(VcpuUse { dom: di, vcpu: u32::try_from(vi).unwrap_or(u32::MAX), cpu: c as usize, usage: t.run_ns.saturating_sub(*prev) as f64 });
+                    vcpus.push(VcpuUse {
+                        dom: di,
+                        vcpu: u32::try_from(vi).unwrap_or(u32::MAX),
+                        cpu: c as usize,
+                        usage: t.run_ns.saturating_sub(*prev) as f64,
+                    });
                 }
             }
         }
@@ -126,7 +131,13 @@ impl Baseline {
         host.pin_vcpu(&self.descs[v.dom].dom, v.vcpu, cpu)
     }
 
-    fn balance_cpu<H: Host>(&self, host: &mut H, ids: &[u32], usage: &[f64], vcpus: &[VcpuUse]) -> Result<(), HostError> {
+    fn balance_cpu<H: Host>(
+        &self,
+        host: &mut H,
+        ids: &[u32],
+        usage: &[f64],
+        vcpus: &[VcpuUse],
+    ) -> Result<(), HostError> {
         if usage.is_empty() {
             return Ok(());
         }

@@ -209,7 +209,10 @@ impl SimHost {
             return Err(SimError::NoGuests);
         }
         if cfg.mem_total_kib <= cfg.host_overhead_kib {
-            return Err(SimError::TooLittleMemory { total_kib: cfg.mem_total_kib, overhead_kib: cfg.host_overhead_kib });
+            return Err(SimError::TooLittleMemory {
+                total_kib: cfg.mem_total_kib,
+                overhead_kib: cfg.host_overhead_kib,
+            });
         }
         let room = cfg.mem_total_kib - cfg.host_overhead_kib;
         let room_for_guests = room.saturating_sub(cfg.reserve_kib);
@@ -231,16 +234,14 @@ impl SimHost {
             used += start;
             let pid = next_tid;
             let vcpus = (0..spec.vcpus)
-                .map(|v| {
-                    SimVcpu {
-                        tid: pid.saturating_add(1 + v),
-                        demand: 0.0,
-                        affinity: all.clone(),
-                        last_cpu: v % cfg.cpus,
-                        run_ns: 0.0,
-                        wait_ns: 0.0,
-                        served: 0.0,
-                    }
+                .map(|v| SimVcpu {
+                    tid: pid.saturating_add(1 + v),
+                    demand: 0.0,
+                    affinity: all.clone(),
+                    last_cpu: v % cfg.cpus,
+                    run_ns: 0.0,
+                    wait_ns: 0.0,
+                    served: 0.0,
                 })
                 .collect();
             next_tid = next_tid.saturating_add(spec.vcpus + 1);

@@ -103,7 +103,8 @@ impl Report {
             .map(|(i, p0)| {
                 let all: Vec<&PolicyReport> = runs.iter().filter_map(|r| r.policies.get(i)).collect();
                 let m = |f: fn(&PolicyReport) -> f64| all.iter().map(|p| f(p)).sum::<f64>() / n;
-                let mu = |f: fn(&PolicyReport) -> u64| (all.iter().map(|p| f(p) as f64).sum::<f64>() / n).round() as u64;
+                let mu =
+                    |f: fn(&PolicyReport) -> u64| (all.iter().map(|p| f(p) as f64).sum::<f64>() / n).round() as u64;
                 PolicyReport {
                     name: p0.name.clone(),
                     busiest_over_bound_mean: m(|p| p.busiest_over_bound_mean),
@@ -240,7 +241,11 @@ pub fn run_policy(policy: Policy, spec: &RunSpec, mut workload: Workload) -> Res
         busiest_over_bound_p99: percentile(&sorted, 0.99),
         busiest_over_bound_mean_converged: mean(&ratios_conv),
         delay_core_seconds: delay,
-        repins_per_vcpu_hour: if hours > 0.0 && total_vcpus > 0 { repins as f64 / (total_vcpus as f64 * hours) } else { 0.0 },
+        repins_per_vcpu_hour: if hours > 0.0 && total_vcpus > 0 {
+            repins as f64 / (total_vcpus as f64 * hours)
+        } else {
+            0.0
+        },
         placements,
         mem_reclaimed_fraction: if reclaimable > 0.0 { reclaimed / reclaimable } else { 1.0 },
         starvation_events: starving,
@@ -254,7 +259,8 @@ pub fn run_all(spec: &RunSpec, workload: &Workload) -> Result<Report, SimError> 
     let mut out: Vec<Option<Result<PolicyReport, SimError>>> = Policy::ALL.iter().map(|_| None).collect();
     for (pair, slots) in Policy::ALL.chunks(2).zip(out.chunks_mut(2)) {
         std::thread::scope(|s| {
-            let handles: Vec<_> = pair.iter().map(|&p| s.spawn(move || run_policy(p, spec, workload.clone()))).collect();
+            let handles: Vec<_> =
+                pair.iter().map(|&p| s.spawn(move || run_policy(p, spec, workload.clone()))).collect();
             for (h, slot) in handles.into_iter().zip(slots.iter_mut()) {
                 *slot = Some(h.join().unwrap_or_else(|_| Err(SimError::Workload("a policy run panicked".into()))));
             }
@@ -277,11 +283,7 @@ fn fmt(x: f64) -> String {
 }
 
 fn ratio(a: f64, b: f64) -> String {
-    if b.abs() < 1e-12 {
-        if a.abs() < 1e-12 { "=".into() } else { "inf".into() }
-    } else {
-        format!("{:.2}x", a / b)
-    }
+    if b.abs() < 1e-12 { if a.abs() < 1e-12 { "=".into() } else { "inf".into() } } else { format!("{:.2}x", a / b) }
 }
 
 /// The report as a table: one row per figure, one column per policy, then ours as a ratio to

@@ -164,11 +164,7 @@ struct LiveRow {
 ///
 /// [`TraceError::Parse`] for the first malformed line.
 pub fn parse_trace(name: &str, text: &str, path: &Path) -> Result<TraceVm, TraceError> {
-    let parse_error = |line: usize, msg: String| TraceError::Parse {
-        path: path.to_path_buf(),
-        line,
-        msg,
-    };
+    let parse_error = |line: usize, msg: String| TraceError::Parse { path: path.to_path_buf(), line, msg };
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut lines = text.lines().enumerate().map(|(idx, line)| (idx + 1, line));
 
@@ -179,10 +175,7 @@ pub fn parse_trace(name: &str, text: &str, path: &Path) -> Result<TraceVm, Trace
     if header_fields[COL_TIMESTAMP].parse::<f64>().is_ok() {
         return Err(parse_error(
             header_line_no,
-            format!(
-                "expected the header line (\"{}; ...\"), found a data row",
-                COLUMN_NAMES[COL_TIMESTAMP]
-            ),
+            format!("expected the header line (\"{}; ...\"), found a data row", COLUMN_NAMES[COL_TIMESTAMP]),
         ));
     }
 
@@ -201,12 +194,8 @@ pub fn parse_trace(name: &str, text: &str, path: &Path) -> Result<TraceVm, Trace
     rows.dedup_by_key(|row| row.sample.t_s);
 
     let vcpus = mode_largest_on_tie(rows.iter().map(|row| row.cores)).unwrap_or(0);
-    let mem_capacity_kib = mode_largest_on_tie(
-        rows.iter()
-            .map(|row| row.mem_capacity_kib)
-            .filter(|&kib| kib > 0),
-    )
-    .unwrap_or(0);
+    let mem_capacity_kib =
+        mode_largest_on_tie(rows.iter().map(|row| row.mem_capacity_kib).filter(|&kib| kib > 0)).unwrap_or(0);
 
     Ok(TraceVm {
         name: name.to_owned(),
@@ -223,14 +212,9 @@ pub fn parse_trace(name: &str, text: &str, path: &Path) -> Result<TraceVm, Trace
 /// [`TraceError::Io`] if the file cannot be read or is not UTF-8, [`TraceError::Parse`] for the
 /// first malformed line.
 pub fn load_trace_file(path: &Path) -> Result<TraceVm, TraceError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TraceError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let name = path
-        .file_stem()
-        .map(|stem| stem.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string());
+    let text = std::fs::read_to_string(path).map_err(|source| TraceError::Io { path: path.to_path_buf(), source })?;
+    let name =
+        path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
     parse_trace(&name, &text, path)
 }
 
@@ -246,16 +230,11 @@ pub fn load_trace_file(path: &Path) -> Result<TraceVm, TraceError> {
 /// [`TraceError::Io`] if the directory or a file cannot be read, [`TraceError::Empty`] if it holds
 /// no `*.csv` file, [`TraceError::Parse`] for the first malformed line of any file.
 pub fn load_trace_dir(dir: &Path) -> Result<Vec<TraceVm>, TraceError> {
-    let io_error = |source: std::io::Error| TraceError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
+    let io_error = |source: std::io::Error| TraceError::Io { path: dir.to_path_buf(), source };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_error)? {
         let path = entry.map_err(io_error)?.path();
-        let is_csv = path
-            .extension()
-            .is_some_and(|ext| ext.eq_ignore_ascii_case("csv"));
+        let is_csv = path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("csv"));
         if is_csv && path.is_file() {
             files.push(path);
         }
@@ -277,10 +256,7 @@ pub fn load_trace_dir(dir: &Path) -> Result<Vec<TraceVm>, TraceError> {
 
 /// Sort key: numeric stems first, by value; then everything else lexically.
 fn file_sort_key(path: &Path) -> (bool, u128, String) {
-    let stem = path
-        .file_stem()
-        .map(|stem| stem.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let stem = path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
     match stem.parse::<u128>() {
         Ok(number) => (false, number, stem),
         Err(_) => (true, 0, stem),
@@ -300,9 +276,7 @@ fn split_fields(line: &str) -> Result<[&str; TRACE_COLUMN_COUNT], String> {
     if count == TRACE_COLUMN_COUNT {
         Ok(fields)
     } else {
-        Err(format!(
-            "expected {TRACE_COLUMN_COUNT} fields separated by ';', found {count}"
-        ))
+        Err(format!("expected {TRACE_COLUMN_COUNT} fields separated by ';', found {count}"))
     }
 }
 
@@ -311,8 +285,8 @@ fn parse_row(line: &str) -> Result<Option<LiveRow>, String> {
     let fields = split_fields(line)?;
     let t_s = parse_whole(fields[COL_TIMESTAMP], COL_TIMESTAMP)?;
     let cores_u64 = parse_whole(fields[COL_CPU_CORES], COL_CPU_CORES)?;
-    let cores = u32::try_from(cores_u64)
-        .map_err(|_| column_error(COL_CPU_CORES, fields[COL_CPU_CORES], "is too large"))?;
+    let cores =
+        u32::try_from(cores_u64).map_err(|_| column_error(COL_CPU_CORES, fields[COL_CPU_CORES], "is too large"))?;
     let mut values = [0.0f64; TRACE_COLUMN_COUNT];
     for (col, (value, field)) in values.iter_mut().zip(fields).enumerate().skip(2) {
         *value = parse_non_negative(field, col)?;
@@ -323,11 +297,7 @@ fn parse_row(line: &str) -> Result<Option<LiveRow>, String> {
 
     let capacity_mhz = values[COL_CPU_CAPACITY_MHZ];
     if capacity_mhz <= 0.0 {
-        return Err(column_error(
-            COL_CPU_CAPACITY_MHZ,
-            fields[COL_CPU_CAPACITY_MHZ],
-            "must be > 0 when CPU cores > 0",
-        ));
+        return Err(column_error(COL_CPU_CAPACITY_MHZ, fields[COL_CPU_CAPACITY_MHZ], "must be > 0 when CPU cores > 0"));
     }
     let per_core_mhz = capacity_mhz / f64::from(cores);
     // `+ 0.0` turns a -0.0 (from a "-0" field) into 0.0.
@@ -344,11 +314,7 @@ fn parse_row(line: &str) -> Result<Option<LiveRow>, String> {
     Ok(Some(LiveRow {
         cores,
         mem_capacity_kib: round_to_u64(values[COL_MEM_CAPACITY_KIB]),
-        sample: TraceSample {
-            t_s,
-            cpu_demand_cores,
-            mem_active_kib,
-        },
+        sample: TraceSample { t_s, cpu_demand_cores, mem_active_kib },
     }))
 }
 
@@ -369,9 +335,7 @@ fn parse_whole(field: &str, col: usize) -> Result<u64, String> {
 
 /// Parses a finite, non-negative float (plain or E-notation).
 fn parse_non_negative(field: &str, col: usize) -> Result<f64, String> {
-    let value: f64 = field
-        .parse()
-        .map_err(|_| column_error(col, field, "is not a number"))?;
+    let value: f64 = field.parse().map_err(|_| column_error(col, field, "is not a number"))?;
     if !value.is_finite() {
         return Err(column_error(col, field, "is not finite"));
     }
@@ -404,10 +368,7 @@ fn mode_largest_on_tie<T: Copy + Ord + Hash>(values: impl Iterator<Item = T>) ->
     for value in values {
         *counts.entry(value).or_insert(0) += 1;
     }
-    counts
-        .into_iter()
-        .max_by_key(|&(value, count)| (count, value))
-        .map(|(value, _)| value)
+    counts.into_iter().max_by_key(|&(value, count)| (count, value)).map(|(value, _)| value)
 }
 
 #[cfg(test)]

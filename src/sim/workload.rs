@@ -115,7 +115,8 @@ impl Workload {
             .zip(&kinds)
             .map(|(s, kind)| {
                 let levels: Vec<f64> = (0..s.vcpus).map(|_| level(&mut rng, mean)).collect();
-                let need_kib = if s.liar { frac_kib(s.max_kib, 0.2) } else { frac_kib(s.max_kib, 0.15 + 0.45 * rng.f64()) };
+                let need_kib =
+                    if s.liar { frac_kib(s.max_kib, 0.2) } else { frac_kib(s.max_kib, 0.15 + 0.45 * rng.f64()) };
                 let pattern = match kind {
                     Scenario::Bursty => Pattern::Bursty { left: vec![0; s.vcpus as usize] },
                     Scenario::Diurnal => Pattern::Diurnal { phase: rng.f64() * 0.25 * TAU },
@@ -216,7 +217,8 @@ impl Workload {
                     let Some(tv) = traces.get(*vm) else { continue };
                     let (start, end) = (tv.start_s().unwrap_or(0), tv.end_s().unwrap_or(0));
                     let span = end.saturating_sub(start).max(1);
-                    let rel = *offset_s + (q / TRACE_SAMPLE_QUANTA) * NOMINAL_SAMPLE_INTERVAL_S
+                    let rel = *offset_s
+                        + (q / TRACE_SAMPLE_QUANTA) * NOMINAL_SAMPLE_INTERVAL_S
                         + (q % TRACE_SAMPLE_QUANTA) * NOMINAL_SAMPLE_INTERVAL_S / TRACE_SAMPLE_QUANTA;
                     if let Some(s) = tv.at(start + rel % span, TRACE_MAX_GAP_S) {
                         *last_total = s.cpu_demand_cores;
@@ -281,7 +283,9 @@ mod tests {
 
     #[test]
     fn generated_is_deterministic_and_bounded() {
-        for sc in [Scenario::Steady, Scenario::Bursty, Scenario::Diurnal, Scenario::Step, Scenario::Liar, Scenario::Mixed] {
+        for sc in
+            [Scenario::Steady, Scenario::Bursty, Scenario::Diurnal, Scenario::Step, Scenario::Liar, Scenario::Mixed]
+        {
             let mut a = Workload::generated(sc, 20, 16, 42);
             let mut b = Workload::generated(sc, 20, 16, 42);
             assert_eq!(a.specs(), b.specs());

@@ -30,7 +30,8 @@ pub struct LabGuard {
 /// Takes the lab for one test; fails loudly when the lab is not set up.
 pub fn lab() -> LabGuard {
     let g = LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open("/run/vm-balancer-lab.lock").unwrap();
+    let f =
+        std::fs::OpenOptions::new().create(true).write(true).truncate(false).open("/run/vm-balancer-lab.lock").unwrap();
     let f = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).unwrap();
     assert!(
         lab_dir().join("vmlinuz").exists(),
@@ -77,7 +78,17 @@ pub struct GuestSpec {
 
 impl Default for GuestSpec {
     fn default() -> Self {
-        GuestSpec { vcpus: 1, memory_mib: 256, current_mib: 256, burn: 0, fill_mib: 0, fill_step_mib: 0, stats_period: Some(1), metadata: None, cputune: None }
+        GuestSpec {
+            vcpus: 1,
+            memory_mib: 256,
+            current_mib: 256,
+            burn: 0,
+            fill_mib: 0,
+            fill_step_mib: 0,
+            stats_period: Some(1),
+            metadata: None,
+            cputune: None,
+        }
     }
 }
 
@@ -145,9 +156,8 @@ impl Guest {
     }
 
     fn wait_ready(&self, timeout: Duration) {
-        let ok = wait_for(timeout, || {
-            std::fs::read_to_string(&self.console).is_ok_and(|s| s.contains("vmb-guest-ready"))
-        });
+        let ok =
+            wait_for(timeout, || std::fs::read_to_string(&self.console).is_ok_and(|s| s.contains("vmb-guest-ready")));
         assert!(ok, "guest {} did not boot within {timeout:?}", self.name);
     }
 
@@ -174,9 +184,7 @@ impl Guest {
         args.extend_from_slice(groups);
         args.push(&self.name);
         let out = virsh(&args).unwrap_or_default();
-        out.lines()
-            .filter_map(|l| l.trim().split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-            .collect()
+        out.lines().filter_map(|l| l.trim().split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect()
     }
 
     pub fn stat_u64(&self, groups: &[&str], key: &str) -> Option<u64> {

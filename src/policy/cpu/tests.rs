@@ -143,7 +143,12 @@ fn uses_a_swap_when_no_move_fits() {
     // 0.6 for 0.5 gives 1.1/0.9.
     let input = CpuInput {
         cpus: cpus(2),
-        vcpus: vec![vcpu("a", 0, 0.6, Some(0)), vcpu("a", 1, 0.6, Some(0)), vcpu("b", 0, 0.5, Some(1)), vcpu("b", 1, 0.3, Some(1))],
+        vcpus: vec![
+            vcpu("a", 0, 0.6, Some(0)),
+            vcpu("a", 1, 0.6, Some(0)),
+            vcpu("b", 0, 0.5, Some(1)),
+            vcpu("b", 1, 0.3, Some(1)),
+        ],
     };
     let pol = CpuPolicy { min_gain: 0.05, ..CpuPolicy::default() };
     let p = plan(&input, &pol);
@@ -158,7 +163,8 @@ fn places_floating_vcpus_on_least_loaded_cpus() {
     c[0].fixed = 0.5;
     let input = CpuInput { cpus: c, vcpus: vec![vcpu("a", 0, 0.9, None), vcpu("a", 1, 0.2, None)] };
     let p = plan(&input, &CpuPolicy::default());
-    let to: Vec<u32> = p.iter().map(|a| if let Action::Pin { to, .. } = a { to.as_single().unwrap() } else { 99 }).collect();
+    let to: Vec<u32> =
+        p.iter().map(|a| if let Action::Pin { to, .. } = a { to.as_single().unwrap() } else { 99 }).collect();
     assert_eq!(to, vec![1, 2]);
 }
 
@@ -276,7 +282,8 @@ fn a_full_core_vcpu_gets_its_core_to_itself() {
     assert_eq!(p.len(), 1, "{p:#?}");
     assert_eq!(p[0].domain(), "idle");
     // A vCPU that barely registers (0.1%) is noise: left alone.
-    let input = CpuInput { cpus: cpus(2), vcpus: vec![vcpu("busy", 0, 0.9995, Some(0)), vcpu("idle", 0, 0.001, Some(0))] };
+    let input =
+        CpuInput { cpus: cpus(2), vcpus: vec![vcpu("busy", 0, 0.9995, Some(0)), vcpu("idle", 0, 0.001, Some(0))] };
     assert!(plan(&input, &CpuPolicy::default()).is_empty());
 }
 
@@ -306,7 +313,8 @@ fn sibling_vcpus_are_placed_apart() {
     // Four idle vCPUs of one guest float on a 4-cpu host: one per cpu, not all on cpu 0.
     let input = CpuInput { cpus: cpus(4), vcpus: (0..4).map(|i| vcpu("a", i, 0.0, None)).collect() };
     let p = plan(&input, &CpuPolicy::default());
-    let mut to: Vec<u32> = p.iter().map(|a| if let Action::Pin { to, .. } = a { to.as_single().unwrap() } else { 99 }).collect();
+    let mut to: Vec<u32> =
+        p.iter().map(|a| if let Action::Pin { to, .. } = a { to.as_single().unwrap() } else { 99 }).collect();
     to.sort_unstable();
     assert_eq!(to, vec![0, 1, 2, 3]);
 }

@@ -17,17 +17,8 @@ fn fixture(name: &str) -> TraceVm {
 }
 
 /// A data row: ts; cores; capacity MHz; usage MHz; usage %; mem cap KiB; mem usage KiB; 4 zeros.
-fn row(
-    t_s: u64,
-    cores: u32,
-    cap_mhz: f64,
-    usage_mhz: f64,
-    mem_cap: f64,
-    mem_used: f64,
-) -> String {
-    format!(
-        "{t_s};\t{cores};\t{cap_mhz};\t{usage_mhz};\t0.0;\t{mem_cap};\t{mem_used};\t0.0;\t0.0;\t0.0;\t0.0"
-    )
+fn row(t_s: u64, cores: u32, cap_mhz: f64, usage_mhz: f64, mem_cap: f64, mem_used: f64) -> String {
+    format!("{t_s};\t{cores};\t{cap_mhz};\t{usage_mhz};\t0.0;\t{mem_cap};\t{mem_used};\t0.0;\t0.0;\t0.0;\t0.0")
 }
 
 fn parse(text: &str) -> Result<TraceVm, TraceError> {
@@ -35,11 +26,7 @@ fn parse(text: &str) -> Result<TraceVm, TraceError> {
 }
 
 fn assert_sorted_unique(vm: &TraceVm) {
-    assert!(
-        vm.samples.windows(2).all(|w| w[0].t_s < w[1].t_s),
-        "{}: samples not strictly increasing",
-        vm.name
-    );
+    assert!(vm.samples.windows(2).all(|w| w[0].t_s < w[1].t_s), "{}: samples not strictly increasing", vm.name);
 }
 
 #[test]
@@ -54,24 +41,12 @@ fn e_notation_parses() {
     assert_eq!(vm.end_s(), Some(1_372_666_108));
     assert_sorted_unique(&vm);
 
-    let text = format!(
-        "{HEADER}\n{}\n",
-        row(
-            100,
-            4,
-            1.1703996664E4,
-            4.954691921093334E2,
-            1.6703488E7,
-            1.0513712E6
-        )
-    );
+    let text = format!("{HEADER}\n{}\n", row(100, 4, 1.1703996664E4, 4.954691921093334E2, 1.6703488E7, 1.0513712E6));
     let vm = parse(&text).expect("E-notation row");
     assert_eq!(vm.mem_capacity_kib, 16_703_488);
     assert_eq!(vm.samples[0].mem_active_kib, Some(1_051_371));
     // Whole-number columns written as integral floats are accepted too.
-    let text = format!(
-        "{HEADER}\n1.0E2;\t4.0;\t8.0E3;\t2.0E3;\t25.0;\t1.0E3;\t5.0E2;\t0;\t0;\t0;\t0\n"
-    );
+    let text = format!("{HEADER}\n1.0E2;\t4.0;\t8.0E3;\t2.0E3;\t25.0;\t1.0E3;\t5.0E2;\t0;\t0;\t0;\t0\n");
     let vm = parse(&text).expect("integral floats");
     assert_eq!((vm.samples[0].t_s, vm.vcpus), (100, 4));
     assert!((vm.samples[0].cpu_demand_cores - 1.0).abs() < 1e-12);
@@ -88,10 +63,7 @@ fn vanished_vm_rows_dropped_and_duplicates_collapsed() {
     assert_eq!(vm.end_s(), Some(1_373_975_137)); // 2013-07-16T11:45:37Z
     assert_sorted_unique(&vm);
     // After the VM vanished there is no data, only a short validity tail of the last sample.
-    assert_eq!(
-        vm.at(1_373_975_137 + 299, 600).map(|s| s.t_s),
-        Some(1_373_975_137)
-    );
+    assert_eq!(vm.at(1_373_975_137 + 299, 600).map(|s| s.t_s), Some(1_373_975_137));
     assert!(vm.at(1_373_975_137 + 600, 600).is_none());
     assert!(vm.at(1_375_000_000, 600).is_none());
 
@@ -107,11 +79,7 @@ fn vanished_vm_rows_dropped_and_duplicates_collapsed() {
     ]
     .join("\n");
     let vm = parse(&text).expect("valid");
-    let got: Vec<(u64, Option<u64>)> = vm
-        .samples
-        .iter()
-        .map(|s| (s.t_s, s.mem_active_kib))
-        .collect();
+    let got: Vec<(u64, Option<u64>)> = vm.samples.iter().map(|s| (s.t_s, s.mem_active_kib)).collect();
     assert_eq!(got, vec![(300, Some(200)), (600, Some(100))]);
     assert_eq!(vm.mem_capacity_kib, 2048);
 }
@@ -124,10 +92,7 @@ fn gap_gives_none() {
     let before_gap = 1_373_979_937;
     let after_gap = 1_374_090_351;
     assert_eq!(vm.at(before_gap, 600).map(|s| s.t_s), Some(before_gap));
-    assert_eq!(
-        vm.at(before_gap + 599, 600).map(|s| s.t_s),
-        Some(before_gap)
-    );
+    assert_eq!(vm.at(before_gap + 599, 600).map(|s| s.t_s), Some(before_gap));
     assert!(vm.at(before_gap + 600, 600).is_none());
     assert!(vm.at(1_374_000_000, 600).is_none());
     assert!(vm.at(after_gap - 1, 600).is_none());
@@ -135,43 +100,24 @@ fn gap_gives_none() {
     assert_eq!(vm.at(after_gap + 150, 600).map(|s| s.t_s), Some(after_gap));
     // Before the first sample.
     assert!(vm.at(1_373_976_937 - 1, 600).is_none());
-    assert_eq!(
-        vm.at(1_373_976_937, 600).map(|s| s.t_s),
-        Some(1_373_976_937)
-    );
+    assert_eq!(vm.at(1_373_976_937, 600).map(|s| s.t_s), Some(1_373_976_937));
     // A gap shorter than max_gap_s is bridged by the previous sample.
-    assert_eq!(
-        vm.at(1_374_000_000, 200_000).map(|s| s.t_s),
-        Some(before_gap)
-    );
+    assert_eq!(vm.at(1_374_000_000, 200_000).map(|s| s.t_s), Some(before_gap));
 
     // 25.csv excerpt has a 601 s gap: covered with max_gap 900, not with 600.
     let vm = fixture("25");
     assert_eq!(vm.at(1_372_660_106 + 600, 600).map(|s| s.t_s), None);
-    assert_eq!(
-        vm.at(1_372_660_106 + 600, 900).map(|s| s.t_s),
-        Some(1_372_660_106)
-    );
+    assert_eq!(vm.at(1_372_660_106 + 600, 900).map(|s| s.t_s), Some(1_372_660_106));
 }
 
 #[test]
 fn at_edge_cases() {
-    let empty = TraceVm {
-        name: "e".into(),
-        vcpus: 0,
-        mem_capacity_kib: 0,
-        samples: vec![],
-    };
+    let empty = TraceVm { name: "e".into(), vcpus: 0, mem_capacity_kib: 0, samples: vec![] };
     assert!(empty.at(0, 600).is_none());
     assert!(empty.at(u64::MAX, u64::MAX).is_none());
     assert_eq!((empty.start_s(), empty.end_s()), (None, None));
 
-    let text = [
-        HEADER.to_owned(),
-        row(100, 1, 1000.0, 10.0, 1.0, 1.0),
-        row(400, 1, 1000.0, 20.0, 1.0, 1.0),
-    ]
-    .join("\n");
+    let text = [HEADER.to_owned(), row(100, 1, 1000.0, 10.0, 1.0, 1.0), row(400, 1, 1000.0, 20.0, 1.0, 1.0)].join("\n");
     let vm = parse(&text).expect("valid");
     assert!(vm.at(99, 300).is_none());
     assert_eq!(vm.at(100, 300).map(|s| s.t_s), Some(100));
@@ -187,37 +133,16 @@ fn at_edge_cases() {
 #[test]
 fn zero_memory_gives_none() {
     let vm = fixture("1");
-    assert_eq!(
-        vm.samples
-            .iter()
-            .filter(|s| s.mem_active_kib.is_none())
-            .count(),
-        2
-    );
+    assert_eq!(vm.samples.iter().filter(|s| s.mem_active_kib.is_none()).count(), 2);
     assert_eq!(vm.samples[0].mem_active_kib, Some(1_034_593)); // 1034592.8 KiB rounded
     let vm = fixture("25");
-    assert_eq!(
-        vm.samples
-            .iter()
-            .filter(|s| s.mem_active_kib.is_none())
-            .count(),
-        113
-    );
+    assert_eq!(vm.samples.iter().filter(|s| s.mem_active_kib.is_none()).count(), 113);
     assert_eq!(vm.samples[0].mem_active_kib, None);
 
-    let text = [
-        HEADER.to_owned(),
-        row(1, 1, 1000.0, 0.0, 4096.0, 0.0),
-        row(2, 1, 1000.0, 0.0, 4096.0, 0.2),
-    ]
-    .join("\n");
+    let text = [HEADER.to_owned(), row(1, 1, 1000.0, 0.0, 4096.0, 0.0), row(2, 1, 1000.0, 0.0, 4096.0, 0.2)].join("\n");
     let vm = parse(&text).expect("valid");
     assert_eq!(vm.samples[0].mem_active_kib, None);
-    assert_eq!(
-        vm.samples[1].mem_active_kib,
-        Some(1),
-        "a tiny non-zero reading stays Some"
-    );
+    assert_eq!(vm.samples[1].mem_active_kib, Some(1), "a tiny non-zero reading stays Some");
 }
 
 #[test]
@@ -231,11 +156,7 @@ fn demand_computation() {
     assert_eq!(first.t_s, 1_372_629_804);
     assert!((first.cpu_demand_cores - 87.7799835 / (5851.9989 / 2.0)).abs() < 1e-12);
     assert!((first.cpu_demand_cores - 0.03).abs() < 1e-6);
-    assert!(
-        vm.samples
-            .iter()
-            .all(|s| s.cpu_demand_cores >= 0.0 && s.cpu_demand_cores <= 2.0)
-    );
+    assert!(vm.samples.iter().all(|s| s.cpu_demand_cores >= 0.0 && s.cpu_demand_cores <= 2.0));
 
     // 25.csv first row: 32 cores of 2700 MHz, 3657.6 MHz used -> ~1.3547 cores.
     let vm = fixture("25");
@@ -262,22 +183,15 @@ fn mode_prefers_largest_on_tie() {
     .join("\n");
     let vm = parse(&text).expect("valid");
     assert_eq!(vm.vcpus, 1);
-    assert_eq!(
-        vm.mem_capacity_kib, 2000,
-        "zero capacities ignored, tie -> max"
-    );
+    assert_eq!(vm.mem_capacity_kib, 2000, "zero capacities ignored, tie -> max");
     assert_eq!(mode_largest_on_tie([3u32, 5, 3, 5].into_iter()), Some(5));
     assert_eq!(mode_largest_on_tie(std::iter::empty::<u32>()), None);
 }
 
 #[test]
 fn crlf_and_missing_trailing_newline() {
-    let lf = [
-        HEADER.to_owned(),
-        row(1, 1, 1000.0, 500.0, 64.0, 32.0),
-        row(301, 1, 1000.0, 250.0, 64.0, 16.0),
-    ]
-    .join("\n");
+    let lf =
+        [HEADER.to_owned(), row(1, 1, 1000.0, 500.0, 64.0, 32.0), row(301, 1, 1000.0, 250.0, 64.0, 16.0)].join("\n");
     let crlf = format!("\u{feff}{}\r\n", lf.replace('\n', "\r\n"));
     let semicolon_only = lf.replace(";\t", ";");
     let with_blank_lines = format!("{lf}\n\n\n");
@@ -296,58 +210,16 @@ fn malformed_line_reports_line_number() {
     let path = Path::new("/some/where/3.csv");
     let cases: Vec<(String, usize, &str)> = vec![
         (format!("{HEADER}\n{good}\n1;\t1;\t2\n"), 3, "found 3"),
-        (
-            format!(
-                "{HEADER}\r\n{good}\r\n{good}\r\n2;\t1;\t1000;\tabc;\t0;\t1;\t1;\t0;\t0;\t0;\t0"
-            ),
-            4,
-            "column 4",
-        ),
-        (
-            format!("{HEADER}\n\n{good}\n2;\t1;\t1000;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0;\t\n"),
-            4,
-            "found 12",
-        ),
-        (
-            format!("{HEADER}\n-5;\t1;\t1000;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"),
-            2,
-            "column 1",
-        ),
-        (
-            format!("{HEADER}\n5.5;\t1;\t1000;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"),
-            2,
-            "whole number",
-        ),
-        (
-            format!("{HEADER}\n5;\t1;\t1000;\t-1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"),
-            2,
-            "negative",
-        ),
-        (
-            format!("{HEADER}\n5;\t1;\t1000;\tNaN;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"),
-            2,
-            "not finite",
-        ),
-        (
-            format!("{HEADER}\n5;\t1;\t1000;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\tinf\n"),
-            2,
-            "column 11",
-        ),
-        (
-            format!("{HEADER}\n5;\t1;\t0.0;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"),
-            2,
-            "must be > 0",
-        ),
-        (
-            format!("{HEADER}\n5;\t99999999999;\t1;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"),
-            2,
-            "too large",
-        ),
-        (
-            format!("{HEADER}\n5;\t;\t1;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"),
-            2,
-            "column 2",
-        ),
+        (format!("{HEADER}\r\n{good}\r\n{good}\r\n2;\t1;\t1000;\tabc;\t0;\t1;\t1;\t0;\t0;\t0;\t0"), 4, "column 4"),
+        (format!("{HEADER}\n\n{good}\n2;\t1;\t1000;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0;\t\n"), 4, "found 12"),
+        (format!("{HEADER}\n-5;\t1;\t1000;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"), 2, "column 1"),
+        (format!("{HEADER}\n5.5;\t1;\t1000;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"), 2, "whole number"),
+        (format!("{HEADER}\n5;\t1;\t1000;\t-1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"), 2, "negative"),
+        (format!("{HEADER}\n5;\t1;\t1000;\tNaN;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"), 2, "not finite"),
+        (format!("{HEADER}\n5;\t1;\t1000;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\tinf\n"), 2, "column 11"),
+        (format!("{HEADER}\n5;\t1;\t0.0;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"), 2, "must be > 0"),
+        (format!("{HEADER}\n5;\t99999999999;\t1;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"), 2, "too large"),
+        (format!("{HEADER}\n5;\t;\t1;\t1;\t0;\t1;\t1;\t0;\t0;\t0;\t0\n"), 2, "column 2"),
         (format!("{good}\n{good}\n"), 1, "header"),
         ("Timestamp;CPU cores\n".to_owned(), 1, "found 2"),
         (String::new(), 1, "empty file"),
@@ -364,10 +236,7 @@ fn malformed_line_reports_line_number() {
     }
     // The Display form names the file and line.
     let err = parse_trace("3", &format!("{HEADER}\nx"), path).expect_err("malformed");
-    assert!(
-        err.to_string().starts_with("/some/where/3.csv:2: "),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("/some/where/3.csv:2: "), "{err}");
     // A header-only file is valid and simply has no samples.
     let vm = parse_trace("3", HEADER, path).expect("header only");
     assert!(vm.samples.is_empty());
@@ -398,11 +267,7 @@ fn never_panics_on_mutated_input() {
         let text = String::from_utf8_lossy(&bytes);
         if let Ok(vm) = parse(&text) {
             assert_sorted_unique(&vm);
-            assert!(
-                vm.samples
-                    .iter()
-                    .all(|s| s.cpu_demand_cores.is_finite() && s.cpu_demand_cores >= 0.0)
-            );
+            assert!(vm.samples.iter().all(|s| s.cpu_demand_cores.is_finite() && s.cpu_demand_cores >= 0.0));
         }
     }
 }
@@ -452,29 +317,17 @@ fn empty_dir_error() {
         other => panic!("expected Empty, got {other:?}"),
     }
     std::fs::write(dir.path().join("README.md"), "no traces").expect("write");
-    assert!(matches!(
-        load_trace_dir(dir.path()),
-        Err(TraceError::Empty(_))
-    ));
+    assert!(matches!(load_trace_dir(dir.path()), Err(TraceError::Empty(_))));
     let err = load_trace_dir(dir.path()).expect_err("empty");
-    assert_eq!(
-        err.to_string(),
-        format!("No trace files (*.csv) in {}", dir.path().display())
-    );
+    assert_eq!(err.to_string(), format!("No trace files (*.csv) in {}", dir.path().display()));
 
     // All files without live rows: not an error, just no VMs.
     std::fs::write(dir.path().join("1.csv"), HEADER).expect("write");
     assert!(load_trace_dir(dir.path()).expect("ok").is_empty());
 
     let missing = dir.path().join("does-not-exist");
-    assert!(matches!(
-        load_trace_dir(&missing),
-        Err(TraceError::Io { .. })
-    ));
-    assert!(matches!(
-        load_trace_file(&missing.join("1.csv")),
-        Err(TraceError::Io { .. })
-    ));
+    assert!(matches!(load_trace_dir(&missing), Err(TraceError::Io { .. })));
+    assert!(matches!(load_trace_file(&missing.join("1.csv")), Err(TraceError::Io { .. })));
 }
 
 #[test]
@@ -521,11 +374,7 @@ fn full_bitbrains_subset_matches_readme() {
         assert_eq!(vm.samples.len(), len, "{name}: live samples");
         assert_eq!(vm.vcpus, vcpus, "{name}: vcpus");
         assert_eq!(vm.mem_capacity_kib, mem_kib, "{name}: memory");
-        let zeros = vm
-            .samples
-            .iter()
-            .filter(|s| s.mem_active_kib.is_none())
-            .count();
+        let zeros = vm.samples.iter().filter(|s| s.mem_active_kib.is_none()).count();
         assert_eq!(zeros, mem_zero, "{name}: zero memory rows");
         assert_sorted_unique(vm);
         // The ~31 h outage (2013-07-16/17) is "no data" for every VM that was live then.
@@ -536,11 +385,7 @@ fn full_bitbrains_subset_matches_readme() {
         }
     }
     let total: usize = vms.iter().map(|vm| vm.samples.len()).sum();
-    assert_eq!(
-        total,
-        206_848 - 12_077 - 8,
-        "all rows minus the cores == 0 rows"
-    );
+    assert_eq!(total, 206_848 - 12_077 - 8, "all rows minus the cores == 0 rows");
 
     // 20.csv: 16,553 data rows, the first 4,476 live, up to 2013-07-16T11:45:37Z.
     let vm20 = &vms[19];
