@@ -1,7 +1,8 @@
-//! Acting: apply a plan through the [`Host`], one action at a time, each logged with its reason.
-//! A failed action is logged and the rest of the plan goes on; a lost connection stops it.
+//! Acting: apply a plan through the [`Host`], one action at a time, each applied one logged
+//! with its reason. A failed action is returned to the caller (which decides by the error's
+//! class what to do about it) and the rest of the plan goes on; a lost connection stops it.
 
-use log::{info, warn};
+use log::info;
 
 use crate::host::{CpuSet, DomainRef, Host, HostError};
 use crate::model::Snapshot;
@@ -35,10 +36,7 @@ pub fn apply(host: &mut dyn Host, snap: &Snapshot, plan: &[Action]) -> Result<Ve
                 Outcome::Gone
             }
             Err(e) if e.is_disconnect() => return Err(e),
-            Err(e) => {
-                warn!("failed: {action}: {e}");
-                Outcome::Failed(e)
-            }
+            Err(e) => Outcome::Failed(e),
         });
     }
     Ok(out)

@@ -127,13 +127,39 @@ fn gain(s: &str) -> Result<f64, String> {
 fn fraction(s: &str) -> Result<f64, String> {
     units::parse_f64_in(s, 0.0, 0.95)
 }
-fn cpu_list(s: &str) -> Result<Vec<u32>, String> {
+/// A parsed `--cpus` value. A newtype, not `Vec<u32>`: clap reads `Option<Vec<T>>` as a
+/// repeatable flag of single values and panics when the parser returns a whole list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<u32>);
+
+fn cpu_list(s: &str) -> Result<CpuList, String> {
     let v = crate::cpulist::parse(s).map_err(|e| e.to_string())?;
     if v.is_empty() {
         return Err("the cpu list is empty".into());
     }
-    Ok(v)
+    Ok(CpuList(v))
 }
+/// A libvirt URI of this host. The agent reads this host's procfs, so a URI naming another
+/// host (`qemu+ssh://other/system`) would balance one machine with another's figures.
+fn local_uri(s: &str) -> Result<String, String> {
+    let Some((_, rest)) = s.split_once("://") else {
+        return Err(format!("{s:?} is not a libvirt URI (e.g. qemu:///system)"));
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    if matches!(host, "" | "localhost" | "127.0.0.1" | "::1") {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} names the remote host {host:?}: the agent reads this host's /proc, so it must connect to the hypervisor of the host it runs on (e.g. qemu:///system)"
+        ))
+    }
+}
+
 fn size(s: &str) -> Result<u64, String> {
     units::parse_size_kib(s)
 }
@@ -149,7 +175,7 @@ fn max_repins(s: &str) -> Result<usize, String> {
 #[derive(Debug, Clone, Args)]
 pub struct Common {
     /// libvirt connection URI (the agent must run on the host itself: it reads procfs).
-    #[arg(long, default_value = "qemu:///system", env = "VM_BALANCER_CONNECT")]
+    #[arg(long, default_value = "qemu:///system", value_parser = local_uri, env = "VM_BALANCER_CONNECT")]
     pub connect: String,
     /// Time between two samples (and plans). 100ms to 1h.
     #[arg(long, default_value = "2s", value_parser = quantum, env = "VM_BALANCER_QUANTUM")]
@@ -159,7 +185,7 @@ pub struct Common {
     pub exclude: Vec<String>,
     /// Host cpus the balancer may place vCPUs on, e.g. `0-3,8` (default: all online cpus).
     #[arg(long, value_name = "LIST", value_parser = cpu_list, env = "VM_BALANCER_CPUS")]
-    pub cpus: Option<Vec<u32>>,
+    pub cpus: Option<CpuList>,
     /// A cpu whose load (fraction of one core: usage + delay of its vCPUs) is above this is
     /// overloaded. 0.1 to 1.0.
     #[arg(long, default_value = "0.75", value_parser = high, env = "VM_BALANCER_HIGH")]
@@ -173,6 +199,10 @@ pub struct Common {
     /// Most vCPU repins per quantum (a swap counts two). 0 to 4096.
     #[arg(long, default_value = "4", value_parser = max_repins, env = "VM_BALANCER_MAX_REPINS")]
     pub max_repins: usize,
+    /// Most floating vCPUs pinned for the first time per quantum (a host full of new guests is
+    /// placed over several quanta, not in one burst of libvirt calls). 0 to 4096.
+    #[arg(long, default_value = "64", value_parser = max_repins, env = "VM_BALANCER_MAX_PLACEMENTS")]
+    pub max_placements: usize,
     /// A moved vCPU stays where it was put at least this long. 0 to 24h.
     #[arg(long, default_value = "30s", value_parser = long_duration, env = "VM_BALANCER_COOLDOWN")]
     pub cooldown: Duration,
@@ -259,5 +289,29 @@ impl Common {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_local_uris_are_accepted() {
+        for ok in [
+            "qemu:///system",
+            "qemu:///session",
+            "qemu+unix:///system?socket=/x",
+            "qemu+tcp://localhost/system",
+            "test:///default",
+            "qemu+ssh://root@[::1]/system",
+        ] {
+            assert!(local_uri(ok).is_ok(), "{ok}");
+        }
+        for bad in
+            ["qemu+ssh://other/system", "qemu+tcp://10.0.0.2:16509/system", "qemu+ssh://root@node7/system", "system"]
+        {
+            assert!(local_uri(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -12,6 +12,7 @@ use log::{debug, error, info, warn};
 use crate::actuate::{self, Outcome};
 use crate::cli::Common;
 use crate::collect::Collector;
+use crate::failures::{Failures, Kind};
 use crate::host::{Host, HostError};
 use crate::memctl::{MemTiming, MemTracker};
 use crate::model::{ModelConfig, Snapshot, Tracker};
@@ -42,12 +43,13 @@ impl AgentConfig {
             quantum: c.quantum,
             smoothing: c.smoothing,
             peak_window: c.peak_window,
-            cpus: c.cpus.clone(),
+            cpus: c.cpus.as_ref().map(|l| l.0.clone()),
             exclude: c.exclude.clone(),
             cpu: (!c.no_cpu).then(|| CpuPolicy {
                 high: c.high,
                 min_gain: c.min_gain,
                 max_repins: c.max_repins,
+                max_placements: c.max_placements,
                 flip_margin: c.flip_margin,
                 // Two smoothing time constants: the moving averages have absorbed ~86% of the change.
                 settle_ns: ns(c.smoothing).saturating_mul(2),
@@ -109,6 +111,8 @@ pub struct StepReport {
     pub applied: usize,
     /// Agent CPU time spent in this step, µs (user + system, this thread).
     pub cpu_us: u64,
+    /// Actions the loop stopped trying (domain, action, why): they kept failing.
+    pub blocked: Vec<(String, Kind, String)>,
 }
 
 /// Connection state, so an outage is logged once, not once per quantum.
@@ -133,6 +137,8 @@ pub struct Agent<H: Host> {
     last_balloons_ns: Option<u64>,
     /// Domains (name, runtime id) whose stats period the agent turned on (or tried to).
     period_set: HashMap<String, u32>,
+    /// Actions that failed, by class: what not to try again, and for how long.
+    failures: Failures,
 }
 
 /// CPU time (user + system) of the calling thread, µs: what one `Agent::step` costs, even
@@ -162,6 +168,7 @@ impl<H: Host> Agent<H> {
             mem: MemTracker::new(),
             last_balloons_ns: None,
             period_set: HashMap::new(),
+            failures: Failures::new(),
         }
     }
 
@@ -288,23 +295,44 @@ impl<H: Host> Agent<H> {
         let Some(snap) = tracker.ingest(&raw) else { return report };
         self.turn_on_stats_periods(&snap);
 
+        let running: Vec<(String, u32)> = snap.domains.iter().map(|d| (d.dom.name.clone(), d.dom.id)).collect();
+        self.failures.expire(&running, snap.t_ns);
         let mut plan: Plan = Vec::new();
         if let Some(pol) = &self.cfg.cpu {
-            let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, pol);
+            let blocked = self.failures.blocked_pins(snap.t_ns);
+            let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, pol);
             plan.extend(cpu::plan(&input, pol));
         }
         if let (Some(m), true) = (&self.cfg.mem, raw.balloons.is_some()) {
             let (guests, host) = self.mem.input(&snap, &m.timing);
-            let mp = mem::plan(&guests, &host, &m.policy);
+            let mut mp = mem::plan(&guests, &host, &m.policy);
+            // A balloon change that keeps failing is not planned again; the verdict says why.
+            mp.actions.retain(|a| match self.failures.blocked(a.domain(), &Kind::Balloon, snap.t_ns) {
+                Some(why) => {
+                    if let Some(v) = mp.verdicts.iter_mut().find(|v| v.name == a.domain()) {
+                        v.state = "hold";
+                        v.why = format!("{}; not applied: the balloon change keeps failing ({why})", v.why);
+                    }
+                    false
+                }
+                None => true,
+            });
             plan.extend(mp.actions);
             report.mem_verdicts = mp.verdicts;
         }
+        report.blocked = self.failures.list(snap.t_ns);
         if !self.cfg.dry_run && !plan.is_empty() {
             match actuate::apply(&mut self.host, &snap, &plan) {
                 Ok(outcomes) => {
                     for (a, o) in plan.iter().zip(&outcomes) {
-                        if !matches!(o, Outcome::Applied) {
-                            continue;
+                        let id = snap.domains.iter().find(|d| d.dom.name == a.domain()).map_or(0, |d| d.dom.id);
+                        match o {
+                            Outcome::Applied => self.failures.succeeded(a.domain(), Kind::of(a)),
+                            Outcome::Failed(e) => {
+                                self.failures.failed(a.domain(), id, a, e, snap.t_ns);
+                                continue;
+                            }
+                            Outcome::Gone => continue,
                         }
                         report.applied += 1;
                         match a {

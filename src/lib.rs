@@ -8,6 +8,7 @@ pub mod collect;
 pub mod cpulist;
 pub mod daemon;
 pub mod diagnose;
+pub mod failures;
 pub mod host;
 pub mod memctl;
 pub mod model;

@@ -40,14 +40,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = agent.step();
             let snap = report.snapshot.context("no fresh sample: the connection dropped between the two samples")?;
             let out = diagnose::report(&snap, &report.plan, &report.mem_verdicts);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                print!("{}", diagnose::render_table(&out));
+            let text = if json { serde_json::to_string_pretty(&out)? + "\n" } else { diagnose::render_table(&out) };
+            if !emit(&text)? {
+                return Ok(());
             }
             if apply && !report.plan.is_empty() {
                 let outcomes = actuate::apply(&mut agent.host, &snap, &report.plan)?;
-                let failed = outcomes.iter().filter(|o| matches!(o, actuate::Outcome::Failed(_))).count();
+                let mut failed = 0;
+                for (a, o) in report.plan.iter().zip(&outcomes) {
+                    if let actuate::Outcome::Failed(e) = o {
+                        error!("failed: {a}: {}", vm_balancer::host::chain(e));
+                        failed += 1;
+                    }
+                }
                 if failed > 0 {
                     anyhow::bail!("{failed} of {} actions failed", outcomes.len());
                 }
@@ -58,9 +63,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // One line per pin would drown the report: warnings only unless -v.
             let level = if common.verbose > 0 { common.log_filter() } else { log::LevelFilter::Warn };
             env_logger::Builder::new().filter_level(level).format_target(false).init();
-            print!("{}", vm_balancer::sim::simulate(&common, &sim)?);
+            emit(&vm_balancer::sim::simulate(&common, &sim)?)?;
             Ok(())
         }
+    }
+}
+
+/// Writes the program's output to stdout. A reader that went away (`| head`) is not an error:
+/// returns `Ok(false)` and the program ends quietly.
+fn emit(text: &str) -> std::io::Result<bool> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -75,9 +92,13 @@ fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // Once: the log line when logging is set up (it goes to the same stderr), else a plain line.
         Err(e) => {
-            error!("{e:#}");
-            eprintln!("error: {e:#}");
+            if log::log_enabled!(log::Level::Error) {
+                error!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::from(1)
         }
     }

@@ -56,3 +56,52 @@ fn unreachable_hypervisor_is_a_clear_error_for_diagnose() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
 }
+
+#[test]
+fn cpus_flag_and_variable_parse_without_panicking() {
+    // `--cpus` used to panic at start (clap type mismatch), exit 101, for every value.
+    let uri = "qemu+unix:///system?socket=/nonexistent/sock";
+    for (args, env) in [
+        (vec!["diagnose", "--cpus", "0", "--connect", uri, "--interval", "100ms"], vec![]),
+        (vec!["diagnose", "--cpus", "0-3,8", "--connect", uri, "--interval", "100ms"], vec![]),
+        (vec!["diagnose", "--connect", uri, "--interval", "100ms"], vec![("VM_BALANCER_CPUS", "2-63")]),
+    ] {
+        let out = vmb(&args, &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}: {err}");
+        assert!(err.contains("cannot connect") && !err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn an_error_is_printed_once() {
+    let out =
+        vmb(&["diagnose", "--connect", "qemu+unix:///system?socket=/nonexistent/sock", "--interval", "100ms"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("cannot connect").count(), 1, "{err}");
+}
+
+#[test]
+fn remote_uris_are_refused() {
+    let out = vmb(&["run", "--connect", "qemu+ssh://other/system"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--connect") && err.contains("remote host"), "{err}");
+}
+
+#[test]
+fn a_closed_stdout_ends_the_program_quietly() {
+    use std::process::Stdio;
+    // `simulate | head -c 0`: the reader is gone before the program writes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vm-balancer"))
+        .args(["simulate", "--duration", "60s", "--host-cpus", "4", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "exit {:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+}

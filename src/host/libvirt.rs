@@ -5,12 +5,14 @@ use std::time::Instant;
 
 use virt::connect::Connect;
 use virt::domain::Domain;
-use virt::error::ErrorNumber;
+use virt::error::{ErrorNumber, ErrorNumberEnum};
 use virt::sys;
 
 use super::procfs as pfs;
 use super::stats::{self, DomainStats};
-use super::{BalloonStats, DomainDesc, DomainRef, Host, HostError, HostSample, OptOut, Topology, VcpuTimes};
+use super::{
+    BalloonStats, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut, Topology, VcpuTimes,
+};
 
 /// XML namespace of the opt-out element in a domain's `<metadata>`:
 /// `<vmb:balancer xmlns:vmb="https://vm-balancer.org/xmlns/1" manage="no"/>` leaves the whole
@@ -34,27 +36,22 @@ impl LibvirtHost {
     }
 
     fn conn(&self) -> Result<&Connect, HostError> {
-        self.conn.as_ref().ok_or_else(|| HostError::Disconnected("not connected".into()))
+        self.conn.as_ref().ok_or_else(|| HostError::disconnected("not connected"))
     }
 
-    /// Classifies a libvirt error; a connection-level one drops the connection.
+    /// Turns a libvirt error into a [`HostError`] of the right class. A connection-level code
+    /// counts as a lost connection only when the connection confirms it (`is_alive` false):
+    /// libvirt also reports a failed `sched_setaffinity` of one guest as a system error.
     fn fail(&mut self, op: &'static str, object: &str, e: virt::error::Error) -> HostError {
-        let code = e.code();
-        let gone = code.is_known_and(|c| matches!(c, ErrorNumber::NoDomain));
-        let conn_lost = code.is_known_and(|c| {
-            matches!(c, ErrorNumber::SystemError | ErrorNumber::Rpc | ErrorNumber::NoConnect | ErrorNumber::InvalidConn)
-        }) || !self.conn.as_ref().is_some_and(|c| c.is_alive().unwrap_or(false));
-        if gone {
-            HostError::DomainGone(object.to_string())
-        } else if conn_lost {
-            // Dropping the connection closes it.
-            self.conn = None;
-            HostError::Disconnected(format!("{op}: {}", e.message()))
-        } else if code.is_known_and(|c| matches!(c, ErrorNumber::OperationInvalid)) && op != "connect" {
-            // "domain is not running": it stopped between listing and this call.
-            HostError::DomainGone(object.to_string())
-        } else {
-            HostError::Libvirt { op, object: object.to_string(), message: e.message().to_string() }
+        let alive = self.conn.as_ref().is_some_and(|c| c.is_alive().unwrap_or(false));
+        match classify(e.code(), e.message(), alive) {
+            ErrorClass::ConnectionLost => {
+                // Dropping the connection closes it.
+                self.conn = None;
+                HostError::Disconnected { context: op.to_string(), source: Some(e) }
+            }
+            ErrorClass::DomainGone => HostError::DomainGone(object.to_string()),
+            class => HostError::Libvirt { op, object: object.to_string(), class, source: e },
         }
     }
 
@@ -90,7 +87,7 @@ impl Host for LibvirtHost {
                 self.conn = Some(c);
                 Ok(())
             }
-            Err(e) => Err(HostError::Disconnected(format!("cannot open {}: {}", self.uri, e.message()))),
+            Err(e) => Err(HostError::Disconnected { context: format!("cannot open {}", self.uri), source: Some(e) }),
         }
     }
 
@@ -196,6 +193,57 @@ fn read_vcpu(root: &std::path::Path, pid: u32, tid: u32) -> Result<Option<VcpuTi
         None => pfs::last_cpu(root, pid, tid),
     };
     Ok(Some(VcpuTimes { run_ns, wait_ns, affinity_mask, last_cpu }))
+}
+
+/// Sorts a libvirt error into what the loop does about it. `alive`: the connection still
+/// answers (`virConnectIsAlive`).
+pub fn classify(code: ErrorNumberEnum, msg: &str, alive: bool) -> ErrorClass {
+    use ErrorNumber as N;
+    let is = |f: fn(ErrorNumber) -> bool| code.is_known_and(f);
+    if is(|c| matches!(c, N::NoDomain)) {
+        return ErrorClass::DomainGone;
+    }
+    if !alive || is(|c| matches!(c, N::NoConnect | N::InvalidConn)) {
+        return ErrorClass::ConnectionLost;
+    }
+    if is(|c| matches!(c, N::OperationInvalid)) && msg.contains("not running") {
+        // "domain is not running": it stopped between the listing and this call.
+        return ErrorClass::DomainGone;
+    }
+    if is(|c| matches!(c, N::SystemError)) {
+        // The kernel's answer to one thread of one guest, on a healthy connection:
+        // ESRCH while the guest shuts down, EINVAL when a cpuset forbids the cpu.
+        if msg.contains("No such process") {
+            return ErrorClass::DomainGone;
+        }
+        if msg.contains("Invalid argument") || msg.contains("Operation not permitted") {
+            return ErrorClass::Permanent;
+        }
+        return ErrorClass::Transient;
+    }
+    if is(|c| {
+        matches!(
+            c,
+            N::NoSupport
+                | N::InvalidArg
+                | N::ArgumentUnsupported
+                | N::ConfigUnsupported
+                | N::OperationUnsupported
+                | N::OperationDenied
+                | N::AccessDenied
+                | N::AuthFailed
+                | N::XmlError
+                | N::XmlDetail
+                | N::InvalidDomain
+                | N::NoDevice
+                | N::DeviceMissing
+                | N::OperationInvalid
+        )
+    }) {
+        return ErrorClass::Permanent;
+    }
+    // Timeouts, busy monitors, RPC hiccups on a live connection, anything unknown: try again.
+    ErrorClass::Transient
 }
 
 /// Balloon statistics from one bulk-stats record; `None` without `balloon.current`.
@@ -338,6 +386,37 @@ mod tests {
         let f = parse_domain_xml(x, None).unwrap();
         assert!(f.opt_out.cpu.is_some() && f.opt_out.memory.is_some());
         assert!(!f.has_balloon);
+    }
+
+    #[test]
+    fn libvirt_errors_are_sorted_by_what_the_loop_does() {
+        use ErrorNumber as N;
+        let c = |n: N, msg: &str, alive: bool| classify(ErrorNumberEnum::from(n), msg, alive);
+        // A failed sched_setaffinity on a healthy connection is not a lost connection.
+        let einval = "cannot set CPU affinity on process 42: Invalid argument";
+        assert_eq!(c(N::SystemError, einval, true), ErrorClass::Permanent);
+        let esrch = "cannot set CPU affinity on process 42: No such process";
+        assert_eq!(c(N::SystemError, esrch, true), ErrorClass::DomainGone);
+        assert_eq!(
+            c(N::SystemError, "Unable to read from monitor: Connection reset by peer", true),
+            ErrorClass::Transient
+        );
+        // The same code on a connection that no longer answers is a lost connection.
+        assert_eq!(c(N::SystemError, einval, false), ErrorClass::ConnectionLost);
+        assert_eq!(c(N::Rpc, "cannot recv data", false), ErrorClass::ConnectionLost);
+        assert_eq!(c(N::Rpc, "timed out", true), ErrorClass::Transient);
+        assert_eq!(c(N::InvalidConn, "", true), ErrorClass::ConnectionLost);
+        assert_eq!(c(N::NoDomain, "Domain not found", true), ErrorClass::DomainGone);
+        assert_eq!(c(N::NoDomain, "Domain not found", false), ErrorClass::DomainGone);
+        assert_eq!(
+            c(N::OperationInvalid, "Requested operation is not valid: domain is not running", true),
+            ErrorClass::DomainGone
+        );
+        assert_eq!(c(N::OperationUnsupported, "", true), ErrorClass::Permanent);
+        assert_eq!(c(N::ArgumentUnsupported, "", true), ErrorClass::Permanent);
+        assert_eq!(c(N::OperationTimeout, "", true), ErrorClass::Transient);
+        assert_eq!(c(N::AgentUnresponsive, "", true), ErrorClass::Transient);
+        assert_eq!(c(N::ResourceBusy, "", true), ErrorClass::Transient);
     }
 
     #[test]

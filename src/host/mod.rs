@@ -12,35 +12,116 @@ pub mod stats;
 
 use serde::Serialize;
 
-/// Errors from a host backend.
+/// What the loop does about a failure: every [`HostError`] falls in exactly one class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// The hypervisor connection is down (confirmed): drop all samples, reconnect with back-off.
+    ConnectionLost,
+    /// The domain went away: skip it, nothing to report.
+    DomainGone,
+    /// This action on this domain will keep failing (unsupported, refused, invalid): stop
+    /// trying it, log once.
+    Permanent,
+    /// May work next time (busy, timed out, a monitor that did not answer): retry next quantum.
+    Transient,
+}
+
+impl std::fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ErrorClass::ConnectionLost => "connection lost",
+            ErrorClass::DomainGone => "domain gone",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Transient => "transient",
+        })
+    }
+}
+
+/// Errors from a host backend. [`HostError::class`] says what the loop does about each.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    /// The hypervisor connection is down (libvirtd restarted, socket gone).
-    #[error("Hypervisor connection lost: {0}")]
-    Disconnected(String),
+    /// The hypervisor connection is down (libvirtd stopped, socket gone, keepalive timed out).
+    #[error("hypervisor connection lost ({context})")]
+    Disconnected {
+        context: String,
+        #[source]
+        source: Option<virt::error::Error>,
+    },
     /// The domain went away between discovery and this call: skip it, not fatal.
-    #[error("Domain {0} is gone")]
+    #[error("domain {0} is gone")]
     DomainGone(String),
-    /// A libvirt call failed for another reason.
-    #[error("libvirt: {op} on {object}: {message}")]
-    Libvirt { op: &'static str, object: String, message: String },
+    /// A libvirt call failed; `class` is [`ErrorClass::Permanent`] or [`ErrorClass::Transient`].
+    /// The source keeps libvirt's error code and domain.
+    #[error("{op} on {object} failed ({class})")]
+    Libvirt {
+        op: &'static str,
+        object: String,
+        class: ErrorClass,
+        #[source]
+        source: virt::error::Error,
+    },
+    /// An action refused by a host that is not libvirt (the simulator, a test double).
+    #[error("{op} on {object} failed ({class}): {detail}")]
+    Refused { op: &'static str, object: String, class: ErrorClass, detail: String },
     /// Reading procfs or sysfs failed.
-    #[error("Cannot read {path}")]
+    #[error("cannot read {path}")]
     Io {
         path: String,
         #[source]
         source: std::io::Error,
     },
     /// A value read from the host could not be parsed.
-    #[error("Cannot parse {what}: {detail}")]
+    #[error("cannot parse {what}: {detail}")]
     Parse { what: String, detail: String },
 }
 
 impl HostError {
+    /// The class that decides what the loop does about this error.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            HostError::Disconnected { .. } => ErrorClass::ConnectionLost,
+            HostError::DomainGone(_) => ErrorClass::DomainGone,
+            HostError::Libvirt { class, .. } | HostError::Refused { class, .. } => *class,
+            // A thread or file that vanished is handled as "gone" by the readers; any other
+            // read failure may pass.
+            HostError::Io { .. } => ErrorClass::Transient,
+            // Data that does not parse will not parse next time either.
+            HostError::Parse { .. } => ErrorClass::Permanent,
+        }
+    }
+
     /// True when the error means the connection must be re-established.
     pub fn is_disconnect(&self) -> bool {
-        matches!(self, HostError::Disconnected(_))
+        self.class() == ErrorClass::ConnectionLost
     }
+
+    /// libvirt's error code (`virErrorNumber`), when libvirt reported the error.
+    pub fn libvirt_code(&self) -> Option<i64> {
+        match self {
+            HostError::Libvirt { source, .. } | HostError::Disconnected { source: Some(source), .. } => {
+                Some(i64::from(source.code().to_raw()))
+            }
+            _ => None,
+        }
+    }
+
+    /// A lost connection without a libvirt error behind it.
+    pub fn disconnected(context: impl Into<String>) -> Self {
+        HostError::Disconnected { context: context.into(), source: None }
+    }
+}
+
+/// The error and its sources on one line (`a: b: c`), for log lines.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// A running domain as seen by the cheap listing call.

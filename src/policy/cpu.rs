@@ -24,7 +24,7 @@
 //!
 //! Pure: no I/O, no clock. [`input_from`] turns a snapshot into the plain input of [`plan`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use crate::host::CpuSet;
@@ -121,7 +121,18 @@ pub struct CpuInput {
 /// Builds the planner input from a snapshot. `moved_at` holds the time (host clock, ns) each
 /// vCPU was last moved, by domain then vCPU; `touched_at` the time each host cpu was last
 /// the source or target of a repin.
-pub fn input_from(snap: &Snapshot, moved_at: &MovedAt, touched_at: &HashMap<u32, u64>, policy: &CpuPolicy) -> CpuInput {
+/// vCPUs whose pin keeps failing, per domain: left where they are (see `crate::failures`).
+pub type BlockedPins = HashMap<String, HashSet<u32>>;
+
+/// The planner's input from a snapshot and the loop's history: cooldowns (`moved_at`), cpus
+/// recently touched, and pins that keep failing (`blocked`).
+pub fn input_from(
+    snap: &Snapshot,
+    moved_at: &MovedAt,
+    touched_at: &HashMap<u32, u64>,
+    blocked: &BlockedPins,
+    policy: &CpuPolicy,
+) -> CpuInput {
     // Cpu id -> index into `cpus`, as a table: looked up once or twice per vCPU.
     let mut index: Vec<Option<usize>> = Vec::new();
     for (i, &c) in snap.host.cpus.iter().enumerate() {
@@ -147,6 +158,7 @@ pub fn input_from(snap: &Snapshot, moved_at: &MovedAt, touched_at: &HashMap<u32,
     let mut vcpus = Vec::new();
     for d in &snap.domains {
         let moved = moved_at.get(&d.dom.name);
+        let stuck = blocked.get(&d.dom.name);
         let name: Rc<str> = Rc::from(d.dom.name.as_str());
         for v in &d.vcpus {
             let Some(rates) = v.rates else { continue };
@@ -154,7 +166,7 @@ pub fn input_from(snap: &Snapshot, moved_at: &MovedAt, touched_at: &HashMap<u32,
             let cpu = single.and_then(index_of);
             let cooling =
                 moved.and_then(|m| m.get(&v.id)).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.cooldown_ns));
-            let movable = d.cpu_excluded.is_none() && !cooling;
+            let movable = d.cpu_excluded.is_none() && !cooling && !stuck.is_some_and(|s| s.contains(&v.id));
             // Pinned to one cpu outside the allowed set: someone chose it; leave it in the fixed load.
             if single.is_some() && cpu.is_none() {
                 continue;

@@ -34,7 +34,8 @@
 use std::collections::HashMap;
 
 use crate::host::{
-    BalloonStats, CpuSet, CpuTopo, DomainDesc, DomainRef, Host, HostError, HostSample, OptOut, Topology, VcpuTimes,
+    BalloonStats, CpuSet, CpuTopo, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut, Topology,
+    VcpuTimes,
 };
 
 /// Share of a guest's memory deficit paged in per second while it swaps.
@@ -613,12 +614,19 @@ impl Host for SimHost {
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
         let gi = self.guest(dom)?;
         if cpu >= self.cfg.cpus {
-            return Err(HostError::Libvirt { op: "pin", object: dom.name.clone(), message: format!("no cpu {cpu}") });
+            let detail = format!("no cpu {cpu}");
+            return Err(HostError::Refused {
+                op: "pin",
+                object: dom.name.clone(),
+                class: ErrorClass::Permanent,
+                detail,
+            });
         }
-        let v = self.guests[gi].vcpus.get_mut(vcpu as usize).ok_or_else(|| HostError::Libvirt {
+        let v = self.guests[gi].vcpus.get_mut(vcpu as usize).ok_or_else(|| HostError::Refused {
             op: "pin",
             object: dom.name.clone(),
-            message: format!("no vCPU {vcpu}"),
+            class: ErrorClass::Permanent,
+            detail: format!("no vCPU {vcpu}"),
         })?;
         match v.affinity.as_single() {
             Some(c) if c == cpu => {}

@@ -318,3 +318,19 @@ fn sibling_vcpus_are_placed_apart() {
     to.sort_unstable();
     assert_eq!(to, vec![0, 1, 2, 3]);
 }
+
+#[test]
+fn placements_are_rate_limited_per_quantum() {
+    // A host that just started 500 guests: every vCPU floats.
+    let input = CpuInput { cpus: cpus(4), vcpus: (0..500).map(|i| vcpu(&format!("g{i}"), 0, 0.001, None)).collect() };
+    let policy = CpuPolicy { max_placements: 64, ..CpuPolicy::default() };
+    let plan = plan(&input, &policy);
+    let placed = plan.iter().filter(|a| matches!(a, Action::Pin { from, .. } if from.as_single().is_none())).count();
+    assert_eq!(placed, 64, "one quantum places at most --max-placements vCPUs");
+    let none = plan_with(&input, 0);
+    assert!(none.is_empty(), "--max-placements 0 places nothing: {none:?}");
+}
+
+fn plan_with(input: &CpuInput, max_placements: usize) -> Vec<Action> {
+    plan(input, &CpuPolicy { max_placements, ..CpuPolicy::default() })
+}
