@@ -2,7 +2,7 @@
 //! with its reason. A failed action is returned to the caller (which decides by the error's
 //! class what to do about it) and the rest of the plan goes on; a lost connection stops it.
 
-use log::info;
+use log::{info, warn};
 
 use crate::host::{CpuSet, DomainRef, Host, HostError};
 use crate::model::Snapshot;
@@ -15,12 +15,31 @@ pub enum Outcome {
     /// The domain went away before the action: nothing to do.
     Gone,
     Failed(HostError),
+    /// Not tried: the plan had grown older than its limit (a slow hypervisor held the earlier
+    /// actions up), and the sample it was made from no longer says what the host is like.
+    Stale,
 }
 
-/// Applies `plan`. Returns each action's outcome, or the disconnect that cut the plan short.
-pub fn apply(host: &mut dyn Host, snap: &Snapshot, plan: &[Action]) -> Result<Vec<Outcome>, HostError> {
+/// Applies `plan`, made from `snap`, while the plan is at most `max_age_ns` old. Returns each
+/// action's outcome, or the disconnect that cut the plan short.
+pub fn apply(
+    host: &mut dyn Host,
+    snap: &Snapshot,
+    plan: &[Action],
+    max_age_ns: u64,
+) -> Result<Vec<Outcome>, HostError> {
     let mut out = Vec::with_capacity(plan.len());
     for action in plan {
+        let age = host.now_ns().saturating_sub(snap.t_ns);
+        if age > max_age_ns {
+            warn!(
+                "the plan is {:.1}s old (a slow hypervisor held it up): dropping its last {} action(s)",
+                age as f64 / 1e9,
+                plan.len() - out.len()
+            );
+            out.resize_with(plan.len(), || Outcome::Stale);
+            break;
+        }
         let Some(dom) = snap.domains.iter().find(|d| d.dom.name == action.domain()).map(|d| d.dom.clone()) else {
             out.push(Outcome::Gone);
             continue;

@@ -1,13 +1,16 @@
 //! Collection: everything the agent reads from a [`Host`] in one quantum, as raw counters.
 //!
-//! Discovery (`describe`: threads, limits, opt-outs) runs only for domains not seen before (a
-//! new name, or a new runtime id after a restart); every quantum reads the cheap listing, the
-//! vCPU threads' counters and the host's cpu and memory; the bulk balloon call runs only when
-//! the caller asks (its own, slower cadence).
+//! Discovery (`describe`: threads, limits, opt-outs) runs for domains not seen before (a new
+//! name, or a new runtime id after a restart), and again on a slow cadence for known ones, so
+//! that an operator's live change (an opt-out set with `virsh metadata --live`, a new maximum)
+//! takes effect without a restart. Discovery has a time budget per quantum: a burst of new
+//! guests is discovered over several quanta, and the guests already known are still sampled
+//! on time. Every quantum reads the cheap listing, the vCPU threads' counters and the host's
+//! cpu and memory; the bulk balloon call runs only when the caller asks (its own cadence).
 
 use std::collections::HashMap;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use crate::host::{BalloonStats, DomainDesc, Host, HostError, HostSample, VcpuTimes};
 
@@ -30,10 +33,31 @@ pub struct RawSample {
     pub balloons: Option<Vec<(String, BalloonStats)>>,
 }
 
+/// How often known domains are described again, and how much discovery a quantum may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscoveryConfig {
+    /// A known domain's definition is re-read when it is older than this, ns.
+    pub refresh_ns: u64,
+    /// Most known domains re-read per quantum (oldest first).
+    pub refresh_per_quantum: usize,
+    /// Discovery (new and refreshed domains) stops for this quantum once it has taken this
+    /// long, ns; the rest waits for the next quantum.
+    pub budget_ns: u64,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig { refresh_ns: 10_000_000_000, refresh_per_quantum: 8, budget_ns: 250_000_000 }
+    }
+}
+
 /// Keeps discovered domains between quanta.
 #[derive(Debug, Default)]
 pub struct Collector {
+    cfg: DiscoveryConfig,
     known: HashMap<String, DomainDesc>,
+    /// When (host clock, ns) each known domain was last described.
+    described_at: HashMap<String, u64>,
     /// Domains whose discovery failed: not retried until their runtime id changes.
     failed: HashMap<String, u32>,
 }
@@ -43,9 +67,24 @@ impl Collector {
         Self::default()
     }
 
+    pub fn with_config(cfg: DiscoveryConfig) -> Self {
+        Collector { cfg, ..Self::default() }
+    }
+
+    /// Asks for these domains' definitions to be read again at the next quantum (e.g. a balloon
+    /// above the maximum the agent knows of: the maximum may have changed).
+    pub fn rediscover(&mut self, names: &[String]) {
+        for n in names {
+            if let Some(t) = self.described_at.get_mut(n) {
+                *t = 0;
+            }
+        }
+    }
+
     /// Forget every domain (after a reconnect: ids and threads may all have changed).
     pub fn reset(&mut self) {
         self.known.clear();
+        self.described_at.clear();
         self.failed.clear();
     }
 
@@ -53,9 +92,17 @@ impl Collector {
     pub fn sample(&mut self, host: &mut dyn Host, with_balloons: bool) -> Result<RawSample, HostError> {
         let listed = host.list_domains()?;
         self.known.retain(|name, d| listed.iter().any(|l| &l.name == name && l.id == d.dom.id));
+        self.described_at.retain(|name, _| self.known.contains_key(name));
         self.failed.retain(|name, id| listed.iter().any(|l| &l.name == name && l.id == *id));
+        let start = host.now_ns();
+        let over_budget = |host: &dyn Host| host.now_ns().saturating_sub(start) >= self.cfg.budget_ns;
+        let mut deferred = 0usize;
         for dom in &listed {
             if self.known.contains_key(&dom.name) || self.failed.contains_key(&dom.name) {
+                continue;
+            }
+            if over_budget(host) {
+                deferred += 1;
                 continue;
             }
             match host.describe(dom) {
@@ -67,16 +114,21 @@ impl Collector {
                         desc.vcpu_tids.len(),
                         desc.pid
                     );
+                    self.described_at.insert(dom.name.clone(), host.now_ns());
                     self.known.insert(dom.name.clone(), desc);
                 }
                 Err(HostError::DomainGone(_)) => debug!("{} went away during discovery", dom.name),
                 Err(e) if e.is_disconnect() => return Err(e),
                 Err(e) => {
-                    warn!("cannot discover domain {}: {e}; leaving it alone", dom.name);
+                    warn!("cannot discover domain {}: {}; leaving it alone", dom.name, crate::host::chain(&e));
                     self.failed.insert(dom.name.clone(), dom.id);
                 }
             }
         }
+        if deferred > 0 {
+            debug!("discovery budget spent: {deferred} new domain(s) wait for the next quantum");
+        }
+        self.refresh(host, start)?;
         let mut domains = Vec::with_capacity(self.known.len());
         let mut stale: Vec<String> = Vec::new();
         for desc in self.known.values() {
@@ -92,17 +144,65 @@ impl Collector {
                 Err(HostError::DomainGone(_)) => stale.push(desc.dom.name.clone()),
                 Err(e) if e.is_disconnect() => return Err(e),
                 Err(e) => {
-                    warn!("cannot read vCPU counters of {}: {e}", desc.dom.name);
+                    warn!("cannot read vCPU counters of {}: {}", desc.dom.name, crate::host::chain(&e));
                     stale.push(desc.dom.name.clone());
                 }
             }
         }
         for name in stale {
             self.known.remove(&name);
+            self.described_at.remove(&name);
         }
         domains.sort_by(|a, b| a.desc.dom.name.cmp(&b.desc.dom.name));
         let host_sample = host.host_sample()?;
         let balloons = if with_balloons { Some(host.balloon_stats()?) } else { None };
         Ok(RawSample { t_ns: host.now_ns(), epoch_s: host.epoch_s(), domains, host: host_sample, balloons })
+    }
+
+    /// Re-reads the definitions of the known domains described longest ago, within the budget.
+    /// A change an operator made (opt-out, pins in the persistent definition, maximum memory)
+    /// is logged and takes effect from this quantum on.
+    fn refresh(&mut self, host: &mut dyn Host, start: u64) -> Result<(), HostError> {
+        let now = host.now_ns();
+        let mut due: Vec<(u64, String)> = self
+            .described_at
+            .iter()
+            .filter(|(_, t)| now.saturating_sub(**t) >= self.cfg.refresh_ns || **t == 0)
+            .map(|(n, t)| (*t, n.clone()))
+            .collect();
+        due.sort();
+        for (_, name) in due.into_iter().take(self.cfg.refresh_per_quantum) {
+            if host.now_ns().saturating_sub(start) >= self.cfg.budget_ns {
+                break;
+            }
+            let Some(old) = self.known.get(&name) else { continue };
+            let dom = old.dom.clone();
+            match host.describe(&dom) {
+                Ok(desc) => {
+                    if desc.opt_out != old.opt_out {
+                        info!(
+                            "{name}: opt-outs changed: cpu {:?} -> {:?}, memory {:?} -> {:?}",
+                            old.opt_out.cpu, desc.opt_out.cpu, old.opt_out.memory, desc.opt_out.memory
+                        );
+                    }
+                    if desc.max_kib != old.max_kib {
+                        info!("{name}: maximum memory changed: {} -> {} KiB", old.max_kib, desc.max_kib);
+                    }
+                    self.described_at.insert(name.clone(), host.now_ns());
+                    self.known.insert(name, desc);
+                }
+                Err(HostError::DomainGone(_)) => {
+                    self.known.remove(&name);
+                    self.described_at.remove(&name);
+                }
+                Err(e) if e.is_disconnect() => return Err(e),
+                Err(e) => {
+                    // Keep what is known; try again at the next refresh.
+                    debug!("cannot re-read {name}: {}", crate::host::chain(&e));
+                    self.described_at.insert(name, host.now_ns());
+                }
+            }
+        }
+        Ok(())
     }
 }

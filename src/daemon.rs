@@ -84,6 +84,17 @@ impl AgentConfig {
     }
 }
 
+/// Discovery cadence and budget from the quantum: definitions re-read every five quanta
+/// (2 s to 60 s), discovery allowed a quarter of a quantum (at least 20 ms).
+fn discovery_for(quantum: Duration) -> crate::collect::DiscoveryConfig {
+    let q = ns(quantum);
+    crate::collect::DiscoveryConfig {
+        refresh_ns: q.saturating_mul(5).clamp(2_000_000_000, 60_000_000_000),
+        refresh_per_quantum: 8,
+        budget_ns: (q / 4).max(20_000_000),
+    }
+}
+
 fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -157,10 +168,11 @@ pub fn thread_cpu_us() -> u64 {
 
 impl<H: Host> Agent<H> {
     pub fn new(host: H, cfg: AgentConfig) -> Self {
+        let quantum = cfg.quantum;
         Agent {
             host,
             cfg,
-            collector: Collector::new(),
+            collector: Collector::with_config(discovery_for(quantum)),
             tracker: None,
             link: Link::Down { since_ns: 0, next_try_ns: 0, backoff_ns: 0 },
             moved_at: HashMap::new(),
@@ -322,7 +334,9 @@ impl<H: Host> Agent<H> {
         }
         report.blocked = self.failures.list(snap.t_ns);
         if !self.cfg.dry_run && !plan.is_empty() {
-            match actuate::apply(&mut self.host, &snap, &plan) {
+            // Acting on a sample older than a quantum or two would be acting on stale data.
+            let max_age = ns(self.cfg.quantum).saturating_mul(2).max(1_000_000_000);
+            match actuate::apply(&mut self.host, &snap, &plan, max_age) {
                 Ok(outcomes) => {
                     for (a, o) in plan.iter().zip(&outcomes) {
                         let id = snap.domains.iter().find(|d| d.dom.name == a.domain()).map_or(0, |d| d.dom.id);
@@ -332,7 +346,7 @@ impl<H: Host> Agent<H> {
                                 self.failures.failed(a.domain(), id, a, e, snap.t_ns);
                                 continue;
                             }
-                            Outcome::Gone => continue,
+                            Outcome::Gone | Outcome::Stale => continue,
                         }
                         report.applied += 1;
                         match a {
@@ -362,7 +376,62 @@ impl<H: Host> Agent<H> {
     }
 }
 
+/// How long a stop may wait for the quantum in progress (a libvirt call to a frozen libvirtd
+/// can block until its keepalive gives up) before the process exits without it.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Rate-limits a warning that can repeat every quantum: the first is logged, then at most one
+/// summary with a count per `every`.
+#[derive(Debug)]
+pub struct Repeated {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Repeated {
+    pub fn new(every: Duration) -> Self {
+        Repeated { every, last: None, suppressed: 0 }
+    }
+
+    /// Logs `msg` now, or counts it; returns whether it was logged.
+    pub fn warn(&mut self, now: Instant, msg: impl std::fmt::Display) -> bool {
+        match self.last {
+            Some(t) if now.duration_since(t) < self.every => {
+                self.suppressed += 1;
+                false
+            }
+            _ => {
+                if self.suppressed > 0 {
+                    warn!("{msg} (and {} more like it since the last such warning)", self.suppressed);
+                } else {
+                    warn!("{msg}");
+                }
+                self.last = Some(now);
+                self.suppressed = 0;
+                true
+            }
+        }
+    }
+}
+
+/// One line for systemd's `STATUS=`: what the agent is doing now.
+fn status_line<H: Host>(agent: &Agent<H>, report: &StepReport, last_action: &str) -> String {
+    if !agent.connected() {
+        return "waiting for the hypervisor connection".into();
+    }
+    let doms = report.snapshot.as_ref().map_or(0, |s| s.domains.len());
+    let mode = if agent.config().dry_run { "dry run, " } else { "" };
+    let blocked =
+        if report.blocked.is_empty() { String::new() } else { format!(", {} action(s) blocked", report.blocked.len()) };
+    format!("{mode}{doms} domains{blocked}; last action: {last_action}")
+}
+
 /// Runs the daemon loop until SIGTERM or SIGINT; returns after finishing the current step.
+///
+/// Under systemd (`Type=notify`) it sends `READY=1` once connected, `WATCHDOG=1` at least
+/// twice per `WatchdogSec=` while the loop turns, and a `STATUS=` line when it changes. A
+/// signal is answered within [`SHUTDOWN_GRACE`] even when a libvirt call hangs.
 pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<i32>();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
@@ -371,20 +440,34 @@ pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
         for sig in signals.forever() {
             count += 1;
             if count > 1 {
-                eprintln!("second signal {sig}: exiting at once");
+                warn!("second signal {sig}: exiting at once");
                 std::process::exit(1);
             }
             let _ = tx.send(sig);
+            // The loop answers between two quanta; a quantum stuck in a hung libvirt call
+            // does not hold the stop up for more than the grace period.
+            let _ = std::thread::Builder::new().name("stop-deadline".into()).spawn(|| {
+                std::thread::sleep(SHUTDOWN_GRACE);
+                warn!("still inside a quantum {SHUTDOWN_GRACE:?} after the stop signal (hung hypervisor call?): exiting without it");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                std::process::exit(0);
+            });
         }
     })?;
     let quantum = agent.config().quantum;
+    // Ping the watchdog at least twice per its period, whatever the quantum.
+    let watchdog = sd_notify::watchdog_enabled();
+    let slice = watchdog.map_or(quantum, |w| quantum.min(w / 2)).max(Duration::from_millis(10));
     info!(
-        "vm-balancer {} starting: quantum {}, {}",
+        "vm-balancer {} starting: quantum {}, {}{}",
         env!("CARGO_PKG_VERSION"),
         humantime::format_duration(quantum),
-        if agent.config().dry_run { "dry run (changing nothing)" } else { "applying plans" }
+        if agent.config().dry_run { "dry run (changing nothing)" } else { "applying plans" },
+        watchdog.map_or(String::new(), |w| format!(", systemd watchdog {}", humantime::format_duration(w)))
     );
     let (mut quanta, mut cpu_us_total, mut last_summary) = (0u64, 0u64, Instant::now());
+    let mut overran = Repeated::new(Duration::from_secs(60));
+    let (mut ready, mut status, mut last_action) = (false, String::new(), "none yet".to_string());
     loop {
         let started = Instant::now();
         let report = agent.step();
@@ -395,6 +478,9 @@ pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
                 info!("dry run, would {a}");
             }
         }
+        if let Some(a) = report.plan.last().filter(|_| report.applied > 0 || agent.config().dry_run) {
+            last_action = a.to_string();
+        }
         for v in &report.mem_verdicts {
             debug!("memory: {}: {}: {}", v.name, v.state, v.why);
         }
@@ -403,17 +489,41 @@ pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
             info!("{} quanta, agent CPU time {} µs per quantum on average", quanta, cpu_us_total / quanta.max(1));
             last_summary = Instant::now();
         }
+        let mut notes = vec![sd_notify::NotifyState::Watchdog];
+        if !ready && report.snapshot.is_some() {
+            ready = true;
+            notes.push(sd_notify::NotifyState::Ready);
+        }
+        let now_status = status_line(&agent, &report, &last_action);
+        if now_status != status {
+            status = now_status;
+            notes.push(sd_notify::NotifyState::Status(&status));
+        }
+        if let Err(e) = sd_notify::notify(&notes) {
+            debug!("cannot notify systemd: {e}");
+        }
         let elapsed = started.elapsed();
         if elapsed > quantum {
-            warn!("quantum overran: took {elapsed:?}, quantum is {quantum:?}");
+            overran.warn(Instant::now(), format_args!("quantum overran: took {elapsed:?}, quantum is {quantum:?}"));
         }
-        match rx.recv_timeout(quantum.saturating_sub(elapsed)) {
-            Ok(sig) => {
-                info!("signal {sig}: stopping");
-                return Ok(());
+        let next = started + quantum;
+        loop {
+            let left = next.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(slice)) {
+                Ok(sig) => {
+                    info!("signal {sig}: stopping");
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                    return Ok(());
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if left > slice => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

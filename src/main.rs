@@ -45,7 +45,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             if apply && !report.plan.is_empty() {
-                let outcomes = actuate::apply(&mut agent.host, &snap, &report.plan)?;
+                let outcomes = actuate::apply(&mut agent.host, &snap, &report.plan, u64::MAX)?;
                 let mut failed = 0;
                 for (a, o) in report.plan.iter().zip(&outcomes) {
                     if let actuate::Outcome::Failed(e) = o {

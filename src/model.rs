@@ -351,6 +351,7 @@ mod tests {
             stats_period_s: 1,
             opt_out: OptOut::default(),
             started_epoch_s: None,
+            default_affinity: None,
         };
         let vcpus = times
             .iter()

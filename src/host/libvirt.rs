@@ -19,6 +19,33 @@ use super::{
 /// domain alone; `cpu="no"` or `memory="no"` leaves only that resource alone.
 pub const METADATA_NS: &str = "https://vm-balancer.org/xmlns/1";
 
+/// Keepalive: a probe every `KEEPALIVE_INTERVAL_S` seconds; after `KEEPALIVE_COUNT` probes
+/// without an answer libvirt closes the connection, and a call blocked on a frozen libvirtd
+/// returns an error instead of waiting forever (about 20 s).
+pub const KEEPALIVE_INTERVAL_S: i32 = 5;
+pub const KEEPALIVE_COUNT: u32 = 3;
+
+/// Starts libvirt's default event loop on a thread of its own, once per process. The client
+/// keepalive needs it: probes and their timeouts are events.
+fn start_event_loop() -> bool {
+    static STARTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(|| {
+        if let Err(e) = virt::event::event_register_default_impl() {
+            log::warn!("cannot start libvirt's event loop ({e}): no keepalive, a frozen libvirtd may stall the agent");
+            return false;
+        }
+        let spawned = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| {
+            loop {
+                if let Err(e) = virt::event::event_run_default_impl() {
+                    log::debug!("libvirt event loop: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        });
+        spawned.is_ok()
+    })
+}
+
 /// libvirt + procfs host.
 pub struct LibvirtHost {
     uri: String,
@@ -82,8 +109,13 @@ impl Host for LibvirtHost {
             }
             self.conn = None;
         }
+        let events = start_event_loop();
         match Connect::open(Some(&self.uri)) {
             Ok(c) => {
+                if events && let Err(e) = c.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+                    // The test driver and some transports have no keepalive.
+                    log::debug!("no keepalive on {}: {e}", self.uri);
+                }
                 self.conn = Some(c);
                 Ok(())
             }
@@ -135,6 +167,7 @@ impl Host for LibvirtHost {
             stats_period_s: facts.stats_period_s,
             opt_out: facts.opt_out,
             started_epoch_s: pid.and_then(|p| pfs::process_start_epoch_s(&self.root, p)),
+            default_affinity: pid.and_then(|p| pfs::affinity(&self.root, p, p)),
         })
     }
 

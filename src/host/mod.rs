@@ -160,6 +160,8 @@ pub struct DomainDesc {
     pub opt_out: OptOut,
     /// When the domain's QEMU process started, epoch seconds, when known.
     pub started_epoch_s: Option<u64>,
+    /// Affinity of the QEMU process's main thread: what a vCPU thread nobody pinned has.
+    pub default_affinity: Option<CpuSet>,
 }
 
 /// Cumulative scheduler counters of one vCPU thread.

@@ -121,6 +121,14 @@ pub struct CpuInput {
 /// Builds the planner input from a snapshot. `moved_at` holds the time (host clock, ns) each
 /// vCPU was last moved, by domain then vCPU; `touched_at` the time each host cpu was last
 /// the source or target of a repin.
+/// True when a multi-cpu affinity was chosen by someone: it neither covers every allowed cpu
+/// (a vCPU nobody pinned floats over all of them) nor equals the guest's default affinity
+/// (its QEMU main thread's, which a host may narrow for all guests).
+pub fn chosen_set(affinity: &CpuSet, allowed: &[u32], default: Option<&CpuSet>) -> bool {
+    let covers = allowed.iter().all(|c| affinity.0.binary_search(c).is_ok());
+    !covers && default != Some(affinity)
+}
+
 /// vCPUs whose pin keeps failing, per domain: left where they are (see `crate::failures`).
 pub type BlockedPins = HashMap<String, HashSet<u32>>;
 
@@ -173,6 +181,10 @@ pub fn input_from(
             }
             // Floating and not ours to place: its load stays in the fixed load.
             if cpu.is_none() && !movable {
+                continue;
+            }
+            // Floating over a set someone chose (`virsh vcpupin web 0 2-3 --live`): left there.
+            if single.is_none() && chosen_set(&v.pinned_to, &snap.host.cpus, d.desc.default_affinity.as_ref()) {
                 continue;
             }
             // Take what it ran out of the fixed load of the cpu it ran on.

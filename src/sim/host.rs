@@ -298,6 +298,11 @@ impl SimHost {
         }
     }
 
+    /// The affinity of vCPU `v` of guest `g`.
+    pub fn affinity(&self, g: usize, v: usize) -> Option<CpuSet> {
+        self.guests.get(g)?.vcpus.get(v).map(|x| x.affinity.clone())
+    }
+
     /// Sets the resident memory need of guest `g`, KiB.
     pub fn set_mem_need(&mut self, g: usize, need_kib: u64) {
         if let Some(x) = self.guests.get_mut(g) {
@@ -576,6 +581,7 @@ impl Host for SimHost {
             opt_out: OptOut::default(),
             // Every simulated guest runs from virtual time 0.
             started_epoch_s: Some(self.cfg.epoch0_s),
+            default_affinity: None,
         })
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]

@@ -334,3 +334,16 @@ fn placements_are_rate_limited_per_quantum() {
 fn plan_with(input: &CpuInput, max_placements: usize) -> Vec<Action> {
     plan(input, &CpuPolicy { max_placements, ..CpuPolicy::default() })
 }
+
+#[test]
+fn a_multi_cpu_set_chosen_by_an_operator_is_left_alone() {
+    let allowed = [0, 1, 2, 3];
+    // Nobody pinned it: it floats over every allowed cpu (or more).
+    assert!(!chosen_set(&CpuSet(vec![0, 1, 2, 3]), &allowed, None));
+    assert!(!chosen_set(&CpuSet(vec![0, 1, 2, 3, 4, 5]), &allowed, None));
+    // `virsh vcpupin web 0 2-3 --live`.
+    assert!(chosen_set(&CpuSet(vec![2, 3]), &allowed, None));
+    assert!(chosen_set(&CpuSet(vec![2, 3]), &allowed, Some(&CpuSet(vec![0, 1, 2, 3]))));
+    // A host that narrows every guest (housekeeping cpus 0-1 kept out) is not an operator pin.
+    assert!(!chosen_set(&CpuSet(vec![2, 3]), &allowed, Some(&CpuSet(vec![2, 3]))));
+}
