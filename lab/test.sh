@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's whole test run, from a fresh Debian 12 machine as root:
 # sets up the libvirt lab (packages, libvirtd, guest image), then builds and runs every test
-# (unit, CLI, simulator, end-to-end on real QEMU guests) and checks that the benches compile.
+# (unit, CLI, simulator, end-to-end on real QEMU guests), the lints (clippy, rustfmt), the unit
+# file (systemd-analyze) and checks that the benches compile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash lab/setup.sh
@@ -9,7 +10,9 @@ bash lab/setup.sh
 for d in $(virsh -c qemu:///system list --name 2>/dev/null | grep '^vmbt-' || true); do
   virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
 done
+cargo fmt --check
 cargo build --release --all-targets --locked
+cargo clippy --release --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --locked -- --test-threads=2 2>&1 | tee "$log"

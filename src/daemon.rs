@@ -380,6 +380,9 @@ impl<H: Host> Agent<H> {
 /// can block until its keepalive gives up) before the process exits without it.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// `READY=1` goes to systemd at the latest this long after start, connected or not.
+pub const READY_WITHOUT_HYPERVISOR: Duration = Duration::from_secs(30);
+
 /// Rate-limits a warning that can repeat every quantum: the first is logged, then at most one
 /// summary with a count per `every`.
 #[derive(Debug)]
@@ -466,6 +469,7 @@ pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
         watchdog.map_or(String::new(), |w| format!(", systemd watchdog {}", humantime::format_duration(w)))
     );
     let (mut quanta, mut cpu_us_total, mut last_summary) = (0u64, 0u64, Instant::now());
+    let run_started = Instant::now();
     let mut overran = Repeated::new(Duration::from_secs(60));
     let (mut ready, mut status, mut last_action) = (false, String::new(), "none yet".to_string());
     loop {
@@ -490,8 +494,15 @@ pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
             last_summary = Instant::now();
         }
         let mut notes = vec![sd_notify::NotifyState::Watchdog];
-        if !ready && report.snapshot.is_some() {
+        // Ready once sampling; or, while the hypervisor stays away, after READY_WITHOUT_HYPERVISOR:
+        // the agent is up and waiting, and a start must not fail because libvirtd is late.
+        if !ready && (report.snapshot.is_some() || run_started.elapsed() >= READY_WITHOUT_HYPERVISOR) {
             ready = true;
+            if report.snapshot.is_none() {
+                warn!(
+                    "no hypervisor connection after {READY_WITHOUT_HYPERVISOR:?}; telling systemd the agent is up and waiting"
+                );
+            }
             notes.push(sd_notify::NotifyState::Ready);
         }
         let now_status = status_line(&agent, &report, &last_action);

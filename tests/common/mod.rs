@@ -227,6 +227,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(args: &[&str]) -> Agent {
+        Agent::start_with_env(args, &[])
+    }
+
+    /// Starts `vm-balancer run ARGS` with these environment variables set.
+    pub fn start_with_env(args: &[&str], env: &[(String, String)]) -> Agent {
         let log = std::env::temp_dir().join("vmb-tests").join(format!("{}.agent.log", unique("agent")));
         std::fs::create_dir_all(log.parent().unwrap()).unwrap();
         let f = std::fs::File::create(&log).unwrap();
@@ -234,6 +239,7 @@ impl Agent {
             .arg("run")
             .args(args)
             .env_remove("RUST_LOG")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()
@@ -247,6 +253,21 @@ impl Agent {
             let _ = f.read_to_string(&mut s);
         }
         s
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Resident memory of the agent, KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn alive(&mut self) -> bool {

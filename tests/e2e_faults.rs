@@ -1,0 +1,130 @@
+//! End-to-end: the agent under faults of its dependencies on the real lab: a frozen libvirtd
+//! (`kill -STOP`) and guests created and destroyed at a high rate. Each test prints the
+//! figures it measured (run with `--nocapture` to see them).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const FAST: &[&str] = &["--quantum", "500ms", "--cooldown", "2s", "--smoothing", "1s", "--no-memory"];
+
+fn libvirtd_pid() -> i32 {
+    let out = Command::new("pidof").arg("libvirtd").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().expect("libvirtd runs").parse().unwrap()
+}
+
+/// Freezes libvirtd; continues it when dropped, also when the test fails.
+struct Frozen(nix::unistd::Pid);
+
+impl Frozen {
+    fn new() -> Frozen {
+        let pid = nix::unistd::Pid::from_raw(libvirtd_pid());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+fn spread(g: &Guest) -> bool {
+    let p = g.pins();
+    p.len() == 2 && p.iter().all(|x| x.parse::<u32>().is_ok()) && p[0] != p[1]
+}
+
+fn actions(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("INFO") && l.contains("pin vCPU")).count()
+}
+
+#[test]
+fn a_frozen_libvirtd_is_survived() {
+    let _lab = lab();
+    let g = Guest::start("frozen", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    let mut agent = Agent::start(FAST);
+    g.pin(0, "0");
+    g.pin(1, "0");
+    assert!(wait_for(Duration::from_secs(20), || spread(&g)), "first spread\n{}", agent.log());
+
+    // 40 s frozen: no action, the outage logged once, the agent alive.
+    let acted_before = actions(&agent.log());
+    let frozen = Frozen::new();
+    std::thread::sleep(Duration::from_secs(40));
+    assert!(agent.alive(), "{}", agent.log());
+    let log = agent.log();
+    assert_eq!(actions(&log), acted_before, "acted while libvirtd was frozen:\n{log}");
+    let lost = log.lines().filter(|l| l.contains("connection lost")).count();
+    drop(frozen);
+    let thawed = Instant::now();
+
+    // Once libvirtd continues, a fresh pile-up is balanced again.
+    assert!(wait_for(Duration::from_secs(30), || virsh(&["version"]).is_ok()));
+    g.pin(0, "0");
+    g.pin(1, "0");
+    let ok = wait_for(Duration::from_secs(60), || spread(&g));
+    let resumed = thawed.elapsed();
+    let log = agent.log();
+    assert!(ok, "not balanced after SIGCONT: {:?}\n{log}", g.pins());
+    let warns = log.lines().filter(|l| l.contains("WARN")).count();
+    println!(
+        "frozen 40 s: 'connection lost' logged {lost} time(s), {warns} warnings in all; balanced again {resumed:?} after SIGCONT"
+    );
+    assert!(lost <= 1, "the outage logged {lost} times:\n{log}");
+    assert!(warns <= 4, "{warns} warnings:\n{log}");
+
+    // SIGTERM while libvirtd is frozen is answered within a few seconds.
+    let frozen = Frozen::new();
+    std::thread::sleep(Duration::from_secs(3));
+    let (st, took) = agent.terminate();
+    drop(frozen);
+    println!("SIGTERM with libvirtd frozen: exited {st:?} after {took:?}");
+    assert!(st.success(), "{st:?}\n{}", agent.log());
+    assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+}
+
+#[test]
+fn guest_churn_is_survived() {
+    let _lab = lab();
+    let keep = Guest::start("steady", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    let mut agent = Agent::start(FAST);
+    // 20 guests a minute for 3 minutes, each destroyed about 9 s after it was created.
+    let start = Instant::now();
+    let mut live: Vec<(Instant, Guest)> = Vec::new();
+    let (mut created, mut rss) = (0, Vec::new());
+    while start.elapsed() < Duration::from_secs(180) {
+        live.push((Instant::now(), Guest::create("churn", &GuestSpec { vcpus: 1, ..GuestSpec::default() })));
+        created += 1;
+        live.retain(|(t, _)| t.elapsed() < Duration::from_secs(9));
+        if created % 10 == 0 {
+            rss.push(agent.rss_kib());
+        }
+        std::thread::sleep(Duration::from_secs(3).saturating_sub(Duration::from_millis(100)));
+        assert!(agent.alive(), "agent died during churn:\n{}", agent.log());
+    }
+    drop(live);
+    // The steady guest is still balanced.
+    keep.pin(0, "0");
+    keep.pin(1, "0");
+    let ok = wait_for(Duration::from_secs(30), || spread(&keep));
+    let log = agent.log();
+    let warns: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    println!(
+        "churn: {created} guests created in 180 s, {} warnings, {} errors, agent RSS KiB every 10 guests {rss:?}",
+        warns.len(),
+        errors.len()
+    );
+    assert!(ok, "steady guest not balanced after churn:\n{log}");
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert!(!log.contains("panicked"));
+    assert!(warns.len() <= 10, "{} warnings:\n{warns:#?}", warns.len());
+    let (first, last) = (rss[1.min(rss.len() - 1)], *rss.last().unwrap());
+    assert!(last <= first + 8 * 1024, "agent RSS grew from {first} to {last} KiB");
+    let (st, _) = agent.terminate();
+    assert!(st.success());
+}

@@ -1,0 +1,151 @@
+//! End-to-end: what an operator does to a running agent, on real QEMU guests under a real
+//! libvirtd: the shipped settings file with every line in force, `--cpus`, a live opt-out,
+//! a closed pipe, and the systemd notifications a `Type=notify` unit relies on.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const FAST: &[&str] = &["--quantum", "500ms", "--cooldown", "2s", "--smoothing", "1s", "--no-memory"];
+
+/// Every `VM_BALANCER_*` line of the shipped `/etc/default/vm-balancer`, uncommented.
+fn shipped_settings() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/vm-balancer.default")).unwrap();
+    text.lines()
+        .filter_map(|l| l.trim().trim_start_matches('#').split_once('='))
+        .filter(|(k, _)| k.starts_with("VM_BALANCER_") && !k.contains(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn every_shipped_setting_runs() {
+    let _lab = lab();
+    let settings = shipped_settings();
+    // The example lists every variable of `run --help`.
+    let help = Command::new(bin()).args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for var in help.split("[env: ").skip(1).filter_map(|s| s.split('=').next()) {
+        assert!(settings.iter().any(|(k, _)| k == var), "{var} is missing from systemd/vm-balancer.default");
+    }
+    assert!(settings.iter().any(|(k, v)| k == "VM_BALANCER_CPUS" && v == "2-63"), "{settings:?}");
+    let g = Guest::start("settings", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    let mut agent = Agent::start_with_env(&[], &settings);
+    // A few quanta of the shipped 2 s quantum.
+    std::thread::sleep(Duration::from_secs(7));
+    let log = agent.log();
+    assert!(agent.alive(), "the agent died with the shipped settings:\n{log}");
+    assert!(log.contains("dry run") && !log.contains("panicked"), "{log}");
+    let (st, _) = agent.terminate();
+    assert!(st.success(), "{st:?}\n{}", agent.log());
+    assert!(g.pins().iter().all(|p| p.contains('-') || p.contains(',')), "dry run pinned nothing: {:?}", g.pins());
+}
+
+#[test]
+fn cpus_restricts_placements_to_that_set() {
+    let _lab = lab();
+    let g = Guest::start("cpus", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    assert!(g.pins().iter().all(|p| p == "0-1"), "floating at first: {:?}", g.pins());
+    let mut args = FAST.to_vec();
+    args.extend(["--cpus", "1"]);
+    let mut agent = Agent::start(&args);
+    let placed = wait_for(Duration::from_secs(20), || g.pins() == ["1", "1"]);
+    assert!(placed, "placed outside --cpus 1: {:?}\n{}", g.pins(), agent.log());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(g.pins(), ["1", "1"], "{}", agent.log());
+    let (st, _) = agent.terminate();
+    assert!(st.success());
+}
+
+#[test]
+fn a_live_opt_out_is_honoured_without_a_restart() {
+    let _lab = lab();
+    let g = Guest::start("liveopt", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    let mut args = FAST.to_vec();
+    args.push("-v");
+    let mut agent = Agent::start(&args);
+    g.pin(0, "0");
+    g.pin(1, "0");
+    let spread = wait_for(Duration::from_secs(20), || {
+        let p = g.pins();
+        p.len() == 2 && p[0] != p[1]
+    });
+    assert!(spread, "the agent balances the guest first: {:?}\n{}", g.pins(), agent.log());
+    // The README's own command, on the running guest.
+    let set = virsh(&[
+        "metadata",
+        &g.name,
+        "https://vm-balancer.org/xmlns/1",
+        "--key",
+        "vmb",
+        "--set",
+        r#"<balancer manage="no"/>"#,
+        "--live",
+    ]);
+    assert!(set.is_ok(), "{set:?}");
+    // Definitions are re-read every five quanta (2.5 s here).
+    let seen = wait_for(Duration::from_secs(10), || agent.log().contains("opt-outs changed"));
+    assert!(seen, "{}", agent.log());
+    g.pin(0, "0");
+    g.pin(1, "0");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(g.pins(), ["0", "0"], "an opted-out guest was moved:\n{}", agent.log());
+    assert!(agent.alive());
+}
+
+#[test]
+fn diagnose_into_a_closed_pipe_ends_quietly() {
+    let _lab = lab();
+    let _g = Guest::start("pipe", &GuestSpec::default());
+    // `vm-balancer diagnose --json | head -c 0`: the reader is gone before diagnose writes.
+    let mut child = Command::new(bin())
+        .args(["diagnose", "--json", "--interval", "500ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn systemd_gets_ready_watchdog_and_status() {
+    let _lab = lab();
+    let _g = Guest::start("notify", &GuestSpec::default());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    // Playing systemd: a 1 s watchdog, while the quantum is 2 s.
+    let env = [
+        ("NOTIFY_SOCKET".to_string(), path.display().to_string()),
+        ("WATCHDOG_USEC".to_string(), "1000000".to_string()),
+    ];
+    let mut agent = Agent::start_with_env(&["--quantum", "2s", "--no-memory"], &env);
+    let mut msgs: Vec<(Duration, String)> = Vec::new();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < Duration::from_secs(7) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            msgs.push((t0.elapsed(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+        }
+    }
+    let (st, _) = agent.terminate();
+    assert!(st.success());
+    let all: Vec<&str> = msgs.iter().flat_map(|(_, m)| m.lines()).collect();
+    assert_eq!(all.iter().filter(|l| **l == "READY=1").count(), 1, "{msgs:?}");
+    assert!(all.iter().any(|l| l.starts_with("STATUS=") && l.contains("domains")), "{msgs:?}");
+    // Pinged at least twice per watchdog period, though a quantum is twice as long.
+    let pings: Vec<Duration> =
+        msgs.iter().filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1")).map(|(t, _)| *t).collect();
+    assert!(pings.len() >= 10, "{} pings in 7 s: {msgs:?}", pings.len());
+    let gaps = pings.windows(2).map(|w| w[1] - w[0]);
+    assert!(gaps.clone().all(|g| g < Duration::from_millis(1000)), "{:?}", gaps.collect::<Vec<_>>());
+}
