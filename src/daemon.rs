@@ -313,6 +313,9 @@ impl<H: Host> Agent<H> {
         if let Some(pol) = &self.cfg.cpu {
             let blocked = self.failures.blocked_pins(snap.t_ns);
             let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, pol);
+            if log::log_enabled!(log::Level::Debug) {
+                debug!("cpu loads (fixed + vCPU demand): {}", cpu::describe_loads(&input));
+            }
             plan.extend(cpu::plan(&input, pol));
         }
         if let (Some(m), true) = (&self.cfg.mem, raw.balloons.is_some()) {

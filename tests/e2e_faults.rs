@@ -95,7 +95,7 @@ fn guest_churn_is_survived() {
     // 20 guests a minute for 3 minutes, each destroyed about 9 s after it was created.
     let start = Instant::now();
     let mut live: Vec<(Instant, Guest)> = Vec::new();
-    let (mut created, mut rss) = (0, Vec::new());
+    let (mut created, mut rss) = (0u32, Vec::new());
     while start.elapsed() < Duration::from_secs(180) {
         live.push((Instant::now(), Guest::create("churn", &GuestSpec { vcpus: 1, ..GuestSpec::default() })));
         created += 1;
@@ -103,7 +103,9 @@ fn guest_churn_is_survived() {
         if created % 10 == 0 {
             rss.push(agent.rss_kib());
         }
-        std::thread::sleep(Duration::from_secs(3).saturating_sub(Duration::from_millis(100)));
+        // On a schedule of one guest every 3 s, whatever creating and destroying took.
+        let next = start + Duration::from_secs(3) * created;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
         assert!(agent.alive(), "agent died during churn:\n{}", agent.log());
     }
     drop(live);

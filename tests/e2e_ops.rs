@@ -149,3 +149,25 @@ fn systemd_gets_ready_watchdog_and_status() {
     let gaps = pings.windows(2).map(|w| w[1] - w[0]);
     assert!(gaps.clone().all(|g| g < Duration::from_millis(1000)), "{:?}", gaps.collect::<Vec<_>>());
 }
+
+#[test]
+fn the_agent_needs_no_capabilities() {
+    let _lab = lab();
+    let g = Guest::start("nocaps", &GuestSpec { vcpus: 2, burn: 1, ..GuestSpec::default() });
+    // What the unit's empty CapabilityBoundingSet= gives the service: root without capabilities.
+    let out = Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--"])
+        .arg(bin())
+        .args(["diagnose", "--json", "--interval", "1s", "--no-memory"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = doc["domains"].as_array().unwrap().iter().find(|d| d["name"] == g.name.as_str()).expect("listed");
+    let vcpus = d["vcpus"].as_array().unwrap();
+    assert_eq!(vcpus.len(), 2, "{d:#}");
+    // schedstat, affinity and the busy vCPU's usage were all read.
+    assert!(vcpus.iter().all(|v| v["usage"].is_number() && v["pinned_to"].is_array()), "{d:#}");
+    assert!(vcpus.iter().any(|v| v["usage"].as_f64().unwrap() > 0.3), "{d:#}");
+}

@@ -20,6 +20,8 @@ struct Faulty {
     pin_calls: usize,
     /// Pin attempts per (domain, vCPU).
     pin_tries: HashMap<(String, u32), usize>,
+    /// Virtual time each pin takes, ns (a slow libvirtd).
+    pin_cost_ns: u64,
     /// Virtual time each `describe` takes, ns.
     describe_cost_ns: u64,
     describes: usize,
@@ -41,6 +43,7 @@ impl Faulty {
             pin_fails: None,
             pin_calls: 0,
             pin_tries: HashMap::new(),
+            pin_cost_ns: 0,
             describe_cost_ns: 0,
             describes: 0,
             lag_ns: 0,
@@ -89,6 +92,7 @@ impl Host for Faulty {
     }
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
         self.pin_calls += 1;
+        self.lag_ns += self.pin_cost_ns;
         *self.pin_tries.entry((dom.name.clone(), vcpu)).or_default() += 1;
         match self.pin_fails {
             Some(class) => {
@@ -235,6 +239,20 @@ fn a_guest_that_vanishes_during_discovery_is_skipped_quietly() {
     let names: Vec<&str> =
         reports.last().unwrap().snapshot.as_ref().unwrap().domains.iter().map(|d| d.dom.name.as_str()).collect();
     assert_eq!(names, ["b"]);
+}
+
+#[test]
+fn a_plan_held_up_by_a_slow_hypervisor_is_not_applied_on_stale_data() {
+    // Ten floating guests to place at once; every pin takes 400 ms.
+    let names: Vec<String> = (0..10).map(|i| format!("g{i}")).collect();
+    let guests: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+    let mut h = Faulty::new(4, &guests);
+    h.pin_cost_ns = 400_000_000;
+    let mut a = agent(h);
+    let reports = run(&mut a, 3);
+    let r = reports.iter().find(|r| r.plan.len() >= 5).expect("a placement plan");
+    // A plan may be at most two quanta (1 s) old: the pins after that are dropped.
+    assert!(r.applied >= 2 && r.applied <= 3, "applied {} of {}", r.applied, r.plan.len());
 }
 
 #[test]

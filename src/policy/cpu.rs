@@ -129,6 +129,22 @@ pub fn chosen_set(affinity: &CpuSet, allowed: &[u32], default: Option<&CpuSet>) 
     !covers && default != Some(affinity)
 }
 
+/// Each allowed cpu's load as the planner sees it, on one line (`cpu 0: 0.05 + 2.00 (2 vCPUs)`),
+/// for the debug log: why a pile-up was or was not moved.
+pub fn describe_loads(input: &CpuInput) -> String {
+    let mut parts = Vec::with_capacity(input.cpus.len());
+    for (i, c) in input.cpus.iter().enumerate() {
+        let on: Vec<&VcpuSlot> = input.vcpus.iter().filter(|v| v.cpu == Some(i)).collect();
+        let demand: f64 = on.iter().map(|v| v.demand).sum();
+        parts.push(format!("cpu {}: {:.2} + {:.2} ({} vCPUs)", c.id, c.fixed, demand, on.len()));
+    }
+    let floating = input.vcpus.iter().filter(|v| v.cpu.is_none()).count();
+    if floating > 0 {
+        parts.push(format!("{floating} floating"));
+    }
+    parts.join(", ")
+}
+
 /// vCPUs whose pin keeps failing, per domain: left where they are (see `crate::failures`).
 pub type BlockedPins = HashMap<String, HashSet<u32>>;
 
