@@ -174,6 +174,10 @@ fn max_repins(s: &str) -> Result<usize, String> {
 /// Flags every subcommand shares.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
+    /// Settings file: `VM_BALANCER_X=value` lines, below flags and environment variables, above
+    /// the defaults (default: /etc/default/vm-balancer, when it exists).
+    #[arg(long, value_name = "PATH", env = "VM_BALANCER_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     /// libvirt connection URI (the agent must run on the host itself: it reads procfs).
     #[arg(long, default_value = "qemu:///system", value_parser = local_uri, env = "VM_BALANCER_CONNECT")]
     pub connect: String,

@@ -13,5 +13,6 @@ pub mod host;
 pub mod memctl;
 pub mod model;
 pub mod policy;
+pub mod settings;
 pub mod sim;
 pub mod units;

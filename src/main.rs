@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use log::error;
 
 use vm_balancer::cli::{Cli, Command, Common};
@@ -82,7 +81,15 @@ fn emit(text: &str) -> std::io::Result<bool> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match vm_balancer::settings::parse(&argv) {
+        Ok(cli) => cli,
+        Err(vm_balancer::settings::ParseError::Clap(e)) => e.exit(),
+        Err(vm_balancer::settings::ParseError::Settings(e)) => {
+            eprintln!("error: {}", vm_balancer::host::chain(&e));
+            return ExitCode::from(2);
+        }
+    };
     let common = match &cli.command {
         Command::Run { common, .. } | Command::Diagnose { common, .. } | Command::Simulate { common, .. } => common,
     };

@@ -105,3 +105,42 @@ fn a_closed_stdout_ends_the_program_quietly() {
     assert!(matches!(out.status.code(), Some(0 | 1)), "exit {:?}: {err}", out.status);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn the_settings_file_is_read_and_a_bad_line_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm-balancer");
+    std::fs::write(&path, "# settings\nVM_BALANCER_HIGH=0.8\nVM_BALANCER_QUANTUM=5ms\n").unwrap();
+    let p = path.to_str().unwrap();
+    for (args, env) in [(vec!["diagnose", "--config", p], vec![]), (vec!["run"], vec![("VM_BALANCER_CONFIG", p)])] {
+        let out = vmb(&args, &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(&format!("{p}:3: VM_BALANCER_QUANTUM:")) && err.contains("allowed 100ms to 1h"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    // A named file that does not exist is an error; the default one may be missing.
+    let out = vmb(&["run", "--config", "/nonexistent/vm-balancer"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the settings file /nonexistent/vm-balancer"));
+    // Which URI diagnose fails to reach shows where the setting came from.
+    let sock = |w: &str| format!("qemu+unix:///system?socket=/nonexistent/{w}");
+    std::fs::write(&path, format!("VM_BALANCER_CONNECT={}\n", sock("file"))).unwrap();
+    let flag = sock("flag");
+    let cases = [
+        (vec!["diagnose", "--config", p, "--interval", "100ms"], vec![], "file"),
+        (vec!["diagnose", "--config", p, "--interval", "100ms"], vec![("VM_BALANCER_CONNECT", sock("env"))], "env"),
+        (
+            vec!["diagnose", "--config", p, "--interval", "100ms", "--connect", &flag],
+            vec![("VM_BALANCER_CONNECT", sock("env"))],
+            "flag",
+        ),
+    ];
+    for (args, env, winner) in &cases {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let out = vmb(args, &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("cannot connect to {}", sock(winner))), "{winner} should win: {err}");
+    }
+}

@@ -267,3 +267,12 @@ fn a_repeated_warning_is_logged_once_per_period_with_a_count() {
     assert!(r.warn(t0 + Duration::from_secs(61), "x"));
     assert_eq!(r.suppressed, 0);
 }
+
+#[test]
+fn the_planners_defaults_are_the_flags_defaults() {
+    // Unit tests and benches plan with `CpuPolicy::default()` and `MemPolicy::default()`: they
+    // must be what the daemon runs with when no flag is given.
+    let cfg = AgentConfig::from_flags(&Common::defaults().unwrap(), false);
+    assert_eq!(cfg.cpu, Some(crate::policy::cpu::CpuPolicy::default()));
+    assert_eq!(cfg.mem.map(|m| m.policy), Some(crate::policy::mem::MemPolicy::default()));
+}

@@ -76,7 +76,8 @@ impl Default for CpuPolicy {
             cooldown_ns: 30_000_000_000,
             about_equal: 0.05,
             flip_margin: 0.25,
-            settle_ns: 6_000_000_000,
+            // Two smoothing time constants of the default 4 s (what the daemon derives).
+            settle_ns: 8_000_000_000,
             peak_limit: 1.2,
         }
     }

@@ -1,0 +1,259 @@
+//! The one source of settings for every subcommand: a flag wins over its `VM_BALANCER_*`
+//! environment variable, which wins over the settings file, which wins over the default.
+//!
+//! The settings file is the service's environment file (`/etc/default/vm-balancer`, lines of
+//! `VM_BALANCER_X=value`), so `vm-balancer diagnose` run from a shell sees the settings the
+//! daemon runs with. `--config PATH` (or `VM_BALANCER_CONFIG`) chooses another file; a missing
+//! default file is fine, a missing chosen file is an error. Each value of the file is checked by
+//! the flag's own parser, and becomes that flag's default: clap then applies the environment
+//! and the command line over it, as for any default.
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+
+use clap::{CommandFactory as _, FromArgMatches as _};
+
+use crate::cli::Cli;
+
+/// The settings file read when none is named.
+pub const DEFAULT_PATH: &str = "/etc/default/vm-balancer";
+/// The variable (and `--config`) naming another settings file.
+pub const CONFIG_VAR: &str = "VM_BALANCER_CONFIG";
+
+/// A settings file that cannot be used: one line naming the file, the line and the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read the settings file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {msg}")]
+    Line { path: String, line: usize, msg: String },
+}
+
+/// One `VM_BALANCER_X=value` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub line: usize,
+    pub key: String,
+    pub value: String,
+}
+
+/// A settings file, read and split into entries (not yet checked against the flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsFile {
+    pub path: PathBuf,
+    pub entries: Vec<Entry>,
+}
+
+impl SettingsFile {
+    /// Reads `path`. `required`: a missing file is an error (it was named); otherwise it is an
+    /// empty settings file.
+    pub fn read(path: &Path, required: bool) -> Result<SettingsFile, SettingsError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => SettingsFile::parse(path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(SettingsFile { path: path.to_path_buf(), entries: vec![] })
+            }
+            Err(source) => Err(SettingsError::Read { path: path.display().to_string(), source }),
+        }
+    }
+
+    /// Splits the text of an environment file: `KEY=value` lines, `#` comments, blank lines;
+    /// a value may be quoted with `"` or `'`. Keys that are not `VM_BALANCER_*` belong to the
+    /// service's environment, not to the agent, and are skipped.
+    pub fn parse(path: &Path, text: &str) -> Result<SettingsFile, SettingsError> {
+        let err = |line: usize, msg: String| SettingsError::Line { path: path.display().to_string(), line, msg };
+        let mut entries: Vec<Entry> = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let l = raw.trim();
+            if l.is_empty() || l.starts_with('#') || l.starts_with(';') {
+                continue;
+            }
+            let Some((key, value)) = l.split_once('=') else {
+                return Err(err(line, format!("expected VARIABLE=value, found {l:?}")));
+            };
+            let key = key.trim();
+            if !key.starts_with("VM_BALANCER_") {
+                continue;
+            }
+            let value =
+                unquote(value.trim()).ok_or_else(|| err(line, format!("{key}: unbalanced quotes in {value:?}")))?;
+            if let Some(prev) = entries.iter().find(|e| e.key == key) {
+                return Err(err(line, format!("{key} is already set on line {}", prev.line)));
+            }
+            entries.push(Entry { line, key: key.to_string(), value });
+        }
+        Ok(SettingsFile { path: path.to_path_buf(), entries })
+    }
+}
+
+fn unquote(v: &str) -> Option<String> {
+    for q in ['"', '\''] {
+        if let Some(rest) = v.strip_prefix(q) {
+            return rest.strip_suffix(q).map(str::to_string);
+        }
+    }
+    (!v.starts_with(['"', '\''])).then(|| v.to_string())
+}
+
+/// The settings file a command line names (`--config PATH`, `--config=PATH`), else the one
+/// `VM_BALANCER_CONFIG` names, else the default; and whether it was named (then it must exist).
+pub fn config_path(argv: &[OsString]) -> (PathBuf, bool) {
+    let mut it = argv.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--" {
+            break;
+        }
+        if a == "--config" {
+            if let Some(p) = it.next() {
+                return (PathBuf::from(p), true);
+            }
+        } else if let Some(p) = a.to_str().and_then(|s| s.strip_prefix("--config=")) {
+            return (PathBuf::from(p), true);
+        }
+    }
+    match std::env::var_os(CONFIG_VAR) {
+        Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+        _ => (PathBuf::from(DEFAULT_PATH), false),
+    }
+}
+
+/// The command-line definition with the settings file's values as the defaults of their
+/// flags, in every subcommand that has them. Each value is checked by its flag's parser.
+pub fn command_with(file: &SettingsFile) -> Result<clap::Command, SettingsError> {
+    let mut cmd = Cli::command();
+    let path = file.path.display().to_string();
+    let names: Vec<String> = cmd.get_subcommands().map(|s| s.get_name().to_string()).collect();
+    for e in &file.entries {
+        let mut known = false;
+        for sub in &names {
+            let Some(sc) = cmd.find_subcommand(sub) else { continue };
+            let Some(arg) = sc.get_arguments().find(|a| a.get_env() == Some(OsStr::new(&e.key))) else { continue };
+            known = true;
+            let id = arg.get_id().clone();
+            // The flag's own parser checks the value: a one-flag command whose default it is.
+            let check = clap::Command::new("vm-balancer")
+                .no_binary_name(true)
+                .arg(arg.clone().env(None).required(false).default_value(e.value.clone()));
+            if let Err(err) = check.try_get_matches_from(Vec::<OsString>::new()) {
+                let msg = err.render().to_string();
+                let msg = msg.lines().next().unwrap_or("").trim_start_matches("error: ").to_string();
+                return Err(SettingsError::Line { path, line: e.line, msg: format!("{}: {msg}", e.key) });
+            }
+            let value = e.value.clone();
+            cmd = cmd.mut_subcommand(sub, |sc| sc.mut_arg(id, |a| a.default_value(value)));
+        }
+        if !known {
+            return Err(SettingsError::Line {
+                path,
+                line: e.line,
+                msg: format!("{} is not a setting of vm-balancer (see `vm-balancer run --help`)", e.key),
+            });
+        }
+    }
+    Ok(cmd)
+}
+
+/// Why parsing a command line with its settings failed.
+#[derive(Debug)]
+pub enum ParseError {
+    Settings(SettingsError),
+    /// clap's own error (bad flag, `--help`, `--version`): `exit()` prints it as clap does.
+    Clap(clap::Error),
+}
+
+/// Parses a command line with its settings file: the one place settings are read.
+pub fn parse(argv: &[OsString]) -> Result<Cli, ParseError> {
+    let (path, required) = config_path(argv);
+    let file = SettingsFile::read(&path, required).map_err(ParseError::Settings)?;
+    let cmd = command_with(&file).map_err(ParseError::Settings)?;
+    let matches = cmd.try_get_matches_from(argv).map_err(ParseError::Clap)?;
+    Cli::from_arg_matches(&matches).map_err(ParseError::Clap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Command;
+
+    fn argv(a: &[&str]) -> Vec<OsString> {
+        a.iter().map(OsString::from).collect()
+    }
+
+    fn file(text: &str) -> SettingsFile {
+        SettingsFile::parse(Path::new("/etc/default/vm-balancer"), text).unwrap()
+    }
+
+    fn common_of(cli: Cli) -> crate::cli::Common {
+        match cli.command {
+            Command::Run { common, .. } | Command::Diagnose { common, .. } | Command::Simulate { common, .. } => common,
+            #[allow(unreachable_patterns)]
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn file_values_become_defaults_and_flags_win() {
+        let f = file(
+            "# comment\n\nVM_BALANCER_QUANTUM=5s\nVM_BALANCER_CPUS=\"0-1\"\nVM_BALANCER_NO_MEMORY=true\nOTHER=x\n",
+        );
+        let cmd = command_with(&f).unwrap();
+        let m = cmd.clone().try_get_matches_from(["vm-balancer", "diagnose"]).unwrap();
+        let c = common_of(Cli::from_arg_matches(&m).unwrap());
+        assert_eq!(c.quantum, std::time::Duration::from_secs(5));
+        assert_eq!(c.cpus.unwrap().0, vec![0, 1]);
+        assert!(c.no_memory);
+        let m = cmd.try_get_matches_from(["vm-balancer", "run", "--quantum", "1s"]).unwrap();
+        let c = common_of(Cli::from_arg_matches(&m).unwrap());
+        assert_eq!(c.quantum, std::time::Duration::from_secs(1), "a flag wins over the file");
+    }
+
+    #[test]
+    fn a_bad_line_names_the_file_the_line_and_the_variable() {
+        let e = command_with(&file("VM_BALANCER_HIGH=0.8\nVM_BALANCER_QUANTUM=5ms\n")).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/default/vm-balancer:2: VM_BALANCER_QUANTUM:"), "{e}");
+        assert!(e.contains("allowed 100ms to 1h"), "{e}");
+        let e = command_with(&file("VM_BALANCER_QUANTUMM=5s\n")).unwrap_err().to_string();
+        assert!(e.contains(":1: VM_BALANCER_QUANTUMM is not a setting"), "{e}");
+        let e = SettingsFile::parse(Path::new("f"), "VM_BALANCER_HIGH\n").unwrap_err().to_string();
+        assert_eq!(e, "f:1: expected VARIABLE=value, found \"VM_BALANCER_HIGH\"");
+        let e = SettingsFile::parse(Path::new("f"), "VM_BALANCER_HIGH=\"0.8\n").unwrap_err().to_string();
+        assert!(e.contains("unbalanced quotes"), "{e}");
+        let e = SettingsFile::parse(Path::new("f"), "VM_BALANCER_HIGH=0.8\nVM_BALANCER_HIGH=0.9\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already set on line 1"), "{e}");
+    }
+
+    #[test]
+    fn the_config_file_is_found_on_the_command_line() {
+        assert_eq!(config_path(&argv(&["vmb", "run", "--config", "/x"])), (PathBuf::from("/x"), true));
+        assert_eq!(config_path(&argv(&["vmb", "run", "--config=/y"])), (PathBuf::from("/y"), true));
+        // Without --config: the variable, else the default (not required). Not asserted here:
+        // the test process's environment is shared between threads.
+    }
+
+    #[test]
+    fn a_missing_default_file_is_fine_and_a_named_one_is_not() {
+        let p = Path::new("/nonexistent/vm-balancer");
+        assert!(SettingsFile::read(p, false).unwrap().entries.is_empty());
+        assert!(matches!(SettingsFile::read(p, true), Err(SettingsError::Read { .. })));
+    }
+
+    #[test]
+    fn the_shipped_example_parses_with_every_line_uncommented() {
+        let text = include_str!("../systemd/vm-balancer.default");
+        let uncommented: String = text
+            .lines()
+            .map(|l| if l.starts_with("#VM_BALANCER_") { &l[1..] } else { l })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let f = file(&uncommented);
+        assert!(f.entries.len() > 20);
+        command_with(&f).unwrap();
+    }
+}
