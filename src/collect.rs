@@ -71,6 +71,11 @@ impl Collector {
         Collector { cfg, ..Self::default() }
     }
 
+    /// New cadence and budget (settings reloaded); what is known stays.
+    pub fn set_config(&mut self, cfg: DiscoveryConfig) {
+        self.cfg = cfg;
+    }
+
     /// Asks for these domains' definitions to be read again at the next quantum (e.g. a balloon
     /// above the maximum the agent knows of: the maximum may have changed).
     pub fn rediscover(&mut self, names: &[String]) {

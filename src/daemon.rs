@@ -84,6 +84,24 @@ impl AgentConfig {
     }
 }
 
+/// The model's settings: the allowed cpus are those of `--cpus` that are online.
+fn model_config(cfg: &AgentConfig, topo: &crate::host::Topology) -> ModelConfig {
+    let online: Vec<u32> = topo.cpus.iter().map(|c| c.cpu).collect();
+    let allowed: Vec<u32> = match &cfg.cpus {
+        Some(want) => want.iter().copied().filter(|c| online.contains(c)).collect(),
+        None => online.clone(),
+    };
+    if allowed.is_empty() {
+        error!("none of the cpus given by --cpus is online (online: {})", crate::cpulist::format(&online));
+    }
+    ModelConfig {
+        smoothing_ns: ns(cfg.smoothing),
+        peak_ns: ns(cfg.peak_window),
+        allowed_cpus: allowed,
+        exclude: cfg.exclude.clone(),
+    }
+}
+
 /// Discovery cadence and budget from the quantum: definitions re-read every five quanta
 /// (2 s to 60 s), discovery allowed a quarter of a quantum (at least 20 ms).
 fn discovery_for(quantum: Duration) -> crate::collect::DiscoveryConfig {
@@ -188,6 +206,35 @@ impl<H: Host> Agent<H> {
         &self.cfg
     }
 
+    /// Takes new settings (SIGHUP) from the next quantum on, keeping all history: samples,
+    /// cooldowns, peaks, memory history. Logs each setting that changed. Returns how many did.
+    pub fn reconfigure(&mut self, new: AgentConfig) -> usize {
+        let old = &self.cfg;
+        let mut changed: Vec<String> = Vec::new();
+        macro_rules! diff {
+            ($($f:ident),*) => {$(
+                if format!("{:?}", old.$f) != format!("{:?}", new.$f) {
+                    changed.push(format!("{}: {:?} -> {:?}", stringify!($f), old.$f, new.$f));
+                }
+            )*};
+        }
+        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, mem, dry_run);
+        if changed.is_empty() {
+            info!("settings reloaded: nothing changed");
+            return 0;
+        }
+        for c in &changed {
+            info!("settings reloaded: {c}");
+        }
+        self.cfg = new;
+        self.collector.set_config(discovery_for(self.cfg.quantum));
+        if let Some(t) = self.tracker.as_mut() {
+            let mc = model_config(&self.cfg, t.topology());
+            t.reconfigure(mc);
+        }
+        changed.len()
+    }
+
     /// True once connected and until the connection is lost.
     pub fn connected(&self) -> bool {
         self.link == Link::Up
@@ -201,25 +248,17 @@ impl<H: Host> Agent<H> {
         let r = self.host.ensure_connected().and_then(|()| self.host.topology());
         match r {
             Ok(topo) => {
+                let mc = model_config(&self.cfg, &topo);
                 let online: Vec<u32> = topo.cpus.iter().map(|c| c.cpu).collect();
-                let allowed: Vec<u32> = match &self.cfg.cpus {
-                    Some(want) => want.iter().copied().filter(|c| online.contains(c)).collect(),
-                    None => online.clone(),
-                };
-                if allowed.is_empty() {
-                    error!("none of the cpus given by --cpus is online (online: {})", crate::cpulist::format(&online));
-                }
                 if since_ns > 0 || backoff_ns > 0 {
                     info!("hypervisor connection is back; resuming after fresh samples");
                 } else {
-                    info!("connected; {} cpus online, balancing on {}", online.len(), crate::cpulist::format(&allowed));
+                    info!(
+                        "connected; {} cpus online, balancing on {}",
+                        online.len(),
+                        crate::cpulist::format(&mc.allowed_cpus)
+                    );
                 }
-                let mc = ModelConfig {
-                    smoothing_ns: u64::try_from(self.cfg.smoothing.as_nanos()).unwrap_or(u64::MAX),
-                    peak_ns: u64::try_from(self.cfg.peak_window.as_nanos()).unwrap_or(u64::MAX),
-                    allowed_cpus: allowed,
-                    exclude: self.cfg.exclude.clone(),
-                };
                 self.tracker = Some(Tracker::new(mc, topo));
                 self.collector.reset();
                 self.last_balloons_ns = None;
@@ -433,23 +472,40 @@ fn status_line<H: Host>(agent: &Agent<H>, report: &StepReport, last_action: &str
     format!("{mode}{doms} domains{blocked}; last action: {last_action}")
 }
 
+/// What the signal thread tells the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Stop(i32),
+    Reload,
+}
+
+/// New settings on SIGHUP: the agent's configuration and the log level, or why the settings
+/// cannot be used (the old ones stay).
+pub type Reload<'a> = dyn Fn() -> Result<(AgentConfig, log::LevelFilter), String> + 'a;
+
 /// Runs the daemon loop until SIGTERM or SIGINT; returns after finishing the current step.
+/// SIGHUP calls `reload` and applies the new settings from the next quantum on.
 ///
 /// Under systemd (`Type=notify`) it sends `READY=1` once connected, `WATCHDOG=1` at least
 /// twice per `WatchdogSec=` while the loop turns, and a `STATUS=` line when it changes. A
 /// signal is answered within [`SHUTDOWN_GRACE`] even when a libvirt call hangs.
-pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel::<i32>();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+pub fn run<H: Host>(mut agent: Agent<H>, reload: &Reload<'_>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let (tx, rx) = mpsc::channel::<Signal>();
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let mut count = 0;
+        let mut stops = 0;
         for sig in signals.forever() {
-            count += 1;
-            if count > 1 {
+            if sig == SIGHUP {
+                let _ = tx.send(Signal::Reload);
+                continue;
+            }
+            stops += 1;
+            if stops > 1 {
                 warn!("second signal {sig}: exiting at once");
                 std::process::exit(1);
             }
-            let _ = tx.send(sig);
+            let _ = tx.send(Signal::Stop(sig));
             // The loop answers between two quanta; a quantum stuck in a hung libvirt call
             // does not hold the stop up for more than the grace period.
             let _ = std::thread::Builder::new().name("stop-deadline".into()).spawn(|| {
@@ -463,7 +519,6 @@ pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
     let quantum = agent.config().quantum;
     // Ping the watchdog at least twice per its period, whatever the quantum.
     let watchdog = sd_notify::watchdog_enabled();
-    let slice = watchdog.map_or(quantum, |w| quantum.min(w / 2)).max(Duration::from_millis(10));
     info!(
         "vm-balancer {} starting: quantum {}, {}{}",
         env!("CARGO_PKG_VERSION"),
@@ -476,6 +531,8 @@ pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
     let mut overran = Repeated::new(Duration::from_secs(60));
     let (mut ready, mut status, mut last_action) = (false, String::new(), "none yet".to_string());
     loop {
+        let quantum = agent.config().quantum;
+        let slice = watchdog.map_or(quantum, |w| quantum.min(w / 2)).max(Duration::from_millis(10));
         let started = Instant::now();
         let report = agent.step();
         quanta += 1;
@@ -524,10 +581,21 @@ pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
         loop {
             let left = next.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left.min(slice)) {
-                Ok(sig) => {
+                Ok(Signal::Stop(sig)) => {
                     info!("signal {sig}: stopping");
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                     return Ok(());
+                }
+                Ok(Signal::Reload) => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                    match reload() {
+                        Ok((cfg, level)) => {
+                            log::set_max_level(level);
+                            agent.reconfigure(cfg);
+                        }
+                        Err(why) => warn!("SIGHUP: keeping the current settings: {why}"),
+                    }
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) if left > slice => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);

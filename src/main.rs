@@ -11,16 +11,62 @@ use vm_balancer::daemon::{self, Agent, AgentConfig};
 use vm_balancer::host::libvirt::LibvirtHost;
 use vm_balancer::{actuate, diagnose};
 
-fn init_logging(c: &Common) {
-    env_logger::Builder::new().filter_level(c.log_filter()).format_timestamp_millis().format_target(false).init();
+/// True when stderr is the journal's stream (`JOURNAL_STREAM` names its device and inode, as
+/// sd-daemon(3) says to check): lines then carry a syslog priority and no timestamp.
+fn stderr_is_journal() -> bool {
+    let Some(want) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Ok(st) = nix::sys::stat::fstat(libc_stderr()) else { return false };
+    want.to_str() == Some(&format!("{}:{}", st.st_dev, st.st_ino))
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn libc_stderr() -> std::os::fd::RawFd {
+    use std::os::fd::AsRawFd as _;
+    std::io::stderr().as_raw_fd()
+}
+
+fn init_logging(c: &Common) {
+    use std::io::Write as _;
+    let mut b = env_logger::Builder::new();
+    // Every level reaches the logger; `log::set_max_level` chooses, so SIGHUP can change it.
+    b.filter_level(log::LevelFilter::Trace).format_target(false);
+    if stderr_is_journal() {
+        b.format(|f, r| {
+            let prio = match r.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(f, "<{prio}>{}", r.args())
+        });
+    } else {
+        b.format_timestamp_millis();
+    }
+    b.init();
+    log::set_max_level(c.log_filter());
+}
+
+/// The settings again, for SIGHUP: the same command line, the settings file read anew.
+fn reload(argv: &[std::ffi::OsString], connect: &str) -> Result<(AgentConfig, log::LevelFilter), String> {
+    let cli = vm_balancer::settings::parse(argv).map_err(|e| match e {
+        vm_balancer::settings::ParseError::Settings(e) => vm_balancer::host::chain(&e),
+        vm_balancer::settings::ParseError::Clap(e) => e.to_string().lines().next().unwrap_or("").to_string(),
+    })?;
+    let Command::Run { common, dry_run } = cli.command else { return Err("not the run command".into()) };
+    common.validate()?;
+    if common.connect != connect {
+        log::warn!("SIGHUP: --connect changed to {}: restart the service to use it", common.connect);
+    }
+    Ok((AgentConfig::from_flags(&common, dry_run), common.log_filter()))
+}
+
+fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { common, dry_run } => {
             init_logging(&common);
             let host = LibvirtHost::new(&common.connect);
-            daemon::run(Agent::new(host, AgentConfig::from_flags(&common, dry_run)))
+            let connect = common.connect.clone();
+            daemon::run(Agent::new(host, AgentConfig::from_flags(&common, dry_run)), &|| reload(argv, &connect))
         }
         Command::Diagnose { common, interval, json, apply } => {
             init_logging(&common);
@@ -97,7 +143,7 @@ fn main() -> ExitCode {
         eprintln!("error: {msg}");
         return ExitCode::from(2);
     }
-    match run(cli) {
+    match run(cli, &argv) {
         Ok(()) => ExitCode::SUCCESS,
         // Once: the log line when logging is set up (it goes to the same stderr), else a plain line.
         Err(e) => {

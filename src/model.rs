@@ -179,6 +179,15 @@ impl Tracker {
         }
     }
 
+    /// New settings (reloaded with SIGHUP), keeping every vCPU's history.
+    pub fn reconfigure(&mut self, cfg: ModelConfig) {
+        self.cfg = cfg;
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
     /// Forget all history: after a reconnect nothing old is trusted.
     pub fn reset(&mut self, topology: Topology) {
         *self = Tracker::new(self.cfg.clone(), topology);

@@ -144,3 +144,38 @@ fn the_settings_file_is_read_and_a_bad_line_is_named() {
         assert!(err.contains(&format!("cannot connect to {}", sock(winner))), "{winner} should win: {err}");
     }
 }
+
+/// Runs `vm-balancer run` against a socket that does not exist for about a second, stderr to a
+/// file; `journal`: tell it the file is the journal's stream.
+fn run_briefly_to_file(journal: bool) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stderr");
+    let f = std::fs::File::create(&path).unwrap();
+    let meta = f.metadata().unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vm-balancer"));
+    c.args(["run", "--quantum", "100ms", "--connect", "qemu+unix:///system?socket=/nonexistent/sock"]);
+    c.stderr(f).env_remove("JOURNAL_STREAM");
+    if journal {
+        c.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    }
+    let mut child = c.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    std::fs::read_to_string(&path).unwrap()
+}
+
+#[test]
+fn under_the_journal_lines_carry_a_priority_and_no_timestamp() {
+    let text = run_briefly_to_file(true);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.iter().all(|l| l.starts_with('<') && !l.contains("Z ")), "{text}");
+    assert!(lines.iter().any(|l| l.starts_with("<6>vm-balancer") && l.contains("starting")), "{text}");
+    assert!(lines.iter().any(|l| l.starts_with("<4>cannot reach the hypervisor")), "{text}");
+    // On a terminal or a plain file: timestamps and level names.
+    let text = run_briefly_to_file(false);
+    assert!(text.lines().all(|l| l.starts_with("[20")), "{text}");
+    assert!(text.contains("WARN ] cannot reach the hypervisor"), "{text}");
+}

@@ -276,3 +276,21 @@ fn the_planners_defaults_are_the_flags_defaults() {
     assert_eq!(cfg.cpu, Some(crate::policy::cpu::CpuPolicy::default()));
     assert_eq!(cfg.mem.map(|m| m.policy), Some(crate::policy::mem::MemPolicy::default()));
 }
+
+#[test]
+fn new_settings_apply_at_the_next_quantum_without_losing_history() {
+    let mut a = agent(piled());
+    run(&mut a, 3);
+    let mut c = Common::defaults().unwrap();
+    c.quantum = Duration::from_nanos(Q);
+    c.smoothing = Duration::from_millis(500);
+    c.no_memory = true;
+    c.high = 0.5;
+    c.cpus = Some(crate::cli::CpuList(vec![1]));
+    assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 2, "high and cpus changed");
+    assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 0, "nothing changed the second time");
+    let r = run(&mut a, 1).pop().unwrap();
+    let snap = r.snapshot.expect("history kept: a snapshot at once, not after two fresh samples");
+    assert_eq!(snap.host.cpus, vec![1], "the new --cpus is in force");
+    assert_eq!(a.config().cpu.as_ref().unwrap().high, 0.5);
+}
