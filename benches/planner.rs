@@ -72,12 +72,13 @@ fn decide(c: &mut Criterion) {
             let id = format!("{cpus}cpus/{domains}doms/{vcpus}vcpus");
             g.bench_with_input(BenchmarkId::new("input_from+plan", &id), &snap, |b, s| {
                 b.iter(|| {
-                    let input = cpu::input_from(black_box(s), &moved, &touched, &Default::default(), &pol);
+                    let input =
+                        cpu::input_from(black_box(s), &moved, &touched, &Default::default(), &Default::default(), &pol);
                     black_box(cpu::plan(&input, &pol))
                 });
             });
             if cpus == 512 || domains == 1024 {
-                let input = cpu::input_from(&snap, &moved, &touched, &Default::default(), &pol);
+                let input = cpu::input_from(&snap, &moved, &touched, &Default::default(), &Default::default(), &pol);
                 g.bench_with_input(BenchmarkId::new("plan", &id), &input, |b, i| {
                     b.iter(|| black_box(cpu::plan(black_box(i), &pol)))
                 });

@@ -3,7 +3,7 @@
 //! [`Agent::step`] is one quantum; the daemon, `diagnose` and the simulator all drive the same
 //! `Agent`, over the libvirt host or the simulated one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -168,6 +168,9 @@ pub struct Agent<H: Host> {
     period_set: HashMap<String, u32>,
     /// Actions that failed, by class: what not to try again, and for how long.
     failures: Failures,
+    /// Every cpu allowed at some point of this run: a vCPU pinned to one that is no longer
+    /// allowed (a reload narrowed `--cpus`) is placed again.
+    ever_allowed: HashSet<u32>,
 }
 
 /// CPU time (user + system) of the calling thread, µs: what one `Agent::step` costs, even
@@ -199,6 +202,7 @@ impl<H: Host> Agent<H> {
             last_balloons_ns: None,
             period_set: HashMap::new(),
             failures: Failures::new(),
+            ever_allowed: HashSet::new(),
         }
     }
 
@@ -351,7 +355,10 @@ impl<H: Host> Agent<H> {
         let mut plan: Plan = Vec::new();
         if let Some(pol) = &self.cfg.cpu {
             let blocked = self.failures.blocked_pins(snap.t_ns);
-            let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, pol);
+            self.ever_allowed.extend(snap.host.cpus.iter().copied());
+            let retired: HashSet<u32> =
+                self.ever_allowed.iter().copied().filter(|c| !snap.host.cpus.contains(c)).collect();
+            let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, &retired, pol);
             if log::log_enabled!(log::Level::Debug) {
                 debug!("cpu loads (fixed + vCPU demand): {}", cpu::describe_loads(&input));
             }

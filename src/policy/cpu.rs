@@ -150,12 +150,14 @@ pub fn describe_loads(input: &CpuInput) -> String {
 pub type BlockedPins = HashMap<String, HashSet<u32>>;
 
 /// The planner's input from a snapshot and the loop's history: cooldowns (`moved_at`), cpus
-/// recently touched, and pins that keep failing (`blocked`).
+/// recently touched, pins that keep failing (`blocked`), and cpus that were allowed earlier
+/// in the run but are not now (`retired`): vCPUs pinned there are placed again.
 pub fn input_from(
     snap: &Snapshot,
     moved_at: &MovedAt,
     touched_at: &HashMap<u32, u64>,
     blocked: &BlockedPins,
+    retired: &HashSet<u32>,
     policy: &CpuPolicy,
 ) -> CpuInput {
     // Cpu id -> index into `cpus`, as a table: looked up once or twice per vCPU.
@@ -192,8 +194,11 @@ pub fn input_from(
             let cooling =
                 moved.and_then(|m| m.get(&v.id)).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.cooldown_ns));
             let movable = d.cpu_excluded.is_none() && !cooling && !stuck.is_some_and(|s| s.contains(&v.id));
-            // Pinned to one cpu outside the allowed set: someone chose it; leave it in the fixed load.
-            if single.is_some() && cpu.is_none() {
+            // Pinned to one cpu outside the allowed set: someone chose it; leave it in the fixed
+            // load. Unless that cpu was allowed earlier in this run and no longer is (`--cpus`
+            // narrowed by a reload): then the vCPU is placed again, like a floating one.
+            let retired_pin = single.is_some_and(|c| retired.contains(&c));
+            if single.is_some() && cpu.is_none() && !(retired_pin && d.cpu_excluded.is_none()) {
                 continue;
             }
             // Floating and not ours to place: its load stays in the fixed load.
@@ -204,7 +209,7 @@ pub fn input_from(
             if single.is_none() && chosen_set(&v.pinned_to, &snap.host.cpus, d.desc.default_affinity.as_ref()) {
                 continue;
             }
-            // Take what it ran out of the fixed load of the cpu it ran on.
+            // Take what it ran out of the fixed load of the cpu it ran on (none for a retired cpu).
             if let Some(i) = cpu.or_else(|| v.pcpu.and_then(index_of)) {
                 cpus[i].fixed -= rates.usage;
             }
