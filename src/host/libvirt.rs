@@ -10,6 +10,7 @@ use virt::sys;
 
 use super::procfs as pfs;
 use super::stats::{self, DomainStats};
+use super::{AgentPin, CpuSet, record};
 use super::{BalloonStats, DomainDesc, DomainRef, Host, HostError, HostSample, OptOut, Topology, VcpuTimes};
 
 /// XML namespace of the opt-out element in a domain's `<metadata>`:
@@ -185,6 +186,54 @@ impl Host for LibvirtHost {
         let p = i32::try_from(period_s).unwrap_or(i32::MAX);
         d.set_memory_stats_period(p, sys::VIR_DOMAIN_MEM_LIVE).map_err(|e| self.fail("set stats period", &dom.name, e))
     }
+
+    fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &CpuSet) -> Result<(), HostError> {
+        let d = self.lookup(dom)?;
+        let mut map = vec![0u8; cpus.0.iter().max().map_or(0, |&c| c as usize / 8) + 1];
+        for &c in &cpus.0 {
+            map[c as usize / 8] |= 1 << (c % 8);
+        }
+        d.pin_vcpu_flags(vcpu, &map, sys::VIR_DOMAIN_AFFECT_LIVE).map_err(|e| self.fail("pin vcpu", &dom.name, e))
+    }
+
+    fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<AgentPin>, HostError> {
+        let d = self.lookup(dom)?;
+        match self.balancer_element(&d, dom)? {
+            Some(x) => record::parse_pins(&x).map_err(|detail| HostError::Parse { what: metadata_of(dom), detail }),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn set_agent_pins(&mut self, dom: &DomainRef, pins: &[AgentPin]) -> Result<(), HostError> {
+        let d = self.lookup(dom)?;
+        let now = self.balancer_element(&d, dom)?;
+        let next = record::with_pins(now.as_deref(), pins)
+            .map_err(|detail| HostError::Parse { what: metadata_of(dom), detail })?;
+        let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+        let r = match &next {
+            Some(xml) => d.set_metadata(kind, Some(xml), Some("vmb"), Some(METADATA_NS), sys::VIR_DOMAIN_AFFECT_LIVE),
+            None if now.is_some() => d.set_metadata(kind, None, None, Some(METADATA_NS), sys::VIR_DOMAIN_AFFECT_LIVE),
+            None => return Ok(()),
+        };
+        r.map_err(|e| self.fail("set metadata", &dom.name, e))
+    }
+}
+
+impl LibvirtHost {
+    /// The live `<metadata>` element of the agent's namespace (opt-outs and pin record), as
+    /// libvirt returns it (without prefix); `None` when the domain has none.
+    fn balancer_element(&mut self, d: &Domain, dom: &DomainRef) -> Result<Option<String>, HostError> {
+        let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+        match d.metadata(kind, Some(METADATA_NS), sys::VIR_DOMAIN_AFFECT_LIVE) {
+            Ok(x) => Ok(Some(x)),
+            Err(e) if e.code().is_known_and(|c| matches!(c, ErrorNumber::NoDomainMetadata)) => Ok(None),
+            Err(e) => Err(self.fail("get metadata", &dom.name, e)),
+        }
+    }
+}
+
+fn metadata_of(dom: &DomainRef) -> String {
+    format!("<metadata> of {}", dom.name)
 }
 
 fn read_vcpu(root: &std::path::Path, pid: u32, tid: u32) -> Result<Option<VcpuTimes>, HostError> {
