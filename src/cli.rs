@@ -48,6 +48,13 @@ pub enum Command {
         #[command(flatten)]
         sim: SimArgs,
     },
+    /// Give back the vCPU pins the agent recorded on the running guests (each to the affinity
+    /// it had before), e.g. after a crash; for the unit's `ExecStopPost=`. Does nothing with
+    /// --keep-pins-on-exit.
+    Release {
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// Flags of `simulate`.
@@ -224,6 +231,10 @@ pub struct Common {
     /// Do not turn on the balloon statistics period of guests that have it off.
     #[arg(long, env = "VM_BALANCER_NO_STATS_PERIOD")]
     pub no_stats_period: bool,
+    /// On a clean stop, leave every vCPU where the agent pinned it instead of giving back the
+    /// affinity it had before (`release` then does nothing either).
+    #[arg(long, env = "VM_BALANCER_KEEP_PINS_ON_EXIT")]
+    pub keep_pins_on_exit: bool,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", env = "VM_BALANCER_LOG_LEVEL")]
     pub log_level: log::LevelFilter,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
-use crate::actuate::{self, Outcome};
+use crate::actuate::Outcome;
 use crate::cli::Common;
 use crate::collect::Collector;
 use crate::host::{Host, HostError};
@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub mem: Option<MemConfig>,
     /// Change nothing; plans are still made and reported.
     pub dry_run: bool,
+    /// On a clean stop, leave the agent's pins instead of giving back the prior affinities.
+    pub keep_pins_on_exit: bool,
 }
 
 impl AgentConfig {
@@ -78,6 +80,7 @@ impl AgentConfig {
                 set_stats_period: !c.no_stats_period,
             }),
             dry_run,
+            keep_pins_on_exit: c.keep_pins_on_exit,
         }
     }
 }
@@ -300,7 +303,7 @@ impl<H: Host> Agent<H> {
             report.mem_verdicts = mp.verdicts;
         }
         if !self.cfg.dry_run && !plan.is_empty() {
-            match actuate::apply(&mut self.host, &snap, &plan) {
+            match crate::release::apply_recorded(&mut self.host, &snap, &plan) {
                 Ok(outcomes) => {
                     for (a, o) in plan.iter().zip(&outcomes) {
                         if !matches!(o, Outcome::Applied) {
@@ -382,6 +385,7 @@ pub fn run<H: Host>(mut agent: Agent<H>) -> anyhow::Result<()> {
         match rx.recv_timeout(quantum.saturating_sub(elapsed)) {
             Ok(sig) => {
                 info!("signal {sig}: stopping");
+                crate::release::on_stop(&mut agent);
                 return Ok(());
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}

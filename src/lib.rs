@@ -12,5 +12,6 @@ pub mod host;
 pub mod memctl;
 pub mod model;
 pub mod policy;
+pub mod release;
 pub mod sim;
 pub mod units;

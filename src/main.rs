@@ -10,7 +10,7 @@ use log::error;
 use vm_balancer::cli::{Cli, Command, Common};
 use vm_balancer::daemon::{self, Agent, AgentConfig};
 use vm_balancer::host::libvirt::LibvirtHost;
-use vm_balancer::{actuate, diagnose};
+use vm_balancer::{actuate, diagnose, release};
 
 fn init_logging(c: &Common) {
     env_logger::Builder::new().filter_level(c.log_filter()).format_timestamp_millis().format_target(false).init();
@@ -46,7 +46,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", diagnose::render_table(&out));
             }
             if apply && !report.plan.is_empty() {
-                let outcomes = actuate::apply(&mut agent.host, &snap, &report.plan)?;
+                let outcomes = release::apply_recorded(&mut agent.host, &snap, &report.plan)?;
                 let failed = outcomes.iter().filter(|o| matches!(o, actuate::Outcome::Failed(_))).count();
                 if failed > 0 {
                     anyhow::bail!("{failed} of {} actions failed", outcomes.len());
@@ -61,13 +61,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", vm_balancer::sim::simulate(&common, &sim)?);
             Ok(())
         }
+        Command::Release { common } => {
+            init_logging(&common);
+            release::command(&common)
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let common = match &cli.command {
-        Command::Run { common, .. } | Command::Diagnose { common, .. } | Command::Simulate { common, .. } => common,
+        Command::Run { common, .. }
+        | Command::Diagnose { common, .. }
+        | Command::Simulate { common, .. }
+        | Command::Release { common } => common,
     };
     if let Err(msg) = common.validate() {
         eprintln!("error: {msg}");
