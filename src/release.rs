@@ -278,7 +278,11 @@ pub fn command(common: &Common) -> anyhow::Result<()> {
     if s.failed > 0 {
         anyhow::bail!("{} of the recorded vCPU pins could not be given back", s.failed);
     }
-    info!("gave back {} vCPU pins on {} domains", s.restored, s.domains);
+    if s.domains == 0 {
+        info!("no recorded vCPU pins to give back");
+    } else {
+        info!("gave back {} vCPU pins on {} domains", s.restored, s.domains);
+    }
     Ok(())
 }
 
