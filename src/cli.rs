@@ -54,6 +54,9 @@ pub enum Command {
     Release {
         #[command(flatten)]
         common: Common,
+        /// Only these domains (default: every running domain).
+        #[arg(value_name = "DOMAIN")]
+        domains: Vec<String>,
     },
 }
 

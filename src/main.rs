@@ -61,9 +61,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", vm_balancer::sim::simulate(&common, &sim)?);
             Ok(())
         }
-        Command::Release { common } => {
+        Command::Release { common, domains } => {
             init_logging(&common);
-            release::command(&common)
+            release::command(&common, &domains)
         }
     }
 }
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         Command::Run { common, .. }
         | Command::Diagnose { common, .. }
         | Command::Simulate { common, .. }
-        | Command::Release { common } => common,
+        | Command::Release { common, .. } => common,
     };
     if let Err(msg) = common.validate() {
         eprintln!("error: {msg}");

@@ -264,17 +264,25 @@ pub fn on_stop<H: Host>(agent: &mut Agent<H>) {
     }
 }
 
-/// `vm-balancer release`: gives back the recorded pins of every running domain. Fails when
-/// libvirt is unreachable or a pin could not be given back; does nothing with
-/// `--keep-pins-on-exit` (so one environment file serves both `run` and `ExecStopPost=`).
-pub fn command(common: &Common) -> anyhow::Result<()> {
+/// `vm-balancer release [DOMAIN...]`: gives back the recorded pins of the named running
+/// domains, or of every running domain. Fails when libvirt is unreachable or a pin could not be
+/// given back; does nothing with `--keep-pins-on-exit` (so one environment file serves both
+/// `run` and `ExecStopPost=`).
+pub fn command(common: &Common, names: &[String]) -> anyhow::Result<()> {
     if common.keep_pins_on_exit {
         info!("--keep-pins-on-exit is set: leaving the vCPU pins as they are");
         return Ok(());
     }
     let mut host = crate::host::libvirt::LibvirtHost::new(&common.connect);
     host.ensure_connected().with_context(|| format!("cannot connect to {}", common.connect))?;
-    let s = release_all(&mut host).context("giving back the vCPU pins")?;
+    let mut doms = host.list_domains().context("listing the running domains")?;
+    if !names.is_empty() {
+        for n in names.iter().filter(|n| !doms.iter().any(|d| &&d.name == n)) {
+            warn!("{n} is not running; nothing to give back");
+        }
+        doms.retain(|d| names.contains(&d.name));
+    }
+    let s = release_domains(&mut host, &doms).context("giving back the vCPU pins")?;
     if s.failed > 0 {
         anyhow::bail!("{} of the recorded vCPU pins could not be given back", s.failed);
     }

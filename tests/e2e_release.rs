@@ -21,10 +21,11 @@ fn all_single(pins: &[String]) -> bool {
     pins.len() == 2 && pins.iter().all(|p| p.parse::<u32>().is_ok())
 }
 
-/// Runs `vm-balancer release` with `env` set; returns success and stderr.
-fn release(env: &[(&str, &str)]) -> (bool, String) {
+/// Runs `vm-balancer release ARGS` with `env` set; returns success and stderr.
+fn release(env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
     let out = Command::new(bin())
         .arg("release")
+        .args(args)
         .env_remove("VM_BALANCER_KEEP_PINS_ON_EXIT")
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())
@@ -80,13 +81,13 @@ fn after_kill_9_release_gives_them_back() {
     agent.kill9();
     assert_eq!(g.pins(), pins, "a crash gives nothing back");
     let t = Instant::now();
-    let (ok, err) = release(&[]);
+    let (ok, err) = release(&[], &[]);
     eprintln!("{}: release took {:?}", g.name, t.elapsed());
     assert!(ok, "release: {err}");
     assert!(err.contains(&format!("gave back the vCPU pins of {}", g.name)), "{err}");
     assert_eq!(g.pins(), original, "vCPUs float again");
     assert_eq!(record(&g), None, "the record is gone with nothing else in the element");
-    let (ok, err) = release(&[]);
+    let (ok, err) = release(&[], &[]);
     assert!(ok && err.contains("no recorded vCPU pins to give back"), "nothing left to do: {err}");
 }
 
@@ -99,10 +100,13 @@ fn keep_pins_on_exit_keeps_them_and_release_honours_it() {
     assert!(st.success());
     assert_eq!(g.pins(), pins, "pins kept; agent log:\n{}", agent.log());
     assert!(record(&g).is_some_and(|r| r.contains("prior")), "still recorded");
-    let (ok, err) = release(&[("VM_BALANCER_KEEP_PINS_ON_EXIT", "true")]);
+    let (ok, err) = release(&[("VM_BALANCER_KEEP_PINS_ON_EXIT", "true")], &[]);
     assert!(ok, "{err}");
     assert_eq!(g.pins(), pins, "release with the same environment keeps them too: {err}");
-    let (ok, err) = release(&[]);
+    let (ok, err) = release(&[], &["vmbt-not-running"]);
+    assert!(ok && err.contains("vmbt-not-running is not running"), "{err}");
+    assert_eq!(g.pins(), pins, "release of another domain leaves this one: {err}");
+    let (ok, err) = release(&[], &[&g.name]);
     assert!(ok, "{err}");
     assert_eq!(g.pins(), original, "release without it gives them back: {err}");
 }
@@ -128,4 +132,23 @@ fn a_restarted_agent_adopts_the_record_and_gives_back_the_original() {
     assert!(st.success());
     assert_eq!(g.pins(), vec![original[0].clone(), "1".to_string()], "log:\n{}", second.log());
     assert_eq!(record(&g), None);
+}
+
+#[test]
+fn release_fails_when_libvirt_is_unreachable_and_keep_skips_it() {
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .arg("release")
+            .args(["--connect", "qemu+unix:///system?socket=/nonexistent/libvirt-sock"])
+            .args(args)
+            .env_remove("VM_BALANCER_KEEP_PINS_ON_EXIT")
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot connect"), "{err}");
+    let out = run(&["--keep-pins-on-exit"]);
+    assert!(out.status.success(), "keeping the pins needs no connection: {}", String::from_utf8_lossy(&out.stderr));
 }
