@@ -253,7 +253,7 @@ pub fn on_stop<H: Host>(agent: &mut Agent<H>) {
     match stop_release(agent) {
         None => {}
         Some(Ok(s)) if s.domains == 0 => debug!("no vCPU pins to give back"),
-        Some(Ok(s)) => info!("gave back {} vCPU pins on {} domains ({} failed)", s.restored, s.domains, s.failed),
+        Some(Ok(s)) => info!("gave back {} vCPU pins on {} domain(s), {} failed", s.restored, s.domains, s.failed),
         Some(Err(e)) => {
             warn!("cannot give back the vCPU pins: {e}; exiting anyway (`vm-balancer release` can do it later)")
         }
@@ -289,7 +289,7 @@ pub fn command(common: &Common, names: &[String]) -> anyhow::Result<()> {
     if s.domains == 0 {
         info!("no recorded vCPU pins to give back");
     } else {
-        info!("gave back {} vCPU pins on {} domains", s.restored, s.domains);
+        info!("gave back {} vCPU pins on {} domain(s)", s.restored, s.domains);
     }
     Ok(())
 }
