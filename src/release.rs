@@ -243,7 +243,7 @@ pub fn on_stop<H: Host>(agent: &mut Agent<H>) {
     let (done, wait) = mpsc::channel::<()>();
     let watchdog = std::thread::Builder::new().name("stop-deadline".into()).spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(STOP_DEADLINE) {
-            warn!("giving back the vCPU pins took over {STOP_DEADLINE:?}; exiting anyway (`vm-balancer release` can finish it)");
+            warn!("giving back the vCPU pins took over {STOP_DEADLINE:?}; exiting anyway (`release` can finish it)");
             std::process::exit(0);
         }
     });

@@ -36,11 +36,8 @@ fn release(env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
 
 /// A 2-vCPU busy guest floating over every cpu, and an agent that has pinned both vCPUs and
 /// recorded their affinity before. Returns the guest, that affinity and the agent.
-fn pinned_by_agent(prefix: &str, meta: Option<&str>, extra: &[&str]) -> (Guest, Vec<String>, Agent) {
-    let g = Guest::start(
-        prefix,
-        &GuestSpec { vcpus: 2, burn: 2, metadata: meta.map(str::to_string), ..GuestSpec::default() },
-    );
+fn pinned_by_agent(prefix: &str, spec: GuestSpec, extra: &[&str]) -> (Guest, Vec<String>, Agent) {
+    let g = Guest::start(prefix, &GuestSpec { vcpus: 2, burn: 2, ..spec });
     let original = g.pins();
     assert!(original.len() == 2 && original.iter().all(|p| p.contains('-')), "a fresh guest floats: {original:?}");
     let mut args = FAST.to_vec();
@@ -61,7 +58,8 @@ fn pinned_by_agent(prefix: &str, meta: Option<&str>, extra: &[&str]) -> (Guest, 
 fn sigterm_gives_the_vcpus_their_affinity_back() {
     let _lab = lab();
     let meta = format!(r#"<vmb:balancer xmlns:vmb="{NS}" memory="no"/>"#);
-    let (g, original, mut agent) = pinned_by_agent("rel-term", Some(&meta), &[]);
+    let (g, original, mut agent) =
+        pinned_by_agent("rel-term", GuestSpec { metadata: Some(meta), ..GuestSpec::default() }, &[]);
     assert!(record(&g).unwrap().contains("memory=\"no\""), "the opt-out is kept beside the record");
     let (st, took) = agent.terminate();
     eprintln!("{}: SIGTERM to exit {took:?}", g.name);
@@ -76,7 +74,12 @@ fn sigterm_gives_the_vcpus_their_affinity_back() {
 #[test]
 fn after_kill_9_release_gives_them_back() {
     let _lab = lab();
-    let (g, original, mut agent) = pinned_by_agent("rel-kill", None, &[]);
+    // A persistent guest (its cputune pins no vCPU): the agent must change only the live
+    // definition.
+    let spec = GuestSpec { cputune: Some("<emulatorpin cpuset='0'/>".into()), ..GuestSpec::default() };
+    let (g, original, mut agent) = pinned_by_agent("rel-kill", spec, &[]);
+    let inactive = virsh(&["dumpxml", "--inactive", &g.name]).unwrap();
+    assert!(!inactive.contains(NS) && !inactive.contains("vcpupin"), "persistent definition changed:\n{inactive}");
     let pins = g.pins();
     agent.kill9();
     assert_eq!(g.pins(), pins, "a crash gives nothing back");
@@ -94,7 +97,7 @@ fn after_kill_9_release_gives_them_back() {
 #[test]
 fn keep_pins_on_exit_keeps_them_and_release_honours_it() {
     let _lab = lab();
-    let (g, original, mut agent) = pinned_by_agent("rel-keep", None, &["--keep-pins-on-exit"]);
+    let (g, original, mut agent) = pinned_by_agent("rel-keep", GuestSpec::default(), &["--keep-pins-on-exit"]);
     let pins = g.pins();
     let (st, _) = agent.terminate();
     assert!(st.success());
@@ -114,7 +117,7 @@ fn keep_pins_on_exit_keeps_them_and_release_honours_it() {
 #[test]
 fn a_restarted_agent_adopts_the_record_and_gives_back_the_original() {
     let _lab = lab();
-    let (g, original, mut first) = pinned_by_agent("rel-adopt", None, &[]);
+    let (g, original, mut first) = pinned_by_agent("rel-adopt", GuestSpec::default(), &[]);
     first.kill9();
     // As if vCPU 1 had been confined to cpu 1 before the first agent pinned it (a 2-cpu lab
     // offers no other way to have a prior the next agent's pin does not start from), and
