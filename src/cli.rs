@@ -48,9 +48,10 @@ pub enum Command {
         #[command(flatten)]
         sim: SimArgs,
     },
-    /// Give back the vCPU pins the agent recorded on the running guests (each to the affinity
-    /// it had before), e.g. after a crash; for the unit's `ExecStopPost=`. Does nothing with
-    /// --keep-pins-on-exit.
+    /// Give back the vCPU pins the agent recorded (after a crash; for `ExecStopPost=`).
+    ///
+    /// Sets each vCPU the agent pinned on a running guest back to the affinity it had before,
+    /// and clears the record. Does nothing with --keep-pins-on-exit.
     Release {
         #[command(flatten)]
         common: Common,
