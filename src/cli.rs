@@ -48,6 +48,17 @@ pub enum Command {
         #[command(flatten)]
         sim: SimArgs,
     },
+    /// Give back the vCPU pins the agent recorded (after a crash; for `ExecStopPost=`).
+    ///
+    /// Sets each vCPU the agent pinned on a running guest back to the affinity it had before,
+    /// and clears the record. Does nothing with --keep-pins-on-exit.
+    Release {
+        #[command(flatten)]
+        common: Common,
+        /// Only these domains (default: every running domain).
+        #[arg(value_name = "DOMAIN")]
+        domains: Vec<String>,
+    },
 }
 
 /// Flags of `simulate`.
@@ -258,6 +269,10 @@ pub struct Common {
     /// Do not turn on the balloon statistics period of guests that have it off.
     #[arg(long, env = "VM_BALANCER_NO_STATS_PERIOD")]
     pub no_stats_period: bool,
+    /// On a clean stop, leave every vCPU where the agent pinned it instead of giving back the
+    /// affinity it had before (`release` then does nothing either).
+    #[arg(long, env = "VM_BALANCER_KEEP_PINS_ON_EXIT")]
+    pub keep_pins_on_exit: bool,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", env = "VM_BALANCER_LOG_LEVEL")]
     pub log_level: log::LevelFilter,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
-use crate::actuate::{self, Outcome};
+use crate::actuate::Outcome;
 use crate::cli::Common;
 use crate::collect::Collector;
 use crate::failures::{Failures, Kind};
@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub mem: Option<MemConfig>,
     /// Change nothing; plans are still made and reported.
     pub dry_run: bool,
+    /// On a clean stop, leave the agent's pins instead of giving back the prior affinities.
+    pub keep_pins_on_exit: bool,
 }
 
 impl AgentConfig {
@@ -80,6 +82,7 @@ impl AgentConfig {
                 set_stats_period: !c.no_stats_period,
             }),
             dry_run,
+            keep_pins_on_exit: c.keep_pins_on_exit,
         }
     }
 }
@@ -385,7 +388,7 @@ impl<H: Host> Agent<H> {
         if !self.cfg.dry_run && !plan.is_empty() {
             // Acting on a sample older than a quantum or two would be acting on stale data.
             let max_age = ns(self.cfg.quantum).saturating_mul(2).max(1_000_000_000);
-            match actuate::apply(&mut self.host, &snap, &plan, max_age) {
+            match crate::release::apply_recorded(&mut self.host, &snap, &plan, max_age) {
                 Ok(outcomes) => {
                     for (a, o) in plan.iter().zip(&outcomes) {
                         let id = snap.domains.iter().find(|d| d.dom.name == a.domain()).map_or(0, |d| d.dom.id);
@@ -591,6 +594,7 @@ pub fn run<H: Host>(mut agent: Agent<H>, reload: &Reload<'_>) -> anyhow::Result<
                 Ok(Signal::Stop(sig)) => {
                     info!("signal {sig}: stopping");
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                    crate::release::on_stop(&mut agent);
                     return Ok(());
                 }
                 Ok(Signal::Reload) => {

@@ -13,6 +13,7 @@ pub mod host;
 pub mod memctl;
 pub mod model;
 pub mod policy;
+pub mod release;
 pub mod settings;
 pub mod sim;
 pub mod units;

@@ -9,7 +9,7 @@ use log::error;
 use vm_balancer::cli::{Cli, Command, Common};
 use vm_balancer::daemon::{self, Agent, AgentConfig};
 use vm_balancer::host::libvirt::LibvirtHost;
-use vm_balancer::{actuate, diagnose};
+use vm_balancer::{actuate, diagnose, release};
 
 /// True when stderr is the journal's stream (`JOURNAL_STREAM` names its device and inode, as
 /// sd-daemon(3) says to check): lines then carry a syslog priority and no timestamp.
@@ -90,7 +90,7 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
                 return Ok(());
             }
             if apply && !report.plan.is_empty() {
-                let outcomes = actuate::apply(&mut agent.host, &snap, &report.plan, u64::MAX)?;
+                let outcomes = release::apply_recorded(&mut agent.host, &snap, &report.plan, u64::MAX)?;
                 let mut failed = 0;
                 for (a, o) in report.plan.iter().zip(&outcomes) {
                     if let actuate::Outcome::Failed(e) = o {
@@ -110,6 +110,10 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
             env_logger::Builder::new().filter_level(level).format_target(false).init();
             emit(&vm_balancer::sim::simulate(&common, &sim)?)?;
             Ok(())
+        }
+        Command::Release { common, domains } => {
+            init_logging(&common);
+            release::command(&common, &domains)
         }
     }
 }
@@ -137,7 +141,10 @@ fn main() -> ExitCode {
         }
     };
     let common = match &cli.command {
-        Command::Run { common, .. } | Command::Diagnose { common, .. } | Command::Simulate { common, .. } => common,
+        Command::Run { common, .. }
+        | Command::Diagnose { common, .. }
+        | Command::Simulate { common, .. }
+        | Command::Release { common, .. } => common,
     };
     if let Err(msg) = common.validate() {
         eprintln!("error: {msg}");

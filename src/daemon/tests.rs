@@ -107,6 +107,15 @@ impl Host for Faulty {
     fn set_stats_period(&mut self, dom: &DomainRef, period_s: u32) -> Result<(), HostError> {
         self.sim.set_stats_period(dom, period_s)
     }
+    fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &crate::host::CpuSet) -> Result<(), HostError> {
+        self.sim.pin_vcpu_set(dom, vcpu, cpus)
+    }
+    fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<crate::host::AgentPin>, HostError> {
+        self.sim.agent_pins(dom)
+    }
+    fn set_agent_pins(&mut self, dom: &DomainRef, pins: &[crate::host::AgentPin]) -> Result<(), HostError> {
+        self.sim.set_agent_pins(dom, pins)
+    }
 }
 
 fn agent(host: Faulty) -> Agent<Faulty> {

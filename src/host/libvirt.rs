@@ -10,6 +10,7 @@ use virt::sys;
 
 use super::procfs as pfs;
 use super::stats::{self, DomainStats};
+use super::{AgentPin, CpuSet, record};
 use super::{
     BalloonStats, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut, Topology, VcpuTimes,
 };
@@ -18,6 +19,12 @@ use super::{
 /// `<vmb:balancer xmlns:vmb="https://vm-balancer.org/xmlns/1" manage="no"/>` leaves the whole
 /// domain alone; `cpu="no"` or `memory="no"` leaves only that resource alone.
 pub const METADATA_NS: &str = "https://vm-balancer.org/xmlns/1";
+
+/// XML namespace of the agent's pin record in a domain's live `<metadata>` (see
+/// [`super::record`]). Its own namespace, not the opt-out's: libvirt keeps one element per
+/// namespace, and an operator setting the opt-out with `virsh metadata --set` must not erase
+/// the record of what to give back.
+pub const PINS_NS: &str = "https://vm-balancer.org/xmlns/1/pins";
 
 /// Keepalive: a probe every `KEEPALIVE_INTERVAL_S` seconds; after `KEEPALIVE_COUNT` probes
 /// without an answer libvirt closes the connection, and a call blocked on a frozen libvirtd
@@ -215,6 +222,54 @@ impl Host for LibvirtHost {
         let p = i32::try_from(period_s).unwrap_or(i32::MAX);
         d.set_memory_stats_period(p, sys::VIR_DOMAIN_MEM_LIVE).map_err(|e| self.fail("set stats period", &dom.name, e))
     }
+
+    fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &CpuSet) -> Result<(), HostError> {
+        let d = self.lookup(dom)?;
+        let mut map = vec![0u8; cpus.0.iter().max().map_or(0, |&c| c as usize / 8) + 1];
+        for &c in &cpus.0 {
+            map[c as usize / 8] |= 1 << (c % 8);
+        }
+        d.pin_vcpu_flags(vcpu, &map, sys::VIR_DOMAIN_AFFECT_LIVE).map_err(|e| self.fail("pin vcpu", &dom.name, e))
+    }
+
+    fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<AgentPin>, HostError> {
+        let d = self.lookup(dom)?;
+        match self.pins_element(&d, dom)? {
+            Some(x) => record::parse_pins(&x).map_err(|detail| HostError::Parse { what: metadata_of(dom), detail }),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn set_agent_pins(&mut self, dom: &DomainRef, pins: &[AgentPin]) -> Result<(), HostError> {
+        let d = self.lookup(dom)?;
+        let now = self.pins_element(&d, dom)?;
+        let next = record::with_pins(now.as_deref(), pins)
+            .map_err(|detail| HostError::Parse { what: metadata_of(dom), detail })?;
+        let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+        let r = match &next {
+            Some(xml) => d.set_metadata(kind, Some(xml), Some("vmbpins"), Some(PINS_NS), sys::VIR_DOMAIN_AFFECT_LIVE),
+            None if now.is_some() => d.set_metadata(kind, None, None, Some(PINS_NS), sys::VIR_DOMAIN_AFFECT_LIVE),
+            None => return Ok(()),
+        };
+        r.map_err(|e| self.fail("set metadata", &dom.name, e))
+    }
+}
+
+impl LibvirtHost {
+    /// The live `<metadata>` element of the pin record, as libvirt returns it (without
+    /// prefix); `None` when the domain has none.
+    fn pins_element(&mut self, d: &Domain, dom: &DomainRef) -> Result<Option<String>, HostError> {
+        let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+        match d.metadata(kind, Some(PINS_NS), sys::VIR_DOMAIN_AFFECT_LIVE) {
+            Ok(x) => Ok(Some(x)),
+            Err(e) if e.code().is_known_and(|c| matches!(c, ErrorNumber::NoDomainMetadata)) => Ok(None),
+            Err(e) => Err(self.fail("get metadata", &dom.name, e)),
+        }
+    }
+}
+
+fn metadata_of(dom: &DomainRef) -> String {
+    format!("<metadata> of {}", dom.name)
 }
 
 fn read_vcpu(root: &std::path::Path, pid: u32, tid: u32) -> Result<Option<VcpuTimes>, HostError> {

@@ -8,7 +8,10 @@
 
 pub mod libvirt;
 pub mod procfs;
+pub mod record;
 pub mod stats;
+
+pub use record::AgentPin;
 
 use serde::Serialize;
 
@@ -295,4 +298,13 @@ pub trait Host {
     fn set_balloon(&mut self, dom: &DomainRef, target_kib: u64) -> Result<(), HostError>;
     /// Turn on a running domain's balloon statistics period (live only), seconds.
     fn set_stats_period(&mut self, dom: &DomainRef, period_s: u32) -> Result<(), HostError>;
+    /// Set one vCPU's affinity to a set of host cpus (live only): how the agent gives back the
+    /// floating affinity a vCPU had before it pinned it.
+    fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &CpuSet) -> Result<(), HostError>;
+    /// The agent's record of the vCPUs it pinned on a running domain, each with the affinity it
+    /// had before (live `<metadata>`, see [`record`]); empty when there is none.
+    fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<AgentPin>, HostError>;
+    /// Replace that record (live only; never the persistent definition). An empty list removes
+    /// it. The opt-outs beside it are kept.
+    fn set_agent_pins(&mut self, dom: &DomainRef, pins: &[AgentPin]) -> Result<(), HostError>;
 }

@@ -34,8 +34,8 @@
 use std::collections::HashMap;
 
 use crate::host::{
-    BalloonStats, CpuSet, CpuTopo, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut, Topology,
-    VcpuTimes,
+    AgentPin, BalloonStats, CpuSet, CpuTopo, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut,
+    Topology, VcpuTimes,
 };
 
 /// Share of a guest's memory deficit paged in per second while it swaps.
@@ -126,6 +126,8 @@ struct SimGuest {
     target_kib: u64,
     need_kib: u64,
     swap_in_kib: f64,
+    /// The agent's pin record (a real host keeps it in the live `<metadata>`).
+    agent_pins: Vec<AgentPin>,
 }
 
 /// Figures of the last interval, for the simulation's report.
@@ -257,6 +259,7 @@ impl SimHost {
                 target_kib: start,
                 need_kib: 0,
                 swap_in_kib: 0.0,
+                agent_pins: Vec::new(),
             });
         }
         Ok(SimHost {
@@ -298,11 +301,6 @@ impl SimHost {
         }
     }
 
-    /// The affinity of vCPU `v` of guest `g`.
-    pub fn affinity(&self, g: usize, v: usize) -> Option<CpuSet> {
-        self.guests.get(g)?.vcpus.get(v).map(|x| x.affinity.clone())
-    }
-
     /// Sets the resident memory need of guest `g`, KiB.
     pub fn set_mem_need(&mut self, g: usize, need_kib: u64) {
         if let Some(x) = self.guests.get_mut(g) {
@@ -322,6 +320,25 @@ impl SimHost {
                 k = k.wrapping_add(1);
             }
         }
+    }
+
+    /// Restarts guest `g`: a new runtime id (the old [`DomainRef`] is gone), vCPUs floating over
+    /// every cpu again and no live metadata, as after a real restart.
+    pub fn restart_guest(&mut self, g: usize) {
+        let all = CpuSet((0..self.cfg.cpus).collect());
+        let next_id = self.guests.iter().map(|x| x.dom.id).max().unwrap_or(0).saturating_add(1);
+        if let Some(x) = self.guests.get_mut(g) {
+            x.dom.id = next_id;
+            x.agent_pins.clear();
+            for v in &mut x.vcpus {
+                v.affinity = all.clone();
+            }
+        }
+    }
+
+    /// The affinity of vCPU `v` of guest `g`.
+    pub fn affinity(&self, g: usize, v: usize) -> Option<&CpuSet> {
+        self.guests.get(g).and_then(|g| g.vcpus.get(v)).map(|v| &v.affinity)
     }
 
     /// Returns and clears the action counters.
@@ -655,6 +672,34 @@ impl Host for SimHost {
     }
     fn set_stats_period(&mut self, dom: &DomainRef, _period_s: u32) -> Result<(), HostError> {
         self.guest(dom).map(|_| ())
+    }
+    fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &CpuSet) -> Result<(), HostError> {
+        let gi = self.guest(dom)?;
+        let n = self.cfg.cpus;
+        let bad = |detail: String| HostError::Refused {
+            op: "pin",
+            object: dom.name.clone(),
+            class: ErrorClass::Permanent,
+            detail,
+        };
+        if cpus.0.is_empty() || cpus.0.iter().any(|&c| c >= n) {
+            return Err(bad(format!("cannot pin to {cpus}")));
+        }
+        let v = self.guests[gi].vcpus.get_mut(vcpu as usize).ok_or_else(|| bad(format!("no vCPU {vcpu}")))?;
+        // Giving back an affinity is neither a repin nor a placement: not counted.
+        v.affinity = cpus.clone();
+        Ok(())
+    }
+    fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<AgentPin>, HostError> {
+        let gi = self.guest(dom)?;
+        Ok(self.guests[gi].agent_pins.clone())
+    }
+    fn set_agent_pins(&mut self, dom: &DomainRef, pins: &[AgentPin]) -> Result<(), HostError> {
+        let gi = self.guest(dom)?;
+        let mut pins = pins.to_vec();
+        pins.sort_by_key(|p| p.vcpu);
+        self.guests[gi].agent_pins = pins;
+        Ok(())
     }
 }
 

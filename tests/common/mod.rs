@@ -283,6 +283,13 @@ impl Agent {
         let st = c.wait().unwrap();
         (st, t.elapsed())
     }
+
+    /// Sends SIGKILL (a crash: no clean stop) and waits.
+    pub fn kill9(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap();
+        c.wait().unwrap()
+    }
 }
 
 impl Drop for Agent {

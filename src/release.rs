@@ -1,0 +1,285 @@
+//! Giving back what the agent took: every vCPU the agent pins gets the affinity it had before.
+//!
+//! Pins outlive the agent. Without this, a stopped, crashed or removed agent would leave every
+//! vCPU pinned to one cpu, static pinning, the worst policy in the simulator. So:
+//! - **Record before acting.** [`apply_recorded`] writes the prior affinity of each vCPU a plan
+//!   pins for the first time into the guest's live `<metadata>` (see [`crate::host::record`]),
+//!   one write per domain per quantum, *before* the pin: a crash between the two leaves a
+//!   record whose prior is the current affinity, which is harmless to restore. A vCPU already
+//!   in the record keeps its prior, whoever wrote it: a restarted agent adopts the pins of the
+//!   last one and never mistakes them for the original placement. A pin that then fails is
+//!   taken out of the record again. The record is read from the host each time, never cached,
+//!   so `release` run beside a live agent cannot leave the two out of step.
+//! - **Give back on a clean stop** ([`on_stop`], unless `--keep-pins-on-exit`) and from
+//!   `vm-balancer release` ([`command`], for systemd's `ExecStopPost=`, also after a crash):
+//!   each recorded vCPU gets its prior affinity back and the record is cleared. A vCPU someone
+//!   else has since given another multi-cpu affinity is left as it is (the agent only ever sets
+//!   single cpus). A domain that went away is skipped.
+
+use anyhow::Context as _;
+use log::{debug, info, warn};
+
+use crate::actuate::{self, Outcome};
+use crate::cli::Common;
+use crate::daemon::Agent;
+use crate::host::{AgentPin, CpuSet, DomainRef, Host, HostError};
+use crate::model::Snapshot;
+use crate::policy::Action;
+
+fn gone(e: &HostError) -> bool {
+    matches!(e, HostError::DomainGone(_))
+}
+
+/// The pin actions of a plan, grouped by domain in plan order: (vCPU, affinity before).
+fn pins_by_domain<'a>(snap: &Snapshot, plan: &'a [Action]) -> Vec<(DomainRef, Vec<(u32, &'a CpuSet)>)> {
+    let mut out: Vec<(DomainRef, Vec<(u32, &CpuSet)>)> = Vec::new();
+    for a in plan {
+        let Action::Pin { domain, vcpu, from, .. } = a else { continue };
+        if let Some(entry) = out.iter_mut().find(|(d, _)| &d.name == domain) {
+            entry.1.push((*vcpu, from));
+        } else if let Some(d) = snap.domains.iter().find(|d| &d.dom.name == domain) {
+            out.push((d.dom.clone(), vec![(*vcpu, from)]));
+        }
+    }
+    out
+}
+
+/// Adds the vCPUs not yet in the domain's record, with their affinity now; returns them.
+fn record_priors(host: &mut dyn Host, dom: &DomainRef, pins: &[(u32, &CpuSet)]) -> Result<Vec<u32>, HostError> {
+    let mut rec = host.agent_pins(dom)?;
+    let mut new = Vec::new();
+    for &(vcpu, from) in pins {
+        if !rec.iter().any(|p| p.vcpu == vcpu) {
+            rec.push(AgentPin { vcpu, prior: from.clone() });
+            new.push(vcpu);
+        }
+    }
+    if !new.is_empty() {
+        host.set_agent_pins(dom, &rec)?;
+    }
+    Ok(new)
+}
+
+/// [`actuate::apply`], with each vCPU's prior affinity recorded before its first pin. The pins
+/// of a domain whose record cannot be written are not applied (the agent never takes what it
+/// could not give back); they fail with that error.
+pub fn apply_recorded(
+    host: &mut dyn Host,
+    snap: &Snapshot,
+    plan: &[Action],
+    max_age_ns: u64,
+) -> Result<Vec<Outcome>, HostError> {
+    let mut blocked: Vec<(String, String, crate::host::ErrorClass)> = Vec::new();
+    let mut added: Vec<(DomainRef, Vec<u32>)> = Vec::new();
+    for (dom, pins) in pins_by_domain(snap, plan) {
+        match record_priors(host, &dom, &pins) {
+            Ok(new) if new.is_empty() => {}
+            Ok(new) => added.push((dom, new)),
+            Err(e) if e.is_disconnect() => return Err(e),
+            // Applying finds it gone too, and says so.
+            Err(e) if gone(&e) => {}
+            Err(e) => blocked.push((dom.name.clone(), crate::host::chain(&e), e.class())),
+        }
+    }
+    let is_blocked = |a: &Action| matches!(a, Action::Pin { .. }) && blocked.iter().any(|(d, _, _)| d == a.domain());
+    let todo: Vec<Action> = plan.iter().filter(|a| !is_blocked(a)).cloned().collect();
+    let mut applied = actuate::apply(host, snap, &todo, max_age_ns)?.into_iter();
+    let mut outcomes = Vec::with_capacity(plan.len());
+    for a in plan {
+        if let Some((_, why, class)) = blocked.iter().find(|(d, _, _)| is_blocked(a) && d == a.domain()) {
+            debug!("not applied: {a}: cannot record its prior affinity: {why}");
+            let detail = format!("cannot record the prior affinity: {why}");
+            let (op, object, class) = ("record pin", a.domain().to_string(), *class);
+            outcomes.push(Outcome::Failed(HostError::Refused { op, object, class, detail }));
+        } else if let Some(o) = applied.next() {
+            outcomes.push(o);
+        }
+    }
+    forget_failed(host, plan, &outcomes, &added);
+    Ok(outcomes)
+}
+
+/// Takes the vCPUs recorded this quantum whose pin then failed out of the record again.
+fn forget_failed(host: &mut dyn Host, plan: &[Action], outcomes: &[Outcome], added: &[(DomainRef, Vec<u32>)]) {
+    for (dom, new) in added {
+        let pinned = |v: u32| {
+            plan.iter().zip(outcomes).any(|(a, o)| {
+                matches!(a, Action::Pin { domain, vcpu, .. } if domain == &dom.name && *vcpu == v)
+                    && matches!(o, Outcome::Applied)
+            })
+        };
+        let unpinned: Vec<u32> = new.iter().copied().filter(|&v| !pinned(v)).collect();
+        if unpinned.is_empty() {
+            continue;
+        }
+        let r = host.agent_pins(dom).and_then(|mut rec| {
+            rec.retain(|p| !unpinned.contains(&p.vcpu));
+            host.set_agent_pins(dom, &rec)
+        });
+        match r {
+            Ok(()) => {}
+            Err(e) if gone(&e) => {}
+            Err(e) => warn!("cannot take the unpinned vCPUs {unpinned:?} of {} out of its pin record: {e}", dom.name),
+        }
+    }
+}
+
+/// What giving back one domain's pins did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Released {
+    /// vCPUs back on (or found on) their prior affinity.
+    pub restored: Vec<AgentPin>,
+    /// vCPUs left alone, with their affinity: someone gave them another multi-cpu affinity
+    /// since the agent pinned them.
+    pub left: Vec<(u32, CpuSet)>,
+    /// vCPUs whose affinity could not be set, with why.
+    pub failed: Vec<(u32, String)>,
+}
+
+/// Gives back the pins recorded on one domain and clears the record. `None`: no record.
+pub fn release_domain(host: &mut dyn Host, dom: &DomainRef) -> Result<Option<Released>, HostError> {
+    let rec = host.agent_pins(dom)?;
+    if rec.is_empty() {
+        return Ok(None);
+    }
+    // The affinity each vCPU has now; without it every recorded vCPU is set.
+    let now: Vec<Option<CpuSet>> = match host.describe(dom).and_then(|d| host.vcpu_times(&d)) {
+        Ok(t) => t.into_iter().map(|t| t.map(|t| t.affinity_mask)).collect(),
+        Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
+        Err(e) => {
+            debug!("cannot read the vCPU affinities of {}: {e}; setting every recorded one", dom.name);
+            Vec::new()
+        }
+    };
+    let mut out = Released::default();
+    for p in rec {
+        match now.get(p.vcpu as usize).cloned().flatten() {
+            Some(cur) if cur == p.prior => out.restored.push(p),
+            Some(cur) if cur.as_single().is_none() => out.left.push((p.vcpu, cur)),
+            _ => match host.pin_vcpu_set(dom, p.vcpu, &p.prior) {
+                Ok(()) => out.restored.push(p),
+                Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
+                Err(e) => out.failed.push((p.vcpu, e.to_string())),
+            },
+        }
+    }
+    // Cleared even when a vCPU failed: retrying a pin that failed once would fail again, and
+    // a record left behind would be adopted by the next agent.
+    host.set_agent_pins(dom, &[])?;
+    Ok(Some(out))
+}
+
+/// What giving back the pins of many domains did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Domains that had a record.
+    pub domains: usize,
+    /// vCPUs given back their prior affinity.
+    pub restored: usize,
+    /// vCPUs (or whole domains) whose pins could not be given back.
+    pub failed: usize,
+}
+
+/// Gives back the recorded pins of each of `doms`; one log line per domain with a record. A
+/// domain that went away is skipped; a lost connection stops the run.
+pub fn release_domains(host: &mut dyn Host, doms: &[DomainRef]) -> Result<Summary, HostError> {
+    let mut sum = Summary::default();
+    for dom in doms {
+        match release_domain(host, dom) {
+            Ok(None) => {}
+            Ok(Some(r)) => {
+                sum.domains += 1;
+                sum.restored += r.restored.len();
+                sum.failed += r.failed.len();
+                log_released(&dom.name, &r);
+            }
+            Err(e) if gone(&e) => debug!("{} went away; nothing to give back", dom.name),
+            Err(e) if e.is_disconnect() => return Err(e),
+            Err(e) => {
+                warn!("cannot give back the vCPU pins of {}: {e}", dom.name);
+                sum.domains += 1;
+                sum.failed += 1;
+            }
+        }
+    }
+    Ok(sum)
+}
+
+fn log_released(name: &str, r: &Released) {
+    let mut parts: Vec<String> = r.restored.iter().map(|p| format!("vCPU {} -> {}", p.vcpu, p.prior)).collect();
+    parts.extend(r.left.iter().map(|(v, c)| format!("vCPU {v} left on {c} (changed since the agent pinned it)")));
+    parts.extend(r.failed.iter().map(|(v, e)| format!("vCPU {v} failed: {e}")));
+    if r.failed.is_empty() {
+        info!("gave back the vCPU pins of {name}: {}", parts.join(", "));
+    } else {
+        warn!("gave back the vCPU pins of {name} in part: {}", parts.join(", "));
+    }
+}
+
+/// Gives back the recorded pins of every running domain.
+pub fn release_all(host: &mut dyn Host) -> Result<Summary, HostError> {
+    host.ensure_connected()?;
+    let doms = host.list_domains()?;
+    release_domains(host, &doms)
+}
+
+/// What a clean stop does with the agent's pins: gives them back unless the configuration
+/// says to keep them (or the agent was only watching). `None` when it did not try.
+pub fn stop_release<H: Host>(agent: &mut Agent<H>) -> Option<Result<Summary, HostError>> {
+    let cfg = agent.config();
+    if cfg.keep_pins_on_exit {
+        info!("keeping the vCPU pins (--keep-pins-on-exit); they stay recorded for the next agent or `release`");
+        return None;
+    }
+    if cfg.dry_run {
+        return None;
+    }
+    Some(release_all(&mut agent.host))
+}
+
+/// The daemon's clean stop: [`stop_release`]; never fails. It needs no deadline of its own:
+/// `daemon::run` ends the process [`crate::daemon::SHUTDOWN_GRACE`] after the stop signal
+/// whatever it is doing (a libvirtd that hangs), and `vm-balancer release` finishes the job.
+pub fn on_stop<H: Host>(agent: &mut Agent<H>) {
+    match stop_release(agent) {
+        None => {}
+        Some(Ok(s)) if s.domains == 0 => debug!("no vCPU pins to give back"),
+        Some(Ok(s)) => info!("gave back {} vCPU pins on {} domain(s), {} failed", s.restored, s.domains, s.failed),
+        Some(Err(e)) => {
+            warn!("cannot give back the vCPU pins: {e}; exiting anyway (`vm-balancer release` can do it later)")
+        }
+    }
+}
+
+/// `vm-balancer release [DOMAIN...]`: gives back the recorded pins of the named running
+/// domains, or of every running domain. Fails when libvirt is unreachable or a pin could not be
+/// given back; does nothing with `--keep-pins-on-exit` (so one environment file serves both
+/// `run` and `ExecStopPost=`).
+pub fn command(common: &Common, names: &[String]) -> anyhow::Result<()> {
+    if common.keep_pins_on_exit {
+        info!("--keep-pins-on-exit is set: leaving the vCPU pins as they are");
+        return Ok(());
+    }
+    let mut host = crate::host::libvirt::LibvirtHost::new(&common.connect);
+    host.ensure_connected().with_context(|| format!("cannot connect to {}", common.connect))?;
+    let mut doms = host.list_domains().context("listing the running domains")?;
+    if !names.is_empty() {
+        for n in names.iter().filter(|n| !doms.iter().any(|d| &&d.name == n)) {
+            warn!("{n} is not running; nothing to give back");
+        }
+        doms.retain(|d| names.contains(&d.name));
+    }
+    let s = release_domains(&mut host, &doms).context("giving back the vCPU pins")?;
+    if s.failed > 0 {
+        anyhow::bail!("{} of the recorded vCPU pins could not be given back", s.failed);
+    }
+    if s.domains == 0 {
+        info!("no recorded vCPU pins to give back");
+    } else {
+        info!("gave back {} vCPU pins on {} domain(s)", s.restored, s.domains);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

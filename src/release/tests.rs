@@ -1,0 +1,179 @@
+use super::*;
+
+use crate::daemon::AgentConfig;
+use crate::sim::{GuestSpec, SimConfig, SimHost};
+
+fn host(cpus: u32, guests: &[(&str, u32)]) -> SimHost {
+    let specs: Vec<GuestSpec> = guests
+        .iter()
+        .map(|&(name, vcpus)| GuestSpec { name: name.into(), vcpus, max_kib: 1 << 20, liar: false })
+        .collect();
+    SimHost::new(SimConfig::new(cpus, 64 << 20, 1 << 20), &specs).unwrap()
+}
+
+fn agent(h: SimHost, dry_run: bool, keep: bool) -> Agent<SimHost> {
+    let mut c = Common::defaults().unwrap();
+    c.no_memory = true;
+    c.keep_pins_on_exit = keep;
+    Agent::new(h, AgentConfig::from_flags(&c, dry_run))
+}
+
+/// Steps the agent until it has a snapshot (rates need two samples).
+fn snapshot(a: &mut Agent<SimHost>) -> Snapshot {
+    for _ in 0..5 {
+        a.host.advance(2_000_000_000);
+        if let Some(s) = a.step().snapshot {
+            return s;
+        }
+    }
+    panic!("no snapshot")
+}
+
+fn dom(h: &mut SimHost, g: usize) -> DomainRef {
+    h.list_domains().unwrap()[g].clone()
+}
+
+fn set(c: &[u32]) -> CpuSet {
+    CpuSet(c.to_vec())
+}
+
+fn pin(domain: &str, vcpu: u32, from: &[u32], to: u32) -> Action {
+    Action::Pin { domain: domain.into(), vcpu, from: set(from), to: CpuSet::single(to), reason: "test".into() }
+}
+
+fn rec(h: &mut SimHost, g: usize) -> Vec<(u32, CpuSet)> {
+    let d = dom(h, g);
+    h.agent_pins(&d).unwrap().into_iter().map(|p| (p.vcpu, p.prior)).collect()
+}
+
+#[test]
+fn the_first_pin_records_the_prior_and_later_pins_keep_it() {
+    let mut a = agent(host(2, &[("a", 2)]), true, false);
+    let s = snapshot(&mut a);
+    let out = apply_recorded(&mut a.host, &s, &[pin("a", 0, &[0, 1], 0)], u64::MAX).unwrap();
+    assert!(matches!(out[..], [Outcome::Applied]), "{out:?}");
+    assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1]))]);
+    assert_eq!(a.host.affinity(0, 0), Some(&set(&[0])));
+
+    let s = snapshot(&mut a);
+    let out = apply_recorded(&mut a.host, &s, &[pin("a", 0, &[0], 1), pin("a", 1, &[0, 1], 0)], u64::MAX).unwrap();
+    assert!(matches!(out[..], [Outcome::Applied, Outcome::Applied]), "{out:?}");
+    assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1])), (1, set(&[0, 1]))], "vCPU 0 keeps its first prior");
+    assert_eq!(a.host.affinity(0, 0), Some(&set(&[1])));
+}
+
+#[test]
+fn a_restarted_agent_keeps_the_prior_its_predecessor_recorded() {
+    let mut h = host(2, &[("a", 1)]);
+    // What a crashed agent left: vCPU 0 on cpu 1, recorded as floating over 0-1 before.
+    let d = dom(&mut h, 0);
+    h.pin_vcpu(&d, 0, 1).unwrap();
+    h.set_agent_pins(&d, &[AgentPin { vcpu: 0, prior: set(&[0, 1]) }]).unwrap();
+    let mut a = agent(h, true, false);
+    let s = snapshot(&mut a);
+    apply_recorded(&mut a.host, &s, &[pin("a", 0, &[1], 0)], u64::MAX).unwrap();
+    assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1]))], "not overwritten by the single-cpu pin it found");
+    let sum = release_all(&mut a.host).unwrap();
+    assert_eq!(sum, Summary { domains: 1, restored: 1, failed: 0 });
+    assert_eq!(a.host.affinity(0, 0), Some(&set(&[0, 1])), "the true original, not the predecessor's pin");
+}
+
+#[test]
+fn the_agent_records_what_it_pins_and_a_clean_stop_gives_it_back() {
+    let mut h = host(2, &[("a", 2), ("b", 1)]);
+    h.set_demand(0, 0, 1.0);
+    h.set_demand(0, 1, 1.0);
+    let mut a = agent(h, false, false);
+    for _ in 0..6 {
+        a.host.advance(2_000_000_000);
+        a.step();
+    }
+    for v in 0..2 {
+        assert!(a.host.affinity(0, v).unwrap().as_single().is_some(), "vCPU {v} pinned: {:?}", a.host.affinity(0, v));
+    }
+    assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1])), (1, set(&[0, 1]))]);
+    // The idle guest is placed too (every floating vCPU is), perhaps not yet.
+    let idle = rec(&mut a.host, 1).len();
+    let sum = stop_release(&mut a).unwrap().unwrap();
+    assert_eq!(sum, Summary { domains: 1 + idle, restored: 2 + idle, failed: 0 });
+    for (g, v) in [(0, 0), (0, 1), (1, 0)] {
+        assert_eq!(a.host.affinity(g, v), Some(&set(&[0, 1])), "guest {g} vCPU {v} floats again");
+    }
+    assert!(rec(&mut a.host, 0).is_empty() && rec(&mut a.host, 1).is_empty(), "records cleared");
+    assert_eq!(release_all(&mut a.host).unwrap(), Summary::default(), "a second release has nothing to do");
+}
+
+#[test]
+fn a_dry_run_records_nothing_and_gives_nothing_back() {
+    let mut h = host(2, &[("a", 2)]);
+    h.set_demand(0, 0, 1.0);
+    let mut a = agent(h, true, false);
+    for _ in 0..4 {
+        a.host.advance(2_000_000_000);
+        a.step();
+    }
+    assert!(rec(&mut a.host, 0).is_empty());
+    assert_eq!(a.host.affinity(0, 0), Some(&set(&[0, 1])));
+    assert!(stop_release(&mut a).is_none());
+}
+
+#[test]
+fn keep_pins_on_exit_keeps_the_pins_and_the_record() {
+    let mut h = host(2, &[("a", 2)]);
+    h.set_demand(0, 0, 1.0);
+    h.set_demand(0, 1, 1.0);
+    let mut a = agent(h, false, true);
+    for _ in 0..6 {
+        a.host.advance(2_000_000_000);
+        a.step();
+    }
+    assert!(stop_release(&mut a).is_none());
+    assert!(a.host.affinity(0, 0).unwrap().as_single().is_some());
+    assert_eq!(rec(&mut a.host, 0).len(), 2, "still recorded for the next agent or `release`");
+}
+
+#[test]
+fn a_domain_gone_during_release_is_skipped() {
+    let mut h = host(2, &[("a", 1), ("b", 1)]);
+    for g in 0..2 {
+        let d = dom(&mut h, g);
+        h.set_agent_pins(&d, &[AgentPin { vcpu: 0, prior: set(&[0, 1]) }]).unwrap();
+        h.pin_vcpu(&d, 0, 0).unwrap();
+    }
+    let listed = h.list_domains().unwrap();
+    h.restart_guest(0);
+    let sum = release_domains(&mut h, &listed).unwrap();
+    assert_eq!(sum, Summary { domains: 1, restored: 1, failed: 0 });
+    assert_eq!(h.affinity(1, 0), Some(&set(&[0, 1])));
+}
+
+#[test]
+fn a_pin_that_fails_is_taken_out_of_the_record() {
+    let mut a = agent(host(2, &[("a", 1)]), true, false);
+    let s = snapshot(&mut a);
+    // No vCPU 7: the pin fails after its prior was recorded.
+    let out = apply_recorded(&mut a.host, &s, &[pin("a", 7, &[0, 1], 0), pin("a", 0, &[0, 1], 1)], u64::MAX).unwrap();
+    assert!(matches!(out[..], [Outcome::Failed(_), Outcome::Applied]), "{out:?}");
+    assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1]))]);
+}
+
+#[test]
+fn a_vcpu_someone_else_has_set_since_is_left_alone() {
+    let mut h = host(4, &[("a", 3)]);
+    let d = dom(&mut h, 0);
+    let prior = set(&[0, 1, 2, 3]);
+    let pins: Vec<AgentPin> = (0..3).map(|vcpu| AgentPin { vcpu, prior: prior.clone() }).collect();
+    h.set_agent_pins(&d, &pins).unwrap();
+    h.pin_vcpu(&d, 0, 1).unwrap();
+    h.pin_vcpu_set(&d, 1, &set(&[2, 3])).unwrap();
+    let r = release_domain(&mut h, &d).unwrap().unwrap();
+    assert_eq!(r.left, vec![(1, set(&[2, 3]))]);
+    assert_eq!(
+        r.restored.iter().map(|p| p.vcpu).collect::<Vec<_>>(),
+        vec![0, 2],
+        "vCPU 2 already floats: nothing to set"
+    );
+    assert_eq!(h.affinity(0, 0), Some(&prior));
+    assert_eq!(h.affinity(0, 1), Some(&set(&[2, 3])));
+    assert!(h.agent_pins(&d).unwrap().is_empty());
+}
