@@ -129,6 +129,10 @@ pub fn command_with(file: &SettingsFile) -> Result<clap::Command, SettingsError>
     let path = file.path.display().to_string();
     let names: Vec<String> = cmd.get_subcommands().map(|s| s.get_name().to_string()).collect();
     for e in &file.entries {
+        if e.key == CONFIG_VAR {
+            let msg = format!("{CONFIG_VAR} names the settings file; it cannot be set inside one");
+            return Err(SettingsError::Line { path, line: e.line, msg });
+        }
         let mut known = false;
         for sub in &names {
             let Some(sc) = cmd.find_subcommand(sub) else { continue };
@@ -217,6 +221,8 @@ mod tests {
         let e = command_with(&file("VM_BALANCER_HIGH=0.8\nVM_BALANCER_QUANTUM=5ms\n")).unwrap_err().to_string();
         assert!(e.starts_with("/etc/default/vm-balancer:2: VM_BALANCER_QUANTUM:"), "{e}");
         assert!(e.contains("allowed 100ms to 1h"), "{e}");
+        let e = command_with(&file("VM_BALANCER_CONFIG=/etc/other\n")).unwrap_err().to_string();
+        assert!(e.contains(":1: VM_BALANCER_CONFIG names the settings file"), "{e}");
         let e = command_with(&file("VM_BALANCER_QUANTUMM=5s\n")).unwrap_err().to_string();
         assert!(e.contains(":1: VM_BALANCER_QUANTUMM is not a setting"), "{e}");
         let e = SettingsFile::parse(Path::new("f"), "VM_BALANCER_HIGH\n").unwrap_err().to_string();

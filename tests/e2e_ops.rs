@@ -29,7 +29,8 @@ fn every_shipped_setting_runs() {
     // The example lists every variable of `run --help`.
     let help = Command::new(bin()).args(["run", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    for var in help.split("[env: ").skip(1).filter_map(|s| s.split('=').next()) {
+    // (except the one naming the settings file itself).
+    for var in help.split("[env: ").skip(1).filter_map(|s| s.split('=').next()).filter(|v| *v != "VM_BALANCER_CONFIG") {
         assert!(settings.iter().any(|(k, _)| k == var), "{var} is missing from systemd/vm-balancer.default");
     }
     assert!(settings.iter().any(|(k, v)| k == "VM_BALANCER_CPUS" && v == "2-63"), "{settings:?}");
@@ -170,4 +171,36 @@ fn the_agent_needs_no_capabilities() {
     // schedstat, affinity and the busy vCPU's usage were all read.
     assert!(vcpus.iter().all(|v| v["usage"].is_number() && v["pinned_to"].is_array()), "{d:#}");
     assert!(vcpus.iter().any(|v| v["usage"].as_f64().unwrap() > 0.3), "{d:#}");
+}
+
+#[test]
+fn sighup_applies_a_changed_settings_file() {
+    let _lab = lab();
+    let g = Guest::start("hup", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm-balancer");
+    let settings = "VM_BALANCER_QUANTUM=500ms\nVM_BALANCER_NO_MEMORY=true\nVM_BALANCER_SMOOTHING=1s\n";
+    std::fs::write(&path, format!("{settings}VM_BALANCER_CPUS=0-1\n")).unwrap();
+    let mut agent = Agent::start(&["--config", path.to_str().unwrap()]);
+    let placed = wait_for(Duration::from_secs(20), || g.pins().iter().all(|p| p == "0" || p == "1"));
+    assert!(placed, "{:?}\n{}", g.pins(), agent.log());
+    let hup = || {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    };
+    // cpu 0 is taken away: its vCPUs are placed again, on cpu 1, without a restart.
+    std::fs::write(&path, format!("{settings}VM_BALANCER_CPUS=1\n")).unwrap();
+    hup();
+    let moved = wait_for(Duration::from_secs(20), || g.pins() == ["1", "1"]);
+    assert!(moved, "{:?}\n{}", g.pins(), agent.log());
+    assert!(agent.log().contains("settings reloaded: cpus"), "{}", agent.log());
+    // A bad file keeps the settings in force.
+    std::fs::write(&path, "VM_BALANCER_QUANTUM=soon\n").unwrap();
+    hup();
+    let kept = wait_for(Duration::from_secs(10), || agent.log().contains("keeping the current settings"));
+    assert!(kept, "{}", agent.log());
+    assert!(agent.log().contains(":1: VM_BALANCER_QUANTUM"), "the bad line is named: {}", agent.log());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(agent.alive());
+    assert_eq!(g.pins(), ["1", "1"], "{}", agent.log());
 }
