@@ -14,3 +14,4 @@ pub mod model;
 pub mod policy;
 pub mod sim;
 pub mod units;
+pub mod window;

@@ -8,6 +8,7 @@ use log::warn;
 
 use crate::model::Snapshot;
 use crate::policy::mem::{GuestMem, Hold, HostMem};
+use crate::window::WindowMax;
 
 /// Memory tunables that need history (the rest are in [`crate::policy::mem::MemPolicy`]).
 #[derive(Debug, Clone)]
@@ -34,8 +35,9 @@ struct GuestState {
     target: Option<(u64, u64, bool)>,
     last_change_ns: Option<u64>,
     backoff_until_ns: u64,
-    /// (time ns, KiB in use = current − usable) of recent reports.
-    used: std::collections::VecDeque<(u64, u64)>,
+    /// KiB in use (current − usable) of recent reports: the most over the reclaim window, in
+    /// fixed memory whatever the window and interval.
+    used: WindowMax<u64>,
 }
 
 /// Per-guest memory history.
@@ -59,6 +61,12 @@ impl MemTracker {
             g.target = Some((target_kib, now_ns, false));
             g.last_change_ns = Some(now_ns);
         }
+    }
+
+    /// Entries of a guest's peak-use history.
+    #[cfg(test)]
+    fn history_entries(&self, name: &str) -> Option<usize> {
+        self.guests.get(name).map(|g| g.used.buckets_used())
     }
 
     /// The planner's input from a snapshot whose balloon stats are fresh.
@@ -128,12 +136,9 @@ impl MemTracker {
             let cooling = st.last_change_ns.is_some_and(|c| now.saturating_sub(c) < t.cooldown_ns);
             let (current, maximum, usable) = b.map_or((0, 0, None), |b| (b.current_kib, b.maximum_kib, b.usable_kib));
             if let (Some(u), true) = (usable, stats_t == now && hold.is_none()) {
-                st.used.push_back((now, current.saturating_sub(u)));
+                st.used.record(now, t.reclaim_window_ns, current.saturating_sub(u));
             }
-            while st.used.front().is_some_and(|&(t0, _)| now.saturating_sub(t0) > t.reclaim_window_ns) {
-                st.used.pop_front();
-            }
-            let peak_used = st.used.iter().map(|&(_, u)| u).max();
+            let peak_used = st.used.max(now, t.reclaim_window_ns);
             let max_kib = max_kib(d.desc.max_kib, maximum);
             out.push(GuestMem {
                 name: d.dom.name.clone(),
@@ -184,3 +189,6 @@ fn stale(b: Option<&crate::host::BalloonStats>, epoch_s: u64, period_s: u32) -> 
     }
     None
 }
+
+#[cfg(test)]
+mod tests;

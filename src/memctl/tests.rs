@@ -1,0 +1,95 @@
+//! MemTracker over hand-built snapshots.
+
+use super::*;
+use crate::host::{BalloonStats, DomainDesc, DomainRef, OptOut, Topology};
+use crate::model::{DomainView, HostView};
+
+const S: u64 = 1_000_000_000;
+const MIB: u64 = 1024;
+
+/// (name, runtime id, balloon current MiB, maximum MiB, usable MiB)
+type G<'a> = (&'a str, u32, u64, u64, u64);
+
+fn snap(t_s: u64, avail_mib: u64, guests: &[G]) -> Snapshot {
+    let domains = guests
+        .iter()
+        .map(|&(name, id, cur, max, usable)| {
+            let dom = DomainRef { name: name.into(), uuid: format!("u-{name}"), id };
+            let b = BalloonStats {
+                current_kib: cur * MIB,
+                maximum_kib: max * MIB,
+                unused_kib: Some(usable * MIB),
+                available_kib: Some(cur * MIB),
+                usable_kib: Some(usable * MIB),
+                swap_in_kib: Some(0),
+                major_fault: Some(0),
+                last_update_s: Some(1000 + t_s),
+            };
+            DomainView {
+                desc: DomainDesc {
+                    dom: dom.clone(),
+                    vcpu_tids: vec![],
+                    pid: Some(1),
+                    max_kib: max * MIB,
+                    has_balloon: true,
+                    stats_period_s: 1,
+                    opt_out: OptOut::default(),
+                    started_epoch_s: Some(0),
+                },
+                dom,
+                cpu_excluded: None,
+                mem_excluded: None,
+                vcpus: vec![],
+                balloon: Some((b, t_s * S)),
+            }
+        })
+        .collect();
+    Snapshot {
+        t_ns: t_s * S,
+        epoch_s: 1000 + t_s,
+        quantum: t_s,
+        host: HostView {
+            cpus: vec![0],
+            topology: Topology::flat(1),
+            cpu_busy: vec![0.0],
+            mem_total_kib: 1 << 30,
+            mem_available_kib: avail_mib * MIB,
+            mem_pressure_some_avg10: Some(0.0),
+        },
+        domains,
+    }
+}
+
+fn timing() -> MemTiming {
+    MemTiming {
+        min_age_ns: 0,
+        cooldown_ns: 0,
+        target_timeout_ns: 1000 * S,
+        backoff_ns: 300 * S,
+        reclaim_window_ns: 600 * S,
+    }
+}
+
+#[test]
+fn history_stays_bounded_whatever_the_window_and_interval() {
+    // --reclaim-window 24h at --mem-interval 100ms: 864,000 reports per window.
+    let t = MemTiming { reclaim_window_ns: 86_400 * S, ..timing() };
+    let mut m = MemTracker::new();
+    let n: u64 = 200_000;
+    let mut last = None;
+    for i in 1..=n {
+        let t_ns = i * S / 10;
+        let mut s = snap(0, 2000, &[("a", 1, 1024, 1024, 900)]);
+        // Peak use (1024 − 100 = 924 MiB) once, early; otherwise 124 MiB.
+        if i == 10 {
+            s.domains[0].balloon.as_mut().unwrap().0.usable_kib = Some(100 * MIB);
+        }
+        s.t_ns = t_ns;
+        s.domains[0].balloon.as_mut().unwrap().1 = t_ns;
+        let (gs, _) = m.input(&s, &t);
+        last = gs[0].usable_low_kib;
+    }
+    assert!(m.history_entries("a").unwrap() <= crate::window::BUCKETS, "{:?}", m.history_entries("a"));
+    // The early peak is still remembered (within the window): usable at peak use = 100 MiB.
+    assert_eq!(last, Some(100 * MIB));
+}
