@@ -38,6 +38,10 @@ struct GuestState {
     /// KiB in use (current − usable) of recent reports: the most over the reclaim window, in
     /// fixed memory whatever the window and interval.
     used: WindowMax<u64>,
+    /// The balloon is above the guest's known maximum: its definition should be read again.
+    rediscover: bool,
+    /// When re-reading was last asked for, while the guest stays above its maximum.
+    rediscover_asked_ns: Option<u64>,
 }
 
 /// Per-guest memory history.
@@ -61,6 +65,16 @@ impl MemTracker {
             g.target = Some((target_kib, now_ns, false));
             g.last_change_ns = Some(now_ns);
         }
+    }
+
+    /// Names of guests whose definition should be read again (rediscovered), as of the last
+    /// [`MemTracker::input`]: their balloon reported a size above the maximum the agent knows,
+    /// e.g. a maximum read before a memory hot-plug. The planner holds such a guest meanwhile.
+    /// A guest is named once, then again every [`MemTiming::backoff_ns`] while it stays so.
+    pub fn needs_rediscovery(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.guests.iter().filter(|(_, g)| g.rediscover).map(|(n, _)| n.clone()).collect();
+        v.sort();
+        v
     }
 
     /// Entries of a guest's peak-use history.
@@ -140,6 +154,18 @@ impl MemTracker {
             }
             let peak_used = st.used.max(now, t.reclaim_window_ns);
             let max_kib = max_kib(d.desc.max_kib, maximum);
+            // Above its maximum: the planner holds it; ask for the definition once per back-off.
+            let above = b.is_some() && current > max_kib;
+            st.rediscover = above && st.rediscover_asked_ns.is_none_or(|a| now.saturating_sub(a) >= t.backoff_ns);
+            if st.rediscover {
+                warn!(
+                    "{}: balloon {} KiB is above its known maximum {} KiB; its definition should be read again",
+                    d.dom.name, current, max_kib
+                );
+                st.rediscover_asked_ns = Some(now);
+            } else if !above {
+                st.rediscover_asked_ns = None;
+            }
             out.push(GuestMem {
                 name: d.dom.name.clone(),
                 current_kib: current,

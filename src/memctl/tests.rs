@@ -1,4 +1,4 @@
-//! MemTracker over hand-built snapshots.
+//! MemTracker over hand-built snapshots: rediscovery, bounded history.
 
 use super::*;
 use crate::host::{BalloonStats, DomainDesc, DomainRef, OptOut, Topology};
@@ -68,6 +68,26 @@ fn timing() -> MemTiming {
         backoff_ns: 300 * S,
         reclaim_window_ns: 600 * S,
     }
+}
+
+#[test]
+fn above_its_maximum_asks_for_rediscovery_once_per_backoff() {
+    let t = timing();
+    let mut m = MemTracker::new();
+    let (gs, _) = m.input(&snap(1, 2000, &[("a", 1, 1024, 1024, 500), ("plugged", 1, 4096, 1024, 3000)]), &t);
+    assert_eq!(m.needs_rediscovery(), vec!["plugged".to_string()]);
+    assert!(gs[1].current_kib > gs[1].max_kib, "the planner sees it and holds it");
+    let p = crate::policy::mem::plan(&gs[1..], &HostMem::default(), &crate::policy::mem::MemPolicy::default());
+    assert!(p.actions.is_empty() && p.verdicts[0].state == "hold", "{p:?}");
+    // Not asked again at every interval...
+    m.input(&snap(6, 2000, &[("plugged", 1, 4096, 1024, 3000)]), &t);
+    assert!(m.needs_rediscovery().is_empty());
+    // ...but again after the back-off, while it stays above.
+    m.input(&snap(302, 2000, &[("plugged", 1, 4096, 1024, 3000)]), &t);
+    assert_eq!(m.needs_rediscovery(), vec!["plugged".to_string()]);
+    // Re-read (maximum now 4 GiB): nothing to ask.
+    m.input(&snap(307, 2000, &[("plugged", 1, 4096, 4096, 3000)]), &t);
+    assert!(m.needs_rediscovery().is_empty());
 }
 
 #[test]

@@ -19,6 +19,9 @@
 //! - a grant never goes above the guest's configured maximum, and all grants together never
 //!   take host `MemAvailable` below the reserve; memory reclaimed this quantum is granted only
 //!   once the host sees it free (next quantum), never on credit;
+//! - a guest whose balloon is above its known maximum (a maximum read before a memory
+//!   hot-plug, or a bad report) is held: every change is measured from a size the planner cannot
+//!   trust, and one "reclaim step" could take far more than `step_kib`;
 //! - when the host is below its reserve nothing is granted and the guests with the most free
 //!   memory give first, down to the middle of the dead band.
 //!
@@ -182,7 +185,18 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
             continue;
         }
         let max = g.max_kib;
-        let current = g.current_kib.min(max);
+        if g.current_kib > max {
+            out.verdicts.push(verdict(
+                "hold",
+                format!(
+                    "balloon {} is above its known maximum {} (read before a memory hot-plug?): held until its definition is read again",
+                    mib(g.current_kib),
+                    mib(max)
+                ),
+            ));
+            continue;
+        }
+        let current = g.current_kib;
         let usable = match g.usable_kib {
             Some(u) if u <= g.current_kib => u,
             Some(u) => {
@@ -239,7 +253,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
     givers.sort_by(|a, b| b.usable.cmp(&a.usable).then(a.i.cmp(&b.i)));
     for gv in &givers {
         let g = &guests[gv.i];
-        let current = g.current_kib.min(g.max_kib);
+        let current = g.current_kib;
         let to_middle = to_band_middle(current, gv.usable, middle);
         let give = to_middle.min(p.step_kib).min(current.saturating_sub(p.floor_kib));
         let v = out.verdicts.iter_mut().find(|v| v.name == g.name);
@@ -295,7 +309,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
         let share = budget / u64::try_from(starving.len()).unwrap_or(1).max(1);
         for (i, wanted, _) in &starving {
             let g = &guests[*i];
-            let current = g.current_kib.min(g.max_kib);
+            let current = g.current_kib;
             let headroom = g.max_kib.saturating_sub(current);
             let grant = (*wanted).min(p.grant_step_kib).min(headroom).min(share.max(p.min_change_kib)).min(budget);
             let v = out.verdicts.iter_mut().find(|v| v.name == g.name);
