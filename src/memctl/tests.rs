@@ -1,4 +1,4 @@
-//! MemTracker over hand-built snapshots: rediscovery, bounded history.
+//! MemTracker over hand-built snapshots: grants on credit, rediscovery, bounded history.
 
 use super::*;
 use crate::host::{BalloonStats, DomainDesc, DomainRef, OptOut, Topology};
@@ -60,19 +60,79 @@ fn snap(t_s: u64, avail_mib: u64, guests: &[G]) -> Snapshot {
     }
 }
 
-fn timing() -> MemTiming {
+fn timing(credit_timeout_s: u64) -> MemTiming {
     MemTiming {
         min_age_ns: 0,
         cooldown_ns: 0,
         target_timeout_ns: 1000 * S,
         backoff_ns: 300 * S,
         reclaim_window_ns: 600 * S,
+        credit_timeout_ns: credit_timeout_s * S,
     }
 }
 
 #[test]
+fn a_grant_stays_on_credit_until_the_host_pays_for_it() {
+    let t = timing(600);
+    let mut m = MemTracker::new();
+    let (_, h) = m.input(&snap(1, 2000, &[("a", 1, 256, 768, 20), ("b", 1, 256, 768, 20)]), &t);
+    assert_eq!(h.outstanding_kib, 0);
+    m.set_target("a", 356 * MIB, S);
+    m.set_target("b", 356 * MIB, S);
+    // Balloons grew; nothing touched: MemAvailable did not move.
+    let (_, h) = m.input(&snap(6, 2000, &[("a", 1, 356, 768, 120), ("b", 1, 356, 768, 120)]), &t);
+    assert_eq!(h.outstanding_kib, 200 * MIB);
+    // 150 MiB left MemAvailable: paid for the oldest grant first, then part of the next.
+    let (_, h) = m.input(&snap(11, 1850, &[("a", 1, 356, 768, 20), ("b", 1, 356, 768, 70)]), &t);
+    assert_eq!(h.outstanding_kib, 50 * MIB);
+    // Memory coming free does not bring a credit back.
+    let (_, h) = m.input(&snap(16, 1900, &[("a", 1, 356, 768, 20), ("b", 1, 356, 768, 70)]), &t);
+    assert_eq!(h.outstanding_kib, 50 * MIB);
+    let (_, h) = m.input(&snap(21, 1850, &[("a", 1, 356, 768, 20), ("b", 1, 356, 768, 20)]), &t);
+    assert_eq!(h.outstanding_kib, 0);
+}
+
+#[test]
+fn a_grant_taken_back_or_of_a_gone_guest_or_expired_is_off_credit() {
+    let t = timing(60);
+    let mut m = MemTracker::new();
+    let g = |a: u64, b_id: u32| [("a", 1, a, 768, 20), ("b", b_id, 256, 768, 20)];
+    m.input(&snap(1, 2000, &g(256, 1)), &t);
+    m.set_target("a", 356 * MIB, S);
+    m.set_target("b", 306 * MIB, S);
+    let (_, h) = m.input(&snap(6, 2000, &g(356, 1)), &t);
+    assert_eq!(h.outstanding_kib, 150 * MIB);
+    // a is given 60 MiB back; b restarted (new runtime id).
+    m.set_target("a", 296 * MIB, 6 * S);
+    let (_, h) = m.input(&snap(11, 2000, &g(296, 2)), &t);
+    assert_eq!(h.outstanding_kib, 40 * MIB);
+    // Untouched after the credit timeout: MemAvailable is trusted again.
+    let (_, h) = m.input(&snap(60, 2000, &g(296, 2)), &t);
+    assert_eq!(h.outstanding_kib, 40 * MIB);
+    let (_, h) = m.input(&snap(61, 2000, &g(296, 2)), &t);
+    assert_eq!(h.outstanding_kib, 0);
+    // A credit timeout of 0 is the old behaviour: never on credit.
+    let t0 = timing(0);
+    let mut m = MemTracker::new();
+    m.input(&snap(1, 2000, &g(256, 1)), &t0);
+    m.set_target("a", 356 * MIB, S);
+    assert_eq!(m.input(&snap(6, 2000, &g(356, 1)), &t0).1.outstanding_kib, 0);
+}
+
+#[test]
+fn a_balloon_still_moving_counts_at_its_target() {
+    let t = timing(600);
+    let mut m = MemTracker::new();
+    m.input(&snap(1, 2000, &[("a", 1, 256, 768, 20)]), &t);
+    m.set_target("a", 456 * MIB, S);
+    // Half way there: the whole grant is still on its way.
+    let (_, h) = m.input(&snap(6, 2000, &[("a", 1, 356, 768, 120)]), &t);
+    assert_eq!(h.outstanding_kib, 200 * MIB);
+}
+
+#[test]
 fn above_its_maximum_asks_for_rediscovery_once_per_backoff() {
-    let t = timing();
+    let t = timing(600);
     let mut m = MemTracker::new();
     let (gs, _) = m.input(&snap(1, 2000, &[("a", 1, 1024, 1024, 500), ("plugged", 1, 4096, 1024, 3000)]), &t);
     assert_eq!(m.needs_rediscovery(), vec!["plugged".to_string()]);
@@ -93,7 +153,7 @@ fn above_its_maximum_asks_for_rediscovery_once_per_backoff() {
 #[test]
 fn history_stays_bounded_whatever_the_window_and_interval() {
     // --reclaim-window 24h at --mem-interval 100ms: 864,000 reports per window.
-    let t = MemTiming { reclaim_window_ns: 86_400 * S, ..timing() };
+    let t = MemTiming { reclaim_window_ns: 86_400 * S, ..timing(600) };
     let mut m = MemTracker::new();
     let n: u64 = 200_000;
     let mut last = None;

@@ -17,7 +17,7 @@ fn guest(name: &str, current_mib: u64, max_mib: u64, usable_mib: u64) -> GuestMe
 }
 
 fn host(avail_mib: u64) -> HostMem {
-    HostMem { available_kib: avail_mib * MIB, psi_some_avg10: Some(0.0) }
+    HostMem { available_kib: avail_mib * MIB, psi_some_avg10: Some(0.0), outstanding_kib: 0 }
 }
 
 fn targets(p: &MemPlan) -> Vec<(String, u64)> {
@@ -156,7 +156,7 @@ proptest! {
             (64u64..8192, 0u64..8192, 0u64..9000, any::<bool>(), 0u64..4096, any::<bool>(), any::<bool>(), 0u8..4),
             1..20,
         ),
-        avail in 0u64..16384, reserve in 0u64..4096,
+        avail in 0u64..16384, reserve in 0u64..4096, outstanding in 0u64..4096,
     ) {
         let pol = MemPolicy { host_reserve_kib: reserve * MIB, ..MemPolicy::default() };
         let guests: Vec<GuestMem> = gs.iter().enumerate().map(|(i, &(cur, max, usable, swap, low, cooling, oom, kind))| {
@@ -169,7 +169,7 @@ proptest! {
             if kind == 3 { g.usable_kib = None; }
             g
         }).collect();
-        let h = host(avail);
+        let h = HostMem { outstanding_kib: outstanding * MIB, ..host(avail) };
         let p = plan(&guests, &h, &pol);
         let mut granted = 0u64;
         for a in &p.actions {
@@ -186,11 +186,36 @@ proptest! {
                 granted += to_kib - from_kib;
             }
         }
-        // All grants together stay within what is above the reserve.
-        let budget = (avail * MIB).saturating_sub(pol.host_reserve_kib);
+        // All grants together stay within what is above the reserve, less what is on credit.
+        let budget = (avail * MIB).saturating_sub(pol.host_reserve_kib).saturating_sub(h.outstanding_kib);
         prop_assert!(granted <= budget, "granted {} of {}", granted, budget);
         prop_assert_eq!(p.verdicts.len(), guests.len());
     }
+}
+
+#[test]
+fn grants_on_credit_count_against_the_budget() {
+    // 200 MiB above the reserve, two starving guests that will not touch what they get.
+    let pol = MemPolicy { host_reserve_kib: 1000 * MIB, starve_below: 0.8, reclaim_above: 0.9, ..MemPolicy::default() };
+    let mut gs = [guest("a", 256, 768, 20), guest("b", 256, 768, 20)];
+    let p = plan(&gs, &host(1200), &pol);
+    let first: u64 = targets(&p).iter().map(|(_, to)| to - 256).sum();
+    assert_eq!(first, 200, "{:?}", targets(&p));
+    // Next interval: the balloons grew, the host's MemAvailable did not move (nothing touched).
+    for (g, (_, to)) in gs.iter_mut().zip(targets(&p)) {
+        g.usable_kib = Some((to - 256 + 20) * MIB);
+        g.current_kib = to * MIB;
+    }
+    let on_credit = HostMem { outstanding_kib: first * MIB, ..host(1200) };
+    let p = plan(&gs, &on_credit, &pol);
+    assert!(p.actions.is_empty(), "granted again on credit: {:?}", targets(&p));
+    assert!(p.verdicts.iter().all(|v| v.why.contains("on credit")), "{:?}", p.verdicts);
+    // Without the credit (the old budget) the same input grants another 200 MiB.
+    let p = plan(&gs, &host(1200), &pol);
+    assert_eq!(targets(&p).iter().map(|(_, to)| to - 356).sum::<u64>(), 200);
+    // Half paid for: 100 MiB left MemAvailable, 100 still on credit; nothing left to grant.
+    let half = HostMem { outstanding_kib: 100 * MIB, ..host(1100) };
+    assert!(plan(&gs, &half, &pol).actions.is_empty());
 }
 
 #[test]
