@@ -3,26 +3,9 @@
 //! guest reached it, its peak use over the reclaim window, and the grants still on credit.
 //! Turns a snapshot into the planner's plain input.
 //!
-//! # Grants on credit
-//!
-//! A deflated balloon costs the host nothing until the guest touches the pages, so host
-//! `MemAvailable` does not drop when a grant is made: two starving guests granted in
-//! consecutive intervals could together be given more than the budget, and the host would pay
-//! later. Each grant (KiB above the size the plan started from) is therefore kept on credit and
-//! subtracted from the next budgets ([`HostMem::outstanding_kib`]) until one of:
-//! - **the host paid for it**: every drop of host `MemAvailable` between two memory intervals
-//!   is put against the oldest grants first. This is host-side evidence, which a guest cannot
-//!   fake (a guest's own "used" figure can: a liar reporting no free memory would have its
-//!   grants look touched at once). Its error is on the safe side except for one case: memory
-//!   taken by something else on the host (another process, a guest the agent does not manage)
-//!   is taken for a touched grant; the budget is lower by that same drop anyway. Memory freed
-//!   in the same interval hides touches, which only keeps grants on credit longer.
-//! - **the grant was taken back**: a credit is never more than the guest's size (or target,
-//!   while its balloon still moves) above the size the grant started from;
-//! - **the guest is gone** (or restarted);
-//! - **it expired**: after [`MemTiming::credit_timeout_ns`] the host's `MemAvailable` is
-//!   trusted again. A grant still untouched by then is memory the guest has not needed for that
-//!   long, which the reclaim path may take back like any other idle memory.
+//! Grants the host has not paid for yet (a deflated balloon costs nothing until the guest
+//! touches the pages) are kept on credit and reported as [`HostMem::outstanding_kib`]; see
+//! [`credit`] for when a credit ends.
 
 use std::collections::HashMap;
 
@@ -31,6 +14,8 @@ use log::warn;
 use crate::model::Snapshot;
 use crate::policy::mem::{GuestMem, Hold, HostMem};
 use crate::window::WindowMax;
+
+mod credit;
 
 /// Memory tunables that need history (the rest are in [`crate::policy::mem::MemPolicy`]).
 #[derive(Debug, Clone)]
@@ -45,8 +30,9 @@ pub struct MemTiming {
     pub backoff_ns: u64,
     /// Reclaim decisions look at the guest's peak use over this window.
     pub reclaim_window_ns: u64,
-    /// A grant the host has not paid for yet (see the module documentation) counts against
-    /// the budget at most this long; 0 never counts one (grants on credit: the old behaviour).
+    /// A grant the host has not paid for yet counts against the budget until the host pays,
+    /// it is taken back, or this long has passed ([`credit`]); 0 keeps no credit at all
+    /// (grants on credit: the old behaviour).
     pub credit_timeout_ns: u64,
 }
 
@@ -65,32 +51,21 @@ struct GuestState {
     used: WindowMax<u64>,
     /// Balloon size at the last report: the size a plan of this interval starts from.
     last_current_kib: Option<u64>,
+    /// (current, usable) of the last fresh, self-consistent report.
+    last_usable: Option<(u64, u64)>,
     /// The balloon is above the guest's known maximum: its definition should be read again.
     rediscover: bool,
     /// When re-reading was last asked for, while the guest stays above its maximum.
     rediscover_asked_ns: Option<u64>,
 }
 
-/// A grant the host has not paid for yet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Credit {
-    guest: String,
-    id: u32,
-    /// Balloon size the grant started from.
-    base_kib: u64,
-    /// Granted KiB not yet seen leaving host `MemAvailable`.
-    kib: u64,
-    at_ns: u64,
-}
-
 /// Per-guest memory history.
 #[derive(Debug, Default)]
 pub struct MemTracker {
     guests: HashMap<String, GuestState>,
-    /// Grants on credit, oldest first.
-    credits: Vec<Credit>,
-    /// Host `MemAvailable` at the previous memory interval.
-    last_available_kib: Option<u64>,
+    credits: credit::Ledger,
+    /// `credit_timeout_ns > 0` at the last input.
+    keep_credit: bool,
 }
 
 fn close(a: u64, b: u64) -> bool {
@@ -107,21 +82,15 @@ impl MemTracker {
         if let Some(g) = self.guests.get_mut(name) {
             g.target = Some((target_kib, now_ns, false));
             g.last_change_ns = Some(now_ns);
-            if let Some(base) = g.last_current_kib.filter(|&b| target_kib > b) {
-                self.credits.push(Credit {
-                    guest: name.to_string(),
-                    id: g.id,
-                    base_kib: base,
-                    kib: target_kib - base,
-                    at_ns: now_ns,
-                });
+            if let (Some(base), true) = (g.last_current_kib, self.keep_credit) {
+                self.credits.grant(name, g.id, base, target_kib, now_ns);
             }
         }
     }
 
     /// Granted KiB the host has not paid for yet (as of the last [`MemTracker::input`]).
     pub fn outstanding_kib(&self) -> u64 {
-        self.credits.iter().map(|c| c.kib).sum()
+        self.credits.outstanding_kib()
     }
 
     /// Names of guests whose definition should be read again (rediscovered), as of the last
@@ -140,34 +109,26 @@ impl MemTracker {
         self.guests.get(name).map(|g| g.used.buckets_used())
     }
 
-    /// Settles the grants on credit against this interval's snapshot (module documentation).
+    /// Settles the grants on credit against this interval's snapshot.
     fn settle_credits(&mut self, snap: &Snapshot, t: &MemTiming) {
+        self.keep_credit = t.credit_timeout_ns > 0;
         let now = snap.t_ns;
-        let avail = snap.host.mem_available_kib;
-        let guests = &self.guests;
-        self.credits.retain_mut(|c| {
-            if now.saturating_sub(c.at_ns) >= t.credit_timeout_ns {
-                return false;
-            }
-            let Some(d) = snap.domains.iter().find(|d| d.dom.name == c.guest && d.dom.id == c.id) else {
-                return false;
-            };
-            // Taken back (or never reached): at most what the guest now holds above the base.
-            if let Some((b, _)) = &d.balloon {
-                let target = guests.get(&c.guest).and_then(|g| g.target).map_or(0, |(k, _, _)| k);
-                c.kib = c.kib.min(b.current_kib.max(target).saturating_sub(c.base_kib));
-            }
-            c.kib > 0
-        });
-        // What left MemAvailable since the last interval paid for the oldest grants first.
-        let mut paid = self.last_available_kib.map_or(0, |prev| prev.saturating_sub(avail));
-        for c in &mut self.credits {
-            let p = paid.min(c.kib);
-            c.kib -= p;
-            paid -= p;
-        }
-        self.credits.retain(|c| c.kib > 0);
-        self.last_available_kib = Some(avail);
+        let guests: Vec<credit::GuestNow> = snap
+            .domains
+            .iter()
+            .map(|d| {
+                let st = self.guests.get(&d.dom.name).filter(|g| g.id == d.dom.id);
+                let target = st.and_then(|g| g.target).map_or(0, |(k, _, _)| k);
+                credit::GuestNow {
+                    name: &d.dom.name,
+                    id: d.dom.id,
+                    size_kib: d.balloon.as_ref().map(|(b, _)| b.current_kib.max(target)),
+                    used_kib: fresh_usable(d, now).map(|(c, u)| c - u),
+                    used_prev_kib: st.and_then(|g| g.last_usable).map(|(c, u)| c - u),
+                }
+            })
+            .collect();
+        self.credits.settle(now, snap.host.mem_available_kib, &guests, t.credit_timeout_ns);
     }
 
     /// The planner's input from a snapshot whose balloon stats are fresh.
@@ -244,6 +205,7 @@ impl MemTracker {
             let max_kib = max_kib(d.desc.max_kib, maximum);
             if b.is_some() && stats_t == now {
                 st.last_current_kib = Some(current);
+                st.last_usable = fresh_usable(d, now).or(st.last_usable);
             }
             // Above its maximum: the planner holds it; ask for the definition once per back-off.
             let above = b.is_some() && current > max_kib;
@@ -277,6 +239,13 @@ impl MemTracker {
         };
         (out, host)
     }
+}
+
+/// (current, usable) from a fresh, self-consistent report (usable at most current).
+fn fresh_usable(d: &crate::model::DomainView, now: u64) -> Option<(u64, u64)> {
+    let (b, t) = d.balloon.as_ref()?;
+    let u = b.usable_kib.filter(|&u| *t == now && u <= b.current_kib)?;
+    Some((b.current_kib, u))
 }
 
 /// The most a guest may be given: the configured `<memory>` and libvirt's `balloon.maximum`
