@@ -5,13 +5,14 @@
 //! consecutive intervals could together be given more than the budget, and the host would pay
 //! later. Each grant (KiB above the size the plan started from) is therefore kept on credit and
 //! subtracted from the next budgets until one of:
-//! - **the host paid for it**: every drop of host `MemAvailable` between two memory intervals is
-//!   put against the credits, first of guests whose reported use grew meanwhile, then the
-//!   oldest. Only the host's figure settles a credit early: a guest cannot fake it (a liar
-//!   reporting no free memory would have its grants look used at once). Its error is on the
-//!   safe side but for one case: memory taken by something else on the host (another process, a
-//!   guest the agent leaves alone) pays for a grant; the budget is lower by that drop anyway.
-//!   Memory freed in the same interval (a reclaim) hides touches and keeps credits longer.
+//! - **the host paid for it**: between two memory intervals, a credit is paid by as much as
+//!   both the host and the guest agree was used: host `MemAvailable` dropped (shared out over
+//!   the credits, oldest first) and the guest's reported use (`current − usable`) grew. Neither
+//!   alone ends a credit: a liar reporting no free memory has its use "grow" with every grant,
+//!   and on a real host other processes (a build, a guest the agent leaves alone) take memory
+//!   all the time. Both errors would hand out memory the host has promised. Memory freed in
+//!   the same interval (a reclaim) hides touches from the host's figure and keeps credits
+//!   longer, which is the safe side.
 //! - **it was taken back**: a credit is never more than the guest's size (or its target, while
 //!   the balloon moves) above the size the grant started from;
 //! - **the guest is gone** (or restarted);
@@ -22,9 +23,8 @@
 //!   timeout broke the reserve 32 times after the first hour, as often as not tracking credit
 //!   at all; a day, never.
 //!
-//! The guest's own report never ends a credit: a liar reporting no free memory would have its
-//! grants look used at once. Taking the guest's word after 20 s broke the reserve 154 times in
-//! an hour of the same run, against 17 without any tracking.
+//! The guest's own report alone never ends a credit: taking its word after 20 s broke the
+//! reserve 154 times in an hour of the same run, against 17 without any tracking (liars).
 
 use std::collections::HashMap;
 
@@ -88,7 +88,7 @@ impl Ledger {
             }
             c.kib > 0
         });
-        // What left MemAvailable: first to guests whose use grew, then to the oldest grants.
+        // Paid: what left MemAvailable and the guest says it used, both.
         let mut paid = self.last_available_kib.map_or(0, |prev| prev.saturating_sub(available_kib));
         let mut grew: HashMap<&str, u64> =
             guests.iter().filter_map(|g| Some((g.name, g.used_kib?.saturating_sub(g.used_prev_kib?)))).collect();
@@ -99,11 +99,6 @@ impl Ledger {
                 paid -= p;
                 *x -= p;
             }
-        }
-        for c in &mut self.credits {
-            let p = paid.min(c.kib);
-            c.kib -= p;
-            paid -= p;
         }
         self.credits.retain(|c| c.kib > 0);
         self.last_available_kib = Some(available_kib);

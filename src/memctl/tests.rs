@@ -155,6 +155,21 @@ fn the_host_pays_first_for_the_guest_whose_use_grew() {
 }
 
 #[test]
+fn memory_taken_by_others_pays_for_no_grant() {
+    let t = timing(600);
+    let mut m = MemTracker::new();
+    m.input(&snap(1, 2000, &[("a", 1, 256, 768, 20)]), &t);
+    m.set_target("a", 356 * MIB, S);
+    m.input(&snap(6, 2000, &[("a", 1, 356, 768, 120)]), &t);
+    // A build takes 500 MiB; the guest used nothing of its grant (usable still +100).
+    let (_, h) = m.input(&snap(11, 1500, &[("a", 1, 356, 768, 120)]), &t);
+    assert_eq!(h.outstanding_kib, 100 * MIB);
+    // The build ends: 500 MiB come back, the grant is still owed.
+    let (_, h) = m.input(&snap(16, 2000, &[("a", 1, 356, 768, 120)]), &t);
+    assert_eq!(h.outstanding_kib, 100 * MIB);
+}
+
+#[test]
 fn a_balloon_still_moving_counts_at_its_target() {
     let t = timing(600);
     let mut m = MemTracker::new();
