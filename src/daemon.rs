@@ -77,6 +77,9 @@ impl AgentConfig {
                     target_timeout_ns: ns(c.mem_interval * 4).max(20_000_000_000),
                     backoff_ns: 300_000_000_000,
                     reclaim_window_ns: ns(c.reclaim_window),
+                    // A grant the host has not paid for yet counts against the budget a day at
+                    // most (memctl/credit.rs: shorter timeouts broke the reserve in the simulator).
+                    credit_timeout_ns: 86_400_000_000_000,
                 },
                 interval: c.mem_interval,
                 set_stats_period: !c.no_stats_period,
@@ -369,6 +372,12 @@ impl<H: Host> Agent<H> {
         }
         if let (Some(m), true) = (&self.cfg.mem, raw.balloons.is_some()) {
             let (guests, host) = self.mem.input(&snap, &m.timing);
+            // A balloon above the maximum the agent knows: its definition is read again.
+            let stale = self.mem.needs_rediscovery();
+            if !stale.is_empty() {
+                info!("balloon above its known maximum: reading the definition of {} again", stale.join(", "));
+                self.collector.rediscover(&stale);
+            }
             let mut mp = mem::plan(&guests, &host, &m.policy);
             // A balloon change that keeps failing is not planned again; the verdict says why.
             mp.actions.retain(|a| match self.failures.blocked(a.domain(), &Kind::Balloon, snap.t_ns) {

@@ -17,3 +17,4 @@ pub mod release;
 pub mod settings;
 pub mod sim;
 pub mod units;
+pub mod window;

@@ -1,6 +1,11 @@
 //! History the memory planner needs but a snapshot does not hold: when each guest was first
 //! seen, its previous swap counters, the last balloon target the agent set and whether the
-//! guest reached it. Turns a snapshot into the planner's plain input.
+//! guest reached it, its peak use over the reclaim window, and the grants still on credit.
+//! Turns a snapshot into the planner's plain input.
+//!
+//! Grants the host has not paid for yet (a deflated balloon costs nothing until the guest
+//! touches the pages) are kept on credit and reported as [`HostMem::outstanding_kib`]; see
+//! [`credit`] for when a credit ends.
 
 use std::collections::HashMap;
 
@@ -8,6 +13,9 @@ use log::warn;
 
 use crate::model::Snapshot;
 use crate::policy::mem::{GuestMem, Hold, HostMem};
+use crate::window::WindowMax;
+
+mod credit;
 
 /// Memory tunables that need history (the rest are in [`crate::policy::mem::MemPolicy`]).
 #[derive(Debug, Clone)]
@@ -22,6 +30,10 @@ pub struct MemTiming {
     pub backoff_ns: u64,
     /// Reclaim decisions look at the guest's peak use over this window.
     pub reclaim_window_ns: u64,
+    /// A grant the host has not paid for yet counts against the budget until the host pays,
+    /// it is taken back, or this long has passed ([`credit`]); 0 keeps no credit at all
+    /// (grants on credit: the old behaviour).
+    pub credit_timeout_ns: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -34,14 +46,26 @@ struct GuestState {
     target: Option<(u64, u64, bool)>,
     last_change_ns: Option<u64>,
     backoff_until_ns: u64,
-    /// (time ns, KiB in use = current − usable) of recent reports.
-    used: std::collections::VecDeque<(u64, u64)>,
+    /// KiB in use (current − usable) of recent reports: the most over the reclaim window, in
+    /// fixed memory whatever the window and interval.
+    used: WindowMax<u64>,
+    /// Balloon size at the last report: the size a plan of this interval starts from.
+    last_current_kib: Option<u64>,
+    /// (current, usable) of the last fresh, self-consistent report.
+    last_usable: Option<(u64, u64)>,
+    /// The balloon is above the guest's known maximum: its definition should be read again.
+    rediscover: bool,
+    /// When re-reading was last asked for, while the guest stays above its maximum.
+    rediscover_asked_ns: Option<u64>,
 }
 
 /// Per-guest memory history.
 #[derive(Debug, Default)]
 pub struct MemTracker {
     guests: HashMap<String, GuestState>,
+    credits: credit::Ledger,
+    /// `credit_timeout_ns > 0` at the last input.
+    keep_credit: bool,
 }
 
 fn close(a: u64, b: u64) -> bool {
@@ -53,18 +77,65 @@ impl MemTracker {
         Self::default()
     }
 
-    /// Records a balloon target the agent just set.
+    /// Records a balloon target the agent just set; a grow is kept on credit.
     pub fn set_target(&mut self, name: &str, target_kib: u64, now_ns: u64) {
         if let Some(g) = self.guests.get_mut(name) {
             g.target = Some((target_kib, now_ns, false));
             g.last_change_ns = Some(now_ns);
+            if let (Some(base), true) = (g.last_current_kib, self.keep_credit) {
+                self.credits.grant(name, g.id, base, target_kib, now_ns);
+            }
         }
+    }
+
+    /// Granted KiB the host has not paid for yet (as of the last [`MemTracker::input`]).
+    pub fn outstanding_kib(&self) -> u64 {
+        self.credits.outstanding_kib()
+    }
+
+    /// Names of guests whose definition should be read again (rediscovered), as of the last
+    /// [`MemTracker::input`]: their balloon reported a size above the maximum the agent knows,
+    /// e.g. a maximum read before a memory hot-plug. The planner holds such a guest meanwhile.
+    /// A guest is named once, then again every [`MemTiming::backoff_ns`] while it stays so.
+    pub fn needs_rediscovery(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.guests.iter().filter(|(_, g)| g.rediscover).map(|(n, _)| n.clone()).collect();
+        v.sort();
+        v
+    }
+
+    /// Entries of a guest's peak-use history.
+    #[cfg(test)]
+    fn history_entries(&self, name: &str) -> Option<usize> {
+        self.guests.get(name).map(|g| g.used.buckets_used())
+    }
+
+    /// Settles the grants on credit against this interval's snapshot.
+    fn settle_credits(&mut self, snap: &Snapshot, t: &MemTiming) {
+        self.keep_credit = t.credit_timeout_ns > 0;
+        let now = snap.t_ns;
+        let guests: Vec<credit::GuestNow> = snap
+            .domains
+            .iter()
+            .map(|d| {
+                let st = self.guests.get(&d.dom.name).filter(|g| g.id == d.dom.id);
+                let target = st.and_then(|g| g.target).map_or(0, |(k, _, _)| k);
+                credit::GuestNow {
+                    name: &d.dom.name,
+                    id: d.dom.id,
+                    size_kib: d.balloon.as_ref().map(|(b, _)| b.current_kib.max(target)),
+                    used_kib: fresh_usable(d, now).map(|(c, u)| c - u),
+                    used_prev_kib: st.and_then(|g| g.last_usable).map(|(c, u)| c - u),
+                }
+            })
+            .collect();
+        self.credits.settle(now, snap.host.mem_available_kib, &guests, t.credit_timeout_ns);
     }
 
     /// The planner's input from a snapshot whose balloon stats are fresh.
     pub fn input(&mut self, snap: &Snapshot, t: &MemTiming) -> (Vec<GuestMem>, HostMem) {
         let now = snap.t_ns;
         self.guests.retain(|n, g| snap.domains.iter().any(|d| &d.dom.name == n && d.dom.id == g.id));
+        self.settle_credits(snap, t);
         let mut out = Vec::with_capacity(snap.domains.len());
         for d in &snap.domains {
             let st = self.guests.entry(d.dom.name.clone()).or_insert_with(|| GuestState {
@@ -128,13 +199,26 @@ impl MemTracker {
             let cooling = st.last_change_ns.is_some_and(|c| now.saturating_sub(c) < t.cooldown_ns);
             let (current, maximum, usable) = b.map_or((0, 0, None), |b| (b.current_kib, b.maximum_kib, b.usable_kib));
             if let (Some(u), true) = (usable, stats_t == now && hold.is_none()) {
-                st.used.push_back((now, current.saturating_sub(u)));
+                st.used.record(now, t.reclaim_window_ns, current.saturating_sub(u));
             }
-            while st.used.front().is_some_and(|&(t0, _)| now.saturating_sub(t0) > t.reclaim_window_ns) {
-                st.used.pop_front();
-            }
-            let peak_used = st.used.iter().map(|&(_, u)| u).max();
+            let peak_used = st.used.max(now, t.reclaim_window_ns);
             let max_kib = max_kib(d.desc.max_kib, maximum);
+            if b.is_some() && stats_t == now {
+                st.last_current_kib = Some(current);
+                st.last_usable = fresh_usable(d, now).or(st.last_usable);
+            }
+            // Above its maximum: the planner holds it; ask for the definition once per back-off.
+            let above = b.is_some() && current > max_kib;
+            st.rediscover = above && st.rediscover_asked_ns.is_none_or(|a| now.saturating_sub(a) >= t.backoff_ns);
+            if st.rediscover {
+                warn!(
+                    "{}: balloon {} KiB is above its known maximum {} KiB; its definition should be read again",
+                    d.dom.name, current, max_kib
+                );
+                st.rediscover_asked_ns = Some(now);
+            } else if !above {
+                st.rediscover_asked_ns = None;
+            }
             out.push(GuestMem {
                 name: d.dom.name.clone(),
                 current_kib: current,
@@ -148,10 +232,20 @@ impl MemTracker {
                 hold,
             });
         }
-        let host =
-            HostMem { available_kib: snap.host.mem_available_kib, psi_some_avg10: snap.host.mem_pressure_some_avg10 };
+        let host = HostMem {
+            available_kib: snap.host.mem_available_kib,
+            psi_some_avg10: snap.host.mem_pressure_some_avg10,
+            outstanding_kib: self.outstanding_kib(),
+        };
         (out, host)
     }
+}
+
+/// (current, usable) from a fresh, self-consistent report (usable at most current).
+fn fresh_usable(d: &crate::model::DomainView, now: u64) -> Option<(u64, u64)> {
+    let (b, t) = d.balloon.as_ref()?;
+    let u = b.usable_kib.filter(|&u| *t == now && u <= b.current_kib)?;
+    Some((b.current_kib, u))
 }
 
 /// The most a guest may be given: the configured `<memory>` and libvirt's `balloon.maximum`
@@ -184,3 +278,6 @@ fn stale(b: Option<&crate::host::BalloonStats>, epoch_s: u64, period_s: u32) -> 
     }
     None
 }
+
+#[cfg(test)]
+mod tests;

@@ -119,37 +119,8 @@ pub struct Tracker {
     domains: HashMap<String, DomainState>,
 }
 
-/// Buckets of a peak window: the peak is the highest demand of the last `PEAK_BUCKETS` buckets
-/// of `window / PEAK_BUCKETS` each, so a peak is kept for between 7/8 and all of the window.
-const PEAK_BUCKETS: usize = 8;
-
 /// A vCPU's highest interval demands over a sliding window, in coarse buckets.
-#[derive(Debug, Clone, Default)]
-struct PeakWindow {
-    max: [f64; PEAK_BUCKETS],
-    /// Number of the newest bucket (time / bucket length).
-    newest: u64,
-}
-
-impl PeakWindow {
-    /// Records one interval's demand at `t_ns`; returns the peak over the window.
-    fn record(&mut self, t_ns: u64, window_ns: u64, x: f64) -> f64 {
-        if window_ns == 0 {
-            return x;
-        }
-        let k = t_ns / (window_ns / PEAK_BUCKETS as u64).max(1);
-        if k > self.newest {
-            // Buckets that fell out of the window start empty.
-            for j in (self.newest + 1..=k).rev().take(PEAK_BUCKETS) {
-                self.max[usize::try_from(j % PEAK_BUCKETS as u64).unwrap_or(0)] = 0.0;
-            }
-            self.newest = k;
-        }
-        let slot = &mut self.max[usize::try_from(k % PEAK_BUCKETS as u64).unwrap_or(0)];
-        *slot = slot.max(x);
-        self.max.iter().copied().fold(0.0, f64::max)
-    }
-}
+type PeakWindow = crate::window::WindowMax<f64>;
 
 /// Fraction of a core a vCPU must have waited in one interval for its demand to count at once.
 const CONTENTION: f64 = 0.05;
@@ -284,7 +255,7 @@ impl Tracker {
                         // this interval is planned on what it wanted now, not on a slow average.
                         // A spike on an idle core causes no wait, so it stays smoothed.
                         let demand = if delay >= CONTENTION { dm.max(raw) } else { dm };
-                        let peak = vs.peaks.record(now_ns, self.cfg.peak_ns, raw).max(demand);
+                        let peak = vs.peaks.record_max(now_ns, self.cfg.peak_ns, raw).max(demand);
                         vs.rates = Some(VcpuRates { usage: u, delay: d, demand, peak });
                     } else {
                         vs.rates = None; // counters went backwards: a new thread
@@ -441,20 +412,5 @@ mod tests {
         let s = t.ingest(&raw(1, 1, &[(0, 0)])).unwrap();
         assert!(s.domains[0].cpu_excluded.as_deref().unwrap().contains("--exclude"));
         assert_eq!(s.host.cpus, vec![0], "only allowed cpus");
-    }
-
-    #[test]
-    fn peak_window_keeps_a_peak_for_the_window_then_forgets_it() {
-        let mut w = PeakWindow::default();
-        let win = 800 * S;
-        assert!((w.record(S, win, 0.9) - 0.9).abs() < 1e-12);
-        // Quiet for most of the window: the peak stays.
-        for t in (2..700).step_by(2) {
-            assert!((w.record(t * S, win, 0.1) - 0.9).abs() < 1e-12, "at {t} s");
-        }
-        // A full window later it is gone.
-        assert!((w.record(801 * S, win, 0.1) - 0.1).abs() < 1e-12);
-        // A window of 0 keeps no peak.
-        assert!((PeakWindow::default().record(S, 0, 0.3) - 0.3).abs() < 1e-12);
     }
 }

@@ -19,6 +19,12 @@
 //! - a grant never goes above the guest's configured maximum, and all grants together never
 //!   take host `MemAvailable` below the reserve; memory reclaimed this quantum is granted only
 //!   once the host sees it free (next quantum), never on credit;
+//! - earlier grants the host has not paid for yet (a deflated balloon costs nothing until the
+//!   guest touches the pages; the caller tracks them) are subtracted from the budget, so grants
+//!   in consecutive quanta together stay within it too;
+//! - a guest whose balloon is above its known maximum (a maximum read before a memory
+//!   hot-plug, or a bad report) is held: every change is measured from a size the planner cannot
+//!   trust, and one "reclaim step" could take far more than `step_kib`;
 //! - when the host is below its reserve nothing is granted and the guests with the most free
 //!   memory give first, down to the middle of the dead band.
 //!
@@ -119,6 +125,9 @@ pub struct GuestMem {
 pub struct HostMem {
     pub available_kib: u64,
     pub psi_some_avg10: Option<f64>,
+    /// Granted earlier, not yet paid for by the host (untouched by the guest): still to leave
+    /// `available_kib`, so not to be granted again.
+    pub outstanding_kib: u64,
 }
 
 /// What the planner decided about one guest, for `diagnose` and logs.
@@ -182,7 +191,18 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
             continue;
         }
         let max = g.max_kib;
-        let current = g.current_kib.min(max);
+        if g.current_kib > max {
+            out.verdicts.push(verdict(
+                "hold",
+                format!(
+                    "balloon {} is above its known maximum {} (read before a memory hot-plug?): held until its definition is read again",
+                    mib(g.current_kib),
+                    mib(max)
+                ),
+            ));
+            continue;
+        }
+        let current = g.current_kib;
         let usable = match g.usable_kib {
             Some(u) if u <= g.current_kib => u,
             Some(u) => {
@@ -239,7 +259,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
     givers.sort_by(|a, b| b.usable.cmp(&a.usable).then(a.i.cmp(&b.i)));
     for gv in &givers {
         let g = &guests[gv.i];
-        let current = g.current_kib.min(g.max_kib);
+        let current = g.current_kib;
         let to_middle = to_band_middle(current, gv.usable, middle);
         let give = to_middle.min(p.step_kib).min(current.saturating_sub(p.floor_kib));
         let v = out.verdicts.iter_mut().find(|v| v.name == g.name);
@@ -290,12 +310,19 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
             let fb = guests[b.0].usable_kib.unwrap_or(0) as f64 / guests[b.0].current_kib.max(1) as f64;
             b.2.cmp(&a.2).then(fa.total_cmp(&fb)).then(a.0.cmp(&b.0))
         });
-        let mut budget = host.available_kib - p.host_reserve_kib;
+        // What is above the reserve, less what earlier grants will still take from it.
+        let above = host.available_kib - p.host_reserve_kib;
+        let mut budget = above.saturating_sub(host.outstanding_kib);
+        let credit = if host.outstanding_kib > 0 {
+            format!(", less {} granted earlier and not yet in use (on credit)", mib(host.outstanding_kib.min(above)))
+        } else {
+            String::new()
+        };
         // Share the budget: no starving guest gets more than an equal share while others wait.
         let share = budget / u64::try_from(starving.len()).unwrap_or(1).max(1);
         for (i, wanted, _) in &starving {
             let g = &guests[*i];
-            let current = g.current_kib.min(g.max_kib);
+            let current = g.current_kib;
             let headroom = g.max_kib.saturating_sub(current);
             let grant = (*wanted).min(p.grant_step_kib).min(headroom).min(share.max(p.min_change_kib)).min(budget);
             let v = out.verdicts.iter_mut().find(|v| v.name == g.name);
@@ -304,7 +331,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
                     let lim = if headroom < p.min_change_kib {
                         format!("at its maximum {}", mib(g.max_kib))
                     } else {
-                        format!("host budget {} above the reserve is spent", mib(budget))
+                        format!("host budget above the reserve is spent ({} left{credit})", mib(budget))
                     };
                     v.why = format!("{}; not granted: {lim}", v.why);
                 }
@@ -320,7 +347,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
                 from_kib: g.current_kib,
                 to_kib: current + grant,
                 reason: format!(
-                    "{}: grant {} (max {}, host MemAvailable {} stays above reserve {})",
+                    "{}: grant {} (max {}, host MemAvailable {} stays above reserve {}{credit})",
                     why.unwrap_or_default(),
                     mib(grant),
                     mib(g.max_kib),

@@ -25,11 +25,20 @@
 //!
 //! A guest has a provisioned maximum, a balloon size (`current`) that moves toward the target
 //! set by [`Host::set_balloon`] at [`SimConfig::balloon_rate_kib_s`], clamped to
-//! `[SimConfig::guest_min_kib, max]`, and a resident need. A guest only grows out of host
-//! memory that is actually free, so memory is never created: `Σ current + MemAvailable +
-//! overhead = total`. When `need > current` the guest swaps: `swap_in_kib` and `major_fault`
-//! rise in proportion to the deficit. A *liar* guest reports almost no usable memory whatever
-//! its real need.
+//! `[SimConfig::guest_min_kib, max]`, a resident need, and the part of its size the host backs
+//! (`resident`: pages the guest has touched). As on a real host, a deflated balloon costs the
+//! host nothing until the guest touches the pages: growing a balloon only moves `current`; the
+//! guest then touches what it needs, up to its size, and the host backs each touched page out of
+//! what is free. Memory is never created: `Σ resident + MemAvailable + overhead = total`, and a
+//! touch the host cannot back (nothing free) is not made. Inflating a balloon frees the touched
+//! pages above the new size. A guest starts with all of its start size touched (a guest that
+//! has run a while has used its memory, for page cache at least). When `need > resident` the
+//! guest swaps: `swap_in_kib` and `major_fault` rise in proportion to the deficit. A *liar* guest
+//! reports almost no usable memory whatever its real need.
+//!
+//! So a policy that grants on credit (from MemAvailable alone) is shown its mistake only later,
+//! when guests grow into what they were given; [`SimHost::mem_available_committed_kib`] is what
+//! MemAvailable will be once every guest has touched all of its balloon.
 
 use std::collections::HashMap;
 
@@ -125,6 +134,8 @@ struct SimGuest {
     current_kib: u64,
     target_kib: u64,
     need_kib: u64,
+    /// Pages of `current` the guest has touched: what the host pays for, KiB.
+    resident_kib: u64,
     swap_in_kib: f64,
     /// The agent's pin record (a real host keeps it in the live `<metadata>`).
     agent_pins: Vec<AgentPin>,
@@ -258,6 +269,7 @@ impl SimHost {
                 current_kib: start,
                 target_kib: start,
                 need_kib: 0,
+                resident_kib: start,
                 swap_in_kib: 0.0,
                 agent_pins: Vec::new(),
             });
@@ -351,14 +363,15 @@ impl SimHost {
         &self.last
     }
 
-    /// Host MemAvailable, KiB: total − overhead − Σ guest sizes.
+    /// Host MemAvailable, KiB: total − overhead − Σ what guests have touched.
     pub fn mem_available_kib(&self) -> u64 {
-        let used: u64 = self.guests.iter().map(|g| g.current_kib).sum();
+        let used: u64 = self.guests.iter().map(|g| g.resident_kib).sum();
         self.cfg.mem_total_kib.saturating_sub(self.cfg.host_overhead_kib).saturating_sub(used)
     }
 
     /// MemAvailable once every balloon has reached its target where that target is larger
-    /// than the current size (what the granted memory will leave), KiB; may be negative.
+    /// than the current size, and every guest has touched all of its balloon (what the granted
+    /// memory will leave), KiB; may be negative.
     pub fn mem_available_committed_kib(&self) -> i64 {
         let used: u64 = self.guests.iter().map(|g| g.current_kib.max(g.target_kib)).sum();
         let total = i64::try_from(self.cfg.mem_total_kib).unwrap_or(i64::MAX);
@@ -369,6 +382,11 @@ impl SimHost {
     /// Balloon size of each guest, KiB.
     pub fn guest_sizes_kib(&self) -> Vec<u64> {
         self.guests.iter().map(|g| g.current_kib).collect()
+    }
+
+    /// What the host backs of each guest (touched pages), KiB.
+    pub fn guest_resident_kib(&self) -> Vec<u64> {
+        self.guests.iter().map(|g| g.resident_kib).collect()
     }
 
     /// Served and unmet demand of vCPU `v` of guest `g` accumulated so far, core-seconds.
@@ -493,27 +511,29 @@ impl SimHost {
     #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     fn move_memory(&mut self, dt_s: f64, stats: &mut IntervalStats) {
         let step = (self.cfg.balloon_rate_kib_s as f64 * dt_s) as u64;
-        // Shrinking first frees memory that growing guests may then take.
-        let mut free = self.mem_available_kib();
         for g in &mut self.guests {
             if g.target_kib < g.current_kib {
-                let d = (g.current_kib - g.target_kib).min(step);
-                g.current_kib -= d;
-                free += d;
+                // Inflating frees the touched pages above the new size.
+                g.current_kib -= (g.current_kib - g.target_kib).min(step);
+                g.resident_kib = g.resident_kib.min(g.current_kib);
+            } else if g.target_kib > g.current_kib {
+                // Deflating is free: the host pays only when the guest touches the pages.
+                g.current_kib += (g.target_kib - g.current_kib).min(step);
             }
         }
-        for g in &mut self.guests {
-            if g.target_kib > g.current_kib {
-                let d = (g.target_kib - g.current_kib).min(step).min(free);
-                g.current_kib += d;
-                free -= d;
-            }
-        }
+        // Guests touch what they need, up to their size, out of what the host has free.
+        let mut free = self.mem_available_kib();
         let min_global = self.cfg.guest_min_kib;
         for g in &mut self.guests {
-            if g.need_kib > g.current_kib {
+            let want = g.need_kib.min(g.current_kib);
+            if want > g.resident_kib {
+                let d = (want - g.resident_kib).min(free);
+                g.resident_kib += d;
+                free -= d;
+            }
+            if g.need_kib > g.resident_kib {
                 stats.swapping_guests += 1;
-                g.swap_in_kib += (g.need_kib - g.current_kib) as f64 * SWAP_IN_PER_S * dt_s;
+                g.swap_in_kib += (g.need_kib - g.resident_kib) as f64 * SWAP_IN_PER_S * dt_s;
             }
             let floor = g.need_kib.max(min_global.min(g.spec.max_kib)).min(g.spec.max_kib);
             let reclaimable = g.spec.max_kib - floor;

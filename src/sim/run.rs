@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::Common;
-use crate::daemon::{Agent, thread_cpu_us};
+use crate::daemon::{Agent, AgentConfig, thread_cpu_us};
 use crate::sim::baseline::{Baseline, BaselineConfig};
 use crate::sim::host::{SimConfig, SimError, SimHost};
 use crate::sim::workload::Workload;
@@ -167,12 +167,27 @@ fn mean(xs: &[f64]) -> f64 {
 }
 
 /// Runs one policy over a fresh copy of `workload`.
+pub fn run_policy(policy: Policy, spec: &RunSpec, workload: Workload) -> Result<PolicyReport, SimError> {
+    run_with(policy, spec, workload, crate::sim::agent_config(&spec.common))
+}
+
+/// Runs the agent with the given configuration (not the one `spec.common` gives) over a fresh
+/// copy of `workload`: to compare variants of the agent on one workload.
+pub fn run_agent(cfg: AgentConfig, spec: &RunSpec, workload: Workload) -> Result<PolicyReport, SimError> {
+    run_with(Policy::Ours, spec, workload, cfg)
+}
+
 #[allow(clippy::cast_precision_loss)]
-pub fn run_policy(policy: Policy, spec: &RunSpec, mut workload: Workload) -> Result<PolicyReport, SimError> {
+fn run_with(
+    policy: Policy,
+    spec: &RunSpec,
+    mut workload: Workload,
+    cfg: AgentConfig,
+) -> Result<PolicyReport, SimError> {
     let mut host = SimHost::new(spec.host.clone(), workload.specs())?;
     let c = &spec.common;
     let mut driver = match policy {
-        Policy::Ours => Driver::Ours(Box::new(Agent::new(host, crate::sim::agent_config(c)))),
+        Policy::Ours => Driver::Ours(Box::new(Agent::new(host, cfg))),
         Policy::Baseline => {
             host.pin_round_robin();
             let cfg = BaselineConfig {

@@ -28,8 +28,11 @@ fn check_conservation(h: &SimHost) {
 }
 
 fn check_memory(h: &SimHost) {
-    let sum: u64 = h.guest_sizes_kib().iter().sum();
+    let sum: u64 = h.guest_resident_kib().iter().sum();
     assert_eq!(sum + h.mem_available_kib() + h.config().host_overhead_kib, h.config().mem_total_kib);
+    for (r, c) in h.guest_resident_kib().iter().zip(h.guest_sizes_kib()) {
+        assert!(*r <= c, "a guest backs no more than its size: {r} > {c}");
+    }
 }
 
 #[test]
@@ -151,29 +154,44 @@ fn start_sizes_scale_to_fit() {
 #[test]
 fn balloons_move_at_a_finite_rate_and_never_create_memory() {
     let g = vec![spec("a", 1, 8), spec("b", 1, 8)];
+    // 15 GiB for guests after the overhead, 1 GiB reserve: both start at 7 GiB, touched.
     let mut h = host(2, 16, &g);
     let (a, b) = (dom(&mut h, 0), dom(&mut h, 1));
-    let start = h.guest_sizes_kib()[0];
-    h.set_balloon(&a, 1 << 20).unwrap();
+    assert_eq!(h.guest_sizes_kib(), vec![7 * GIB, 7 * GIB]);
+    assert_eq!(h.mem_available_kib(), GIB);
+    h.set_balloon(&a, GIB).unwrap();
     h.advance(1_000_000_000);
-    assert_eq!(h.guest_sizes_kib()[0], start - (512 << 10));
+    assert_eq!(h.guest_sizes_kib()[0], 7 * GIB - (512 << 10));
+    assert_eq!(h.mem_available_kib(), GIB + (512 << 10), "inflating frees touched pages");
     check_memory(&h);
-    // b asks for all it may have; it gets only what is free.
+    for _ in 0..20 {
+        h.advance(1_000_000_000);
+    }
+    assert_eq!(h.mem_available_kib(), 7 * GIB);
+    // b is granted 1 GiB: its balloon grows, the host pays nothing until b touches it.
     h.set_balloon(&b, 8 * GIB).unwrap();
-    assert!(h.take_actions().grants_kib > 0);
-    for _ in 0..40 {
+    assert_eq!(h.take_actions().grants_kib, GIB);
+    for _ in 0..10 {
         h.advance(1_000_000_000);
         check_memory(&h);
     }
-    assert_eq!(h.guest_sizes_kib(), vec![1 << 20, 8 * GIB]);
-    // Now a wants its 8 GiB back: only 6 GiB are free.
+    assert_eq!(h.guest_sizes_kib(), vec![GIB, 8 * GIB]);
+    assert_eq!(h.mem_available_kib(), 7 * GIB, "an untouched grant costs nothing yet");
+    assert_eq!(h.mem_available_committed_kib(), 6 * 1024 * 1024);
+    h.set_mem_need(1, 8 * GIB);
+    h.advance(1_000_000_000);
+    assert_eq!(h.mem_available_kib(), 6 * GIB, "touched: now the host pays");
+    // Now a wants its 8 GiB back and uses them: only 6 GiB are free to back them.
     h.set_balloon(&a, 8 * GIB).unwrap();
+    h.set_mem_need(0, 8 * GIB);
     for _ in 0..40 {
         h.advance(1_000_000_000);
         check_memory(&h);
     }
+    assert_eq!(h.guest_sizes_kib(), vec![8 * GIB, 8 * GIB]);
     assert_eq!(h.mem_available_kib(), 0);
-    assert_eq!(h.guest_sizes_kib()[0], 7 * GIB);
+    assert_eq!(h.guest_resident_kib()[0], 7 * GIB);
+    assert_eq!(h.last_interval().swapping_guests, 1, "what the host cannot back, the guest swaps");
     assert!(h.mem_available_committed_kib() < 0);
 }
 
