@@ -1,6 +1,8 @@
 //! Flags: bad values give one clear line naming the flag and exit code 2; environment variables
 //! are read. No hypervisor needed.
 
+mod common;
+
 use std::process::Command;
 
 fn vmb(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
@@ -91,19 +93,8 @@ fn remote_uris_are_refused() {
 
 #[test]
 fn a_closed_stdout_ends_the_program_quietly() {
-    use std::process::Stdio;
     // `simulate | head -c 0`: the reader is gone before the program writes.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vm-balancer"))
-        .args(["simulate", "--duration", "60s", "--host-cpus", "4", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(matches!(out.status.code(), Some(0 | 1)), "exit {:?}: {err}", out.status);
-    assert!(!err.contains("panicked"), "{err}");
+    common::assert_quiet_into_closed_pipe(&["simulate", "--duration", "60s", "--host-cpus", "4", "--json"]);
 }
 
 #[test]

@@ -124,7 +124,10 @@ fn procfs_rates_agree_with_libvirt_vcpu_stats() {
 fn survives_libvirtd_restart_and_resumes() {
     let _lab = lab();
     let g = Guest::start("restart", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
-    let mut agent = Agent::start(FAST);
+    // -v: a failure shows the loads the agent saw.
+    let mut args = FAST.to_vec();
+    args.push("-v");
+    let mut agent = Agent::start(&args);
     g.pin(0, "0");
     g.pin(1, "0");
     assert!(wait_for(Duration::from_secs(20), || distinct(&g.pins())), "first spread\n{}", agent.log());

@@ -136,7 +136,8 @@ pub fn describe_loads(input: &CpuInput) -> String {
     let mut parts = Vec::with_capacity(input.cpus.len());
     for (i, c) in input.cpus.iter().enumerate() {
         let on: Vec<&VcpuSlot> = input.vcpus.iter().filter(|v| v.cpu == Some(i)).collect();
-        let demand: f64 = on.iter().map(|v| v.demand).sum();
+        // `+ 0.0`: an empty sum is -0.0, which would print as "-0.00".
+        let demand: f64 = on.iter().map(|v| v.demand).sum::<f64>() + 0.0;
         parts.push(format!("cpu {}: {:.2} + {:.2} ({} vCPUs)", c.id, c.fixed, demand, on.len()));
     }
     let floating = input.vcpus.iter().filter(|v| v.cpu.is_none()).count();

@@ -307,3 +307,14 @@ pub fn diagnose_json(extra: &[&str]) -> serde_json::Value {
     assert!(out.status.success(), "diagnose failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("diagnose prints JSON")
 }
+
+/// Runs `vm-balancer ARGS` with its stdout a pipe whose reader is gone before it writes (as
+/// `| head -c 0`), and checks that it ends quietly: exit 0 or 1, no panic.
+pub fn assert_quiet_into_closed_pipe(args: &[&str]) {
+    let mut child = Command::new(bin()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{args:?}: exit {:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+}
