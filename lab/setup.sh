@@ -14,6 +14,8 @@ log() { printf 'lab: %s\n' "$*" >&2; }
 pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86
       busybox-static cpio pkg-config systemd util-linux)
 missing=()
+# The package build (lab/package.sh: dpkg-shlibdeps, strip) and its test (man).
+pkgs+=(dpkg-dev binutils man-db)
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done

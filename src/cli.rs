@@ -59,6 +59,27 @@ pub enum Command {
         #[arg(value_name = "DOMAIN")]
         domains: Vec<String>,
     },
+    /// Write the man page and the shell completions into DIR (the package build runs this:
+    /// `lab/package.sh`).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Created when missing; files of the same names are replaced.
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
+}
+
+impl Command {
+    /// The shared flags of the subcommand; `None` for one that has none.
+    pub fn common(&self) -> Option<&Common> {
+        match self {
+            Command::Run { common, .. }
+            | Command::Diagnose { common, .. }
+            | Command::Simulate { common, .. }
+            | Command::Release { common, .. } => Some(common),
+            Command::GenerateAssets { .. } => None,
+        }
+    }
 }
 
 /// Flags of `simulate`.

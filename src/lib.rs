@@ -3,6 +3,7 @@
 //! ([`actuate`]), driven by [`daemon`]; all host access goes through [`host::Host`].
 
 pub mod actuate;
+pub mod assets;
 pub mod cli;
 pub mod collect;
 pub mod cpulist;

@@ -115,6 +115,12 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
             init_logging(&common);
             release::command(&common, &domains)
         }
+        Command::GenerateAssets { dir } => {
+            let written = vm_balancer::assets::write_all(&dir)?;
+            let list: String = written.iter().map(|p| format!("{}\n", p.display())).collect();
+            emit(&list)?;
+            Ok(())
+        }
     }
 }
 
@@ -140,13 +146,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let common = match &cli.command {
-        Command::Run { common, .. }
-        | Command::Diagnose { common, .. }
-        | Command::Simulate { common, .. }
-        | Command::Release { common, .. } => common,
-    };
-    if let Err(msg) = common.validate() {
+    if let Some(Err(msg)) = cli.command.common().map(Common::validate) {
         eprintln!("error: {msg}");
         return ExitCode::from(2);
     }
