@@ -17,7 +17,7 @@ use crate::host::{Host, HostError};
 use crate::memctl::{MemTiming, MemTracker};
 use crate::model::{ModelConfig, Snapshot, Tracker};
 use crate::policy::cpu::{self, CpuPolicy};
-use crate::policy::mem::{self, MemPolicy, Verdict};
+use crate::policy::mem::{self, MemPolicy, State, Verdict};
 use crate::policy::{Action, Plan};
 
 /// Everything the agent is told by its flags.
@@ -144,6 +144,8 @@ pub struct StepReport {
     pub mem_verdicts: Vec<Verdict>,
     /// Number of actions applied.
     pub applied: usize,
+    /// For each action of `plan`, in order: whether it was applied (what `applied` counts).
+    pub was_applied: Vec<bool>,
     /// Agent CPU time spent in this step, µs (user + system, this thread).
     pub cpu_us: u64,
     /// Actions the loop stopped trying (domain, action, why): they kept failing.
@@ -383,7 +385,7 @@ impl<H: Host> Agent<H> {
             mp.actions.retain(|a| match self.failures.blocked(a.domain(), &Kind::Balloon, snap.t_ns) {
                 Some(why) => {
                     if let Some(v) = mp.verdicts.iter_mut().find(|v| v.name == a.domain()) {
-                        v.state = "hold";
+                        v.state = State::Hold;
                         v.why = format!("{}; not applied: the balloon change keeps failing ({why})", v.why);
                     }
                     false
@@ -394,12 +396,13 @@ impl<H: Host> Agent<H> {
             report.mem_verdicts = mp.verdicts;
         }
         report.blocked = self.failures.list(snap.t_ns);
+        report.was_applied = vec![false; plan.len()];
         if !self.cfg.dry_run && !plan.is_empty() {
             // Acting on a sample older than a quantum or two would be acting on stale data.
             let max_age = ns(self.cfg.quantum).saturating_mul(2).max(1_000_000_000);
             match crate::release::apply_recorded(&mut self.host, &snap, &plan, max_age) {
                 Ok(outcomes) => {
-                    for (a, o) in plan.iter().zip(&outcomes) {
+                    for (k, (a, o)) in plan.iter().zip(&outcomes).enumerate() {
                         let id = snap.domains.iter().find(|d| d.dom.name == a.domain()).map_or(0, |d| d.dom.id);
                         match o {
                             Outcome::Applied => self.failures.succeeded(a.domain(), Kind::of(a)),
@@ -410,6 +413,7 @@ impl<H: Host> Agent<H> {
                             Outcome::Gone | Outcome::Stale => continue,
                         }
                         report.applied += 1;
+                        report.was_applied[k] = true;
                         match a {
                             // A repin starts the vCPU's cooldown and lets both cpus settle. A
                             // placement (the vCPU floated) does neither: it was made on the

@@ -153,6 +153,7 @@ mod tests {
             vcpu,
             from: CpuSet::single(0),
             to: CpuSet::single(1),
+            kind: crate::policy::PinKind::Move,
             reason: "test".into(),
         }
     }

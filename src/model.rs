@@ -49,6 +49,10 @@ pub struct VcpuView {
     /// `None` until two samples of the same thread exist.
     #[serde(flatten)]
     pub rates: Option<VcpuRates>,
+    /// Cumulative time runnable but waiting (the thread's `schedstat`), ns: for the metrics'
+    /// delay counter. A new thread starts it over.
+    #[serde(skip)]
+    pub wait_ns: u64,
 }
 
 /// One domain in a snapshot.
@@ -275,6 +279,7 @@ impl Tracker {
                     pcpu: t.last_cpu,
                     pinned_to: t.affinity_mask.clone(),
                     rates: vs.rates,
+                    wait_ns: t.wait_ns,
                 });
             }
             let by_flag = self.cfg.exclude.iter().any(|e| e == name).then(|| "excluded by --exclude".to_string());

@@ -189,7 +189,7 @@ fn above_its_maximum_asks_for_rediscovery_once_per_backoff() {
     assert_eq!(m.needs_rediscovery(), vec!["plugged".to_string()]);
     assert!(gs[1].current_kib > gs[1].max_kib, "the planner sees it and holds it");
     let p = crate::policy::mem::plan(&gs[1..], &HostMem::default(), &crate::policy::mem::MemPolicy::default());
-    assert!(p.actions.is_empty() && p.verdicts[0].state == "hold", "{p:?}");
+    assert!(p.actions.is_empty() && p.verdicts[0].state == crate::policy::mem::State::Hold, "{p:?}");
     // Not asked again at every interval...
     m.input(&snap(6, 2000, &[("plugged", 1, 4096, 1024, 3000)]), &t);
     assert!(m.needs_rediscovery().is_empty());

@@ -29,7 +29,7 @@ use std::rc::Rc;
 
 use crate::host::CpuSet;
 use crate::model::Snapshot;
-use crate::policy::Action;
+use crate::policy::{Action, PinKind};
 
 const EPS: f64 = 1e-9;
 /// Smallest gain of an overload relief (cores). Small on purpose: in the simulator over the
@@ -286,19 +286,20 @@ impl Work {
     }
 
     /// Moves vCPU `i` from cpu `b` to cpu `t` (it moves no more in this plan); returns its pin.
-    fn shift(&mut self, input: &CpuInput, i: usize, b: usize, t: usize, reason: String) -> Action {
+    fn shift(&mut self, input: &CpuInput, i: usize, b: usize, t: usize, kind: PinKind, reason: String) -> Action {
         let v = &input.vcpus[i];
         self.load[b] -= v.demand;
         self.peak_load[b] -= v.peak;
         self.on[b].retain(|&x| x != i);
         self.add(input, i, t);
         self.free[i] = false;
-        pin(v, input.cpus[t].id, reason)
+        pin(v, input.cpus[t].id, kind, reason)
     }
 }
 
-fn pin(v: &VcpuSlot, cpu: u32, reason: String) -> Action {
-    Action::Pin { domain: v.domain.to_string(), vcpu: v.vcpu, from: v.current.clone(), to: CpuSet::single(cpu), reason }
+fn pin(v: &VcpuSlot, cpu: u32, kind: PinKind, reason: String) -> Action {
+    let (domain, from, to) = (v.domain.to_string(), v.current.clone(), CpuSet::single(cpu));
+    Action::Pin { domain, vcpu: v.vcpu, from, to, kind, reason }
 }
 
 /// Plans the pins of one quantum.
@@ -323,7 +324,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             input.cpus[c].id,
             pct(w.load[c])
         );
-        actions.push(pin(v, input.cpus[c].id, reason));
+        actions.push(pin(v, input.cpus[c].id, PinKind::Placement, reason));
         w.add(input, i, c);
         w.free[i] = false;
     }
@@ -354,12 +355,13 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             Some(x) => format!("swap with vCPU {} of {}: {why}", input.vcpus[x].vcpu, input.vcpus[x].domain),
             None => format!("move (demand {}): {why}", pct(v.demand)),
         };
-        actions.push(w.shift(input, best.v, b, t, pin_reason));
+        let kind = if best.w.is_some() { PinKind::Swap } else { PinKind::Move };
+        actions.push(w.shift(input, best.v, b, t, kind, pin_reason));
         repins += 1;
         if let Some(x) = best.w {
             let reason =
                 format!("swap with vCPU {} of {} (demand {}): {why}", v.vcpu, v.domain, pct(input.vcpus[x].demand));
-            actions.push(w.shift(input, x, t, b, reason));
+            actions.push(w.shift(input, x, t, b, PinKind::Swap, reason));
             repins += 1;
         }
     }
@@ -379,7 +381,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             pct(w.peak_load[t]),
             pct(w.load[t])
         );
-        actions.push(w.shift(input, i, b, t, why));
+        actions.push(w.shift(input, i, b, t, PinKind::PeakSafety, why));
         repins += 1;
     }
     actions

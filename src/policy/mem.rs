@@ -130,13 +130,79 @@ pub struct HostMem {
     pub outstanding_kib: u64,
 }
 
+/// The memory balancer's state of one guest: one spelling for logs, JSON and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Gives memory back.
+    Reclaim,
+    /// Is granted memory.
+    Grant,
+    /// Left as it is.
+    Steady,
+    /// Needs memory and is not granted any (the verdict says why).
+    Starving,
+    /// Left out this quantum (excluded, young, no usable report, backed off, blocked).
+    Hold,
+}
+
+impl State {
+    pub const ALL: [State; 5] = [State::Reclaim, State::Grant, State::Steady, State::Starving, State::Hold];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Reclaim => "reclaim",
+            State::Grant => "grant",
+            State::Steady => "steady",
+            State::Starving => "starving",
+            State::Hold => "hold",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a starving guest was granted nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotGranted {
+    /// Host `MemAvailable` is below `--host-reserve`.
+    HostReserve,
+    /// Host memory pressure (PSI) is above its limit.
+    HostPressure,
+    /// The budget above the reserve is spent this quantum.
+    Budget,
+    /// The guest is at its configured maximum.
+    AtMaximum,
+}
+
+impl NotGranted {
+    pub const ALL: [NotGranted; 4] =
+        [NotGranted::HostReserve, NotGranted::HostPressure, NotGranted::Budget, NotGranted::AtMaximum];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotGranted::HostReserve => "host_reserve",
+            NotGranted::HostPressure => "host_pressure",
+            NotGranted::Budget => "budget",
+            NotGranted::AtMaximum => "at_maximum",
+        }
+    }
+}
+
 /// What the planner decided about one guest, for `diagnose` and logs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Verdict {
     pub name: String,
-    /// One of: reclaim, grant, steady, starving, hold.
-    pub state: &'static str,
+    pub state: State,
     pub why: String,
+    /// A starving guest that was granted nothing: what stopped the grant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_granted: Option<NotGranted>,
 }
 
 /// A plan and the verdict on every guest.
@@ -179,7 +245,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
     let mut givers: Vec<Give> = Vec::new();
     let mut starving: Vec<(usize, u64, bool)> = Vec::new(); // (index, wanted, swapping)
     for (i, g) in guests.iter().enumerate() {
-        let verdict = |state, why: String| Verdict { name: g.name.clone(), state, why };
+        let verdict = |state, why: String| Verdict { name: g.name.clone(), state, why, not_granted: None };
         if let Some(h) = &g.hold {
             let why = match h {
                 Hold::Excluded(w) => w.clone(),
@@ -187,13 +253,13 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
                 Hold::NoReport(w) => w.clone(),
                 Hold::BackedOff => "did not reach its last target; backed off".into(),
             };
-            out.verdicts.push(verdict("hold", why));
+            out.verdicts.push(verdict(State::Hold, why));
             continue;
         }
         let max = g.max_kib;
         if g.current_kib > max {
             out.verdicts.push(verdict(
-                "hold",
+                State::Hold,
                 format!(
                     "balloon {} is above its known maximum {} (read before a memory hot-plug?): held until its definition is read again",
                     mib(g.current_kib),
@@ -207,13 +273,13 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
             Some(u) if u <= g.current_kib => u,
             Some(u) => {
                 out.verdicts.push(verdict(
-                    "hold",
+                    State::Hold,
                     format!("inconsistent report: usable {} above current {}", mib(u), mib(g.current_kib)),
                 ));
                 continue;
             }
             None => {
-                out.verdicts.push(verdict("hold", "guest reports no usable memory".into()));
+                out.verdicts.push(verdict(State::Hold, "guest reports no usable memory".into()));
                 continue;
             }
         };
@@ -221,8 +287,10 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
         let reclaim_thr = frac(current, p.reclaim_above).max(p.reclaim_min_kib);
         let swapping = g.swap_in_delta_kib > 0 || g.major_fault_delta > p.major_fault_threshold;
         if g.deflated_by_itself {
-            out.verdicts
-                .push(verdict("starving", "balloon deflated by itself (deflate-on-oom): not inflated back".into()));
+            out.verdicts.push(verdict(
+                State::Starving,
+                "balloon deflated by itself (deflate-on-oom): not inflated back".into(),
+            ));
             continue;
         }
         if swapping || usable < starve_thr {
@@ -234,22 +302,22 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
                 format!("usable {} below {}", mib(usable), mib(starve_thr))
             };
             starving.push((i, wanted, swapping));
-            out.verdicts.push(verdict("starving", why));
+            out.verdicts.push(verdict(State::Starving, why));
             continue;
         }
         let thr = if host_pressure { frac(current, middle).max(p.starve_min_kib) } else { reclaim_thr };
         let usable = usable.min(g.usable_low_kib.unwrap_or(usable));
         if usable > thr && g.cooling {
             out.verdicts.push(verdict(
-                "steady",
+                State::Steady,
                 format!("usable {} above {}, but changed recently (--mem-cooldown)", mib(usable), mib(thr)),
             ));
         } else if usable > thr {
             givers.push(Give { i, usable });
-            out.verdicts.push(verdict("reclaim", format!("usable {} above {}", mib(usable), mib(thr))));
+            out.verdicts.push(verdict(State::Reclaim, format!("usable {} above {}", mib(usable), mib(thr))));
         } else {
             out.verdicts.push(verdict(
-                "steady",
+                State::Steady,
                 format!("usable {} (at its recent peak use) within the dead band", mib(usable)),
             ));
         }
@@ -265,7 +333,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
         let v = out.verdicts.iter_mut().find(|v| v.name == g.name);
         if give < p.min_change_kib {
             if let Some(v) = v {
-                v.state = "steady";
+                v.state = State::Steady;
                 v.why = format!("{}; at the floor {} or change too small", v.why, mib(p.floor_kib));
             }
             continue;
@@ -289,18 +357,21 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
     // Grant: swapping guests first, then the most starved; within the host budget.
     if !starving.is_empty() {
         if host_pressure {
-            let why = if reserve_short > 0 {
-                format!(
+            let (refused, why) = if reserve_short > 0 {
+                let why = format!(
                     "host reserve: MemAvailable {} is below --host-reserve {}",
                     mib(host.available_kib),
                     mib(p.host_reserve_kib)
-                )
+                );
+                (NotGranted::HostReserve, why)
             } else {
-                format!("host memory pressure (PSI some avg10 {:.1}%)", host.psi_some_avg10.unwrap_or(0.0))
+                let why = format!("host memory pressure (PSI some avg10 {:.1}%)", host.psi_some_avg10.unwrap_or(0.0));
+                (NotGranted::HostPressure, why)
             };
             for (i, _, _) in &starving {
                 if let Some(v) = out.verdicts.iter_mut().find(|v| v.name == guests[*i].name) {
                     v.why = format!("{}; not granted: {why}", v.why);
+                    v.not_granted = Some(refused);
                 }
             }
             return out;
@@ -328,18 +399,22 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
             let v = out.verdicts.iter_mut().find(|v| v.name == g.name);
             if grant < p.min_change_kib {
                 if let Some(v) = v {
-                    let lim = if headroom < p.min_change_kib {
-                        format!("at its maximum {}", mib(g.max_kib))
+                    let (refused, lim) = if headroom < p.min_change_kib {
+                        (NotGranted::AtMaximum, format!("at its maximum {}", mib(g.max_kib)))
                     } else {
-                        format!("host budget above the reserve is spent ({} left{credit})", mib(budget))
+                        (
+                            NotGranted::Budget,
+                            format!("host budget above the reserve is spent ({} left{credit})", mib(budget)),
+                        )
                     };
                     v.why = format!("{}; not granted: {lim}", v.why);
+                    v.not_granted = Some(refused);
                 }
                 continue;
             }
             budget -= grant;
             let why = v.map(|v| {
-                v.state = "grant";
+                v.state = State::Grant;
                 v.why.clone()
             });
             out.actions.push(Action::Balloon {

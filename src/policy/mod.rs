@@ -12,7 +12,7 @@ use crate::host::CpuSet;
 #[serde(tag = "action", rename_all = "lowercase")]
 pub enum Action {
     /// Pin one vCPU to one host cpu.
-    Pin { domain: String, vcpu: u32, from: CpuSet, to: CpuSet, reason: String },
+    Pin { domain: String, vcpu: u32, from: CpuSet, to: CpuSet, kind: PinKind, reason: String },
     /// Resize a guest's balloon.
     Balloon { domain: String, from_kib: u64, to_kib: u64, reason: String },
 }
@@ -28,13 +28,46 @@ impl Action {
 impl std::fmt::Display for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Action::Pin { domain, vcpu, from, to, reason } => {
+            Action::Pin { domain, vcpu, from, to, reason, .. } => {
                 write!(f, "pin vCPU {vcpu} of {domain} {from} -> {to}: {reason}")
             }
             Action::Balloon { domain, from_kib, to_kib, reason } => {
                 write!(f, "balloon {domain} {} -> {} MiB: {reason}", from_kib / 1024, to_kib / 1024)
             }
         }
+    }
+}
+
+/// Which rule of the CPU planner chose a pin: one spelling for logs, JSON and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PinKind {
+    /// First pin of a vCPU that floated over several cpus.
+    Placement,
+    /// A balancing move to a freer cpu.
+    Move,
+    /// One half of a balancing swap.
+    Swap,
+    /// A move off a cpu whose vCPUs' recent peaks add up to more than `--peak-limit`.
+    PeakSafety,
+}
+
+impl PinKind {
+    pub const ALL: [PinKind; 4] = [PinKind::Placement, PinKind::Move, PinKind::Swap, PinKind::PeakSafety];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinKind::Placement => "placement",
+            PinKind::Move => "move",
+            PinKind::Swap => "swap",
+            PinKind::PeakSafety => "peak_safety",
+        }
+    }
+}
+
+impl std::fmt::Display for PinKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -38,7 +38,8 @@ fn set(c: &[u32]) -> CpuSet {
 }
 
 fn pin(domain: &str, vcpu: u32, from: &[u32], to: u32) -> Action {
-    Action::Pin { domain: domain.into(), vcpu, from: set(from), to: CpuSet::single(to), reason: "test".into() }
+    let kind = crate::policy::PinKind::Move;
+    Action::Pin { domain: domain.into(), vcpu, from: set(from), to: CpuSet::single(to), kind, reason: "test".into() }
 }
 
 fn rec(h: &mut SimHost, g: usize) -> Vec<(u32, CpuSet)> {

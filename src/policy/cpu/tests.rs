@@ -347,3 +347,34 @@ fn a_multi_cpu_set_chosen_by_an_operator_is_left_alone() {
     // A host that narrows every guest (housekeeping cpus 0-1 kept out) is not an operator pin.
     assert!(!chosen_set(&CpuSet(vec![2, 3]), &allowed, Some(&CpuSet(vec![2, 3]))));
 }
+
+#[test]
+fn each_pin_carries_the_rule_that_chose_it() {
+    let kinds = |input: &CpuInput, pol: &CpuPolicy| -> Vec<PinKind> {
+        plan(input, pol).iter().map(|a| if let Action::Pin { kind, .. } = a { *kind } else { panic!("{a}") }).collect()
+    };
+    let floating = CpuInput { cpus: cpus(2), vcpus: vec![vcpu("a", 0, 0.5, None)] };
+    assert_eq!(kinds(&floating, &CpuPolicy::default()), [PinKind::Placement]);
+    let piled = CpuInput { cpus: cpus(2), vcpus: (0..2).map(|i| vcpu("a", i, 1.0, Some(0))).collect() };
+    assert_eq!(kinds(&piled, &CpuPolicy::default()), [PinKind::Move]);
+    // The swap of `uses_a_swap_when_no_move_fits`: both halves are swaps.
+    let swap = CpuInput {
+        cpus: cpus(2),
+        vcpus: vec![
+            vcpu("a", 0, 0.6, Some(0)),
+            vcpu("a", 1, 0.6, Some(0)),
+            vcpu("b", 0, 0.5, Some(1)),
+            vcpu("b", 1, 0.3, Some(1)),
+        ],
+    };
+    assert_eq!(kinds(&swap, &CpuPolicy { min_gain: 0.05, ..CpuPolicy::default() }), [PinKind::Swap, PinKind::Swap]);
+    let mut a = vcpu("a", 0, 0.2, Some(0));
+    a.peak = 0.9;
+    let mut b = vcpu("b", 0, 0.3, Some(0));
+    b.peak = 0.4;
+    let peaks = CpuInput { cpus: cpus(2), vcpus: vec![a, b] };
+    assert_eq!(kinds(&peaks, &CpuPolicy::default()), [PinKind::PeakSafety]);
+    // The JSON and metrics spelling.
+    assert_eq!(serde_json::to_value(PinKind::PeakSafety).unwrap(), "peak_safety");
+    assert_eq!(PinKind::PeakSafety.to_string(), "peak_safety");
+}

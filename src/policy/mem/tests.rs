@@ -224,7 +224,7 @@ fn balloon_above_its_maximum_is_held_not_reclaimed_in_one_go() {
     // "reclaim to 0.75 GiB" would take 3.25 GiB at once.
     let p = plan(&[guest("plugged", 4096, 1024, 3500)], &host(8000), &MemPolicy::default());
     assert!(p.actions.is_empty(), "{:?}", p.actions);
-    assert_eq!(p.verdicts[0].state, "hold");
+    assert_eq!(p.verdicts[0].state, State::Hold);
     assert!(p.verdicts[0].why.contains("above its known maximum"), "{:?}", p.verdicts);
     // Starving and above its maximum: not "granted" down to its maximum either.
     let p = plan(&[guest("plugged", 4096, 1024, 5)], &host(8000), &MemPolicy::default());
