@@ -192,6 +192,16 @@ fn local_uri(s: &str) -> Result<String, String> {
     }
 }
 
+/// An address and port to listen on: `127.0.0.1:9848`, `[::1]:9848`.
+fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    let a: std::net::SocketAddr =
+        s.trim().parse().map_err(|_| format!("{s:?} is not an address and port (e.g. 127.0.0.1:9848)"))?;
+    if a.port() == 0 {
+        return Err(format!("{s:?}: the port must not be 0"));
+    }
+    Ok(a)
+}
+
 fn size(s: &str) -> Result<u64, String> {
     units::parse_size_kib(s)
 }
@@ -294,6 +304,10 @@ pub struct Common {
     /// affinity it had before (`release` then does nothing either).
     #[arg(long, env = "VM_BALANCER_KEEP_PINS_ON_EXIT")]
     pub keep_pins_on_exit: bool,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. 127.0.0.1:9848 (run only;
+    /// default: off).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = listen_addr, env = "VM_BALANCER_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", env = "VM_BALANCER_LOG_LEVEL")]
     pub log_level: log::LevelFilter,

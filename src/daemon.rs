@@ -507,12 +507,17 @@ enum Signal {
 pub type Reload<'a> = dyn Fn() -> Result<(AgentConfig, log::LevelFilter), String> + 'a;
 
 /// Runs the daemon loop until SIGTERM or SIGINT; returns after finishing the current step.
-/// SIGHUP calls `reload` and applies the new settings from the next quantum on.
+/// SIGHUP calls `reload` and applies the new settings from the next quantum on. `metrics`, when
+/// given, is updated after each quantum.
 ///
 /// Under systemd (`Type=notify`) it sends `READY=1` once connected, `WATCHDOG=1` at least
 /// twice per `WatchdogSec=` while the loop turns, and a `STATUS=` line when it changes. A
 /// signal is answered within [`SHUTDOWN_GRACE`] even when a libvirt call hangs.
-pub fn run<H: Host>(mut agent: Agent<H>, reload: &Reload<'_>) -> anyhow::Result<()> {
+pub fn run<H: Host>(
+    mut agent: Agent<H>,
+    reload: &Reload<'_>,
+    mut metrics: Option<crate::metrics::Metrics>,
+) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let (tx, rx) = mpsc::channel::<Signal>();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
@@ -558,6 +563,9 @@ pub fn run<H: Host>(mut agent: Agent<H>, reload: &Reload<'_>) -> anyhow::Result<
         let slice = watchdog.map_or(quantum, |w| quantum.min(w / 2)).max(Duration::from_millis(10));
         let started = Instant::now();
         let report = agent.step();
+        if let Some(m) = metrics.as_mut() {
+            m.observe(&report, agent.connected(), started.elapsed());
+        }
         quanta += 1;
         cpu_us_total += report.cpu_us;
         if agent.config().dry_run {

@@ -12,6 +12,7 @@ pub mod diagnose;
 pub mod failures;
 pub mod host;
 pub mod memctl;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod release;

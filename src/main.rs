@@ -47,7 +47,11 @@ fn init_logging(c: &Common) {
 }
 
 /// The settings again, for SIGHUP: the same command line, the settings file read anew.
-fn reload(argv: &[std::ffi::OsString], connect: &str) -> Result<(AgentConfig, log::LevelFilter), String> {
+fn reload(
+    argv: &[std::ffi::OsString],
+    connect: &str,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<(AgentConfig, log::LevelFilter), String> {
     let cli = vm_balancer::settings::parse(argv).map_err(|e| match e {
         vm_balancer::settings::ParseError::Settings(e) => vm_balancer::host::chain(&e),
         vm_balancer::settings::ParseError::Clap(e) => e.to_string().lines().next().unwrap_or("").to_string(),
@@ -57,6 +61,9 @@ fn reload(argv: &[std::ffi::OsString], connect: &str) -> Result<(AgentConfig, lo
     if common.connect != connect {
         log::warn!("SIGHUP: --connect changed to {}: restart the service to use it", common.connect);
     }
+    if common.metrics_listen != listen {
+        log::warn!("SIGHUP: --metrics-listen changed: restart the service to use it");
+    }
     Ok((AgentConfig::from_flags(&common, dry_run), common.log_filter()))
 }
 
@@ -64,9 +71,12 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { common, dry_run } => {
             init_logging(&common);
+            // Bound before the loop starts: an address in use fails the start (exit 1).
+            let metrics = common.metrics_listen.map(vm_balancer::metrics::Metrics::listen).transpose()?;
             let host = LibvirtHost::new(&common.connect);
-            let connect = common.connect.clone();
-            daemon::run(Agent::new(host, AgentConfig::from_flags(&common, dry_run)), &|| reload(argv, &connect))
+            let (connect, listen) = (common.connect.clone(), common.metrics_listen);
+            let agent = Agent::new(host, AgentConfig::from_flags(&common, dry_run));
+            daemon::run(agent, &|| reload(argv, &connect, listen), metrics)
         }
         Command::Diagnose { common, interval, json, apply } => {
             init_logging(&common);

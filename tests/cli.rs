@@ -25,6 +25,8 @@ fn bad_flags_exit_2_with_the_flag_named() {
         (vec!["run", "--max-repins", "99999"], "--max-repins"),
         (vec!["diagnose", "--guest-floor", "12"], "--guest-floor"),
         (vec!["run", "--host-reserve", "lots"], "--host-reserve"),
+        (vec!["run", "--metrics-listen", "nowhere:9848"], "--metrics-listen"),
+        (vec!["run", "--metrics-listen", "127.0.0.1:0"], "--metrics-listen"),
         (vec!["run", "--bogus"], "--bogus"),
     ] {
         let out = vmb(&args, &[]);
