@@ -12,7 +12,7 @@ log() { printf 'lab: %s\n' "$*" >&2; }
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 
 pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86
-      busybox-static cpio pkg-config systemd util-linux)
+      busybox-static cpio pkg-config systemd util-linux prometheus)
 missing=()
 # The package build (lab/package.sh: dpkg-shlibdeps, strip) and its test (man).
 pkgs+=(dpkg-dev binutils man-db)
