@@ -2,121 +2,11 @@
 //! discovery that takes time. The lab cannot produce these faults on demand; a wrapper around
 //! the simulated host can.
 
-use std::collections::HashMap;
-
 use super::*;
 use crate::cli::Common;
-use crate::host::{BalloonStats, DomainDesc, DomainRef, ErrorClass, HostSample, OptOut, Topology, VcpuTimes};
-use crate::sim::{GuestSpec, SimConfig, SimHost};
-
-const GIB: u64 = 1 << 20;
+use crate::host::{ErrorClass, OptOut};
+use crate::sim::faulty::Faulty;
 const Q: u64 = 500_000_000;
-
-/// The simulated host, with faults injected on request.
-struct Faulty {
-    sim: SimHost,
-    /// Every pin fails with this class.
-    pin_fails: Option<ErrorClass>,
-    pin_calls: usize,
-    /// Pin attempts per (domain, vCPU).
-    pin_tries: HashMap<(String, u32), usize>,
-    /// Virtual time each pin takes, ns (a slow libvirtd).
-    pin_cost_ns: u64,
-    /// Virtual time each `describe` takes, ns.
-    describe_cost_ns: u64,
-    describes: usize,
-    /// Extra time added to the clock by slow calls.
-    lag_ns: u64,
-    /// Opt-outs an operator set live, by domain name.
-    opt_outs: HashMap<String, OptOut>,
-    /// Domains listed but gone by the time they are described.
-    vanish_on_describe: Vec<String>,
-}
-
-impl Faulty {
-    fn new(cpus: u32, guests: &[(&str, u32)]) -> Self {
-        let specs: Vec<GuestSpec> =
-            guests.iter().map(|(n, v)| GuestSpec { name: (*n).into(), vcpus: *v, max_kib: GIB, liar: false }).collect();
-        let sim = SimHost::new(SimConfig::new(cpus, 64 * GIB, GIB), &specs).unwrap();
-        Faulty {
-            sim,
-            pin_fails: None,
-            pin_calls: 0,
-            pin_tries: HashMap::new(),
-            pin_cost_ns: 0,
-            describe_cost_ns: 0,
-            describes: 0,
-            lag_ns: 0,
-            opt_outs: HashMap::new(),
-            vanish_on_describe: vec![],
-        }
-    }
-}
-
-impl Host for Faulty {
-    fn now_ns(&self) -> u64 {
-        self.sim.now_ns() + self.lag_ns
-    }
-    fn epoch_s(&self) -> u64 {
-        self.sim.epoch_s()
-    }
-    fn ensure_connected(&mut self) -> Result<(), HostError> {
-        self.sim.ensure_connected()
-    }
-    fn list_domains(&mut self) -> Result<Vec<DomainRef>, HostError> {
-        self.sim.list_domains()
-    }
-    fn describe(&mut self, dom: &DomainRef) -> Result<DomainDesc, HostError> {
-        self.describes += 1;
-        self.lag_ns += self.describe_cost_ns;
-        if self.vanish_on_describe.contains(&dom.name) {
-            return Err(HostError::DomainGone(dom.name.clone()));
-        }
-        let mut d = self.sim.describe(dom)?;
-        if let Some(o) = self.opt_outs.get(&dom.name) {
-            d.opt_out = o.clone();
-        }
-        Ok(d)
-    }
-    fn vcpu_times(&mut self, desc: &DomainDesc) -> Result<Vec<Option<VcpuTimes>>, HostError> {
-        self.sim.vcpu_times(desc)
-    }
-    fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError> {
-        self.sim.balloon_stats()
-    }
-    fn host_sample(&mut self) -> Result<HostSample, HostError> {
-        self.sim.host_sample()
-    }
-    fn topology(&mut self) -> Result<Topology, HostError> {
-        self.sim.topology()
-    }
-    fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
-        self.pin_calls += 1;
-        self.lag_ns += self.pin_cost_ns;
-        *self.pin_tries.entry((dom.name.clone(), vcpu)).or_default() += 1;
-        match self.pin_fails {
-            Some(class) => {
-                Err(HostError::Refused { op: "pin vcpu", object: dom.name.clone(), class, detail: "injected".into() })
-            }
-            None => self.sim.pin_vcpu(dom, vcpu, cpu),
-        }
-    }
-    fn set_balloon(&mut self, dom: &DomainRef, target_kib: u64) -> Result<(), HostError> {
-        self.sim.set_balloon(dom, target_kib)
-    }
-    fn set_stats_period(&mut self, dom: &DomainRef, period_s: u32) -> Result<(), HostError> {
-        self.sim.set_stats_period(dom, period_s)
-    }
-    fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &crate::host::CpuSet) -> Result<(), HostError> {
-        self.sim.pin_vcpu_set(dom, vcpu, cpus)
-    }
-    fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<crate::host::AgentPin>, HostError> {
-        self.sim.agent_pins(dom)
-    }
-    fn set_agent_pins(&mut self, dom: &DomainRef, pins: &[crate::host::AgentPin]) -> Result<(), HostError> {
-        self.sim.set_agent_pins(dom, pins)
-    }
-}
 
 fn agent(host: Faulty) -> Agent<Faulty> {
     let mut c = Common::defaults().unwrap();
@@ -126,15 +16,8 @@ fn agent(host: Faulty) -> Agent<Faulty> {
     Agent::new(host, AgentConfig::from_flags(&c, false))
 }
 
-/// Two busy vCPUs of one guest piled on cpu 0 of a 2-cpu host.
 fn piled() -> Faulty {
-    let mut h = Faulty::new(2, &[("web", 2)]);
-    let d = h.sim.list_domains().unwrap()[0].clone();
-    h.sim.pin_vcpu(&d, 0, 0).unwrap();
-    h.sim.pin_vcpu(&d, 1, 0).unwrap();
-    h.sim.set_demand(0, 0, 1.0);
-    h.sim.set_demand(0, 1, 1.0);
-    h
+    Faulty::piled()
 }
 
 fn run(a: &mut Agent<Faulty>, quanta: usize) -> Vec<StepReport> {

@@ -7,81 +7,18 @@ use std::time::Duration;
 use super::*;
 use crate::cli::Common;
 use crate::daemon::{Agent, AgentConfig};
-use crate::host::{BalloonStats, DomainDesc, DomainRef, Host, HostError, HostSample, Topology, VcpuTimes};
-use crate::sim::{GuestSpec, SimConfig, SimHost};
+use crate::host::Host;
+use crate::sim::faulty::Faulty;
 
 const GIB: u64 = 1 << 20;
 const Q: u64 = 500_000_000;
 
-/// The simulated host, where a domain can vanish (shut down between two quanta).
-struct Vanishing {
-    sim: SimHost,
-    gone: Vec<String>,
+fn host(cpus: u32, guests: &[(&str, u32)]) -> Faulty {
+    Faulty::new(cpus, guests)
 }
 
-impl Host for Vanishing {
-    fn now_ns(&self) -> u64 {
-        self.sim.now_ns()
-    }
-    fn epoch_s(&self) -> u64 {
-        self.sim.epoch_s()
-    }
-    fn ensure_connected(&mut self) -> Result<(), HostError> {
-        self.sim.ensure_connected()
-    }
-    fn list_domains(&mut self) -> Result<Vec<DomainRef>, HostError> {
-        Ok(self.sim.list_domains()?.into_iter().filter(|d| !self.gone.contains(&d.name)).collect())
-    }
-    fn describe(&mut self, dom: &DomainRef) -> Result<DomainDesc, HostError> {
-        self.sim.describe(dom)
-    }
-    fn vcpu_times(&mut self, desc: &DomainDesc) -> Result<Vec<Option<VcpuTimes>>, HostError> {
-        self.sim.vcpu_times(desc)
-    }
-    fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError> {
-        Ok(self.sim.balloon_stats()?.into_iter().filter(|(n, _)| !self.gone.contains(n)).collect())
-    }
-    fn host_sample(&mut self) -> Result<HostSample, HostError> {
-        self.sim.host_sample()
-    }
-    fn topology(&mut self) -> Result<Topology, HostError> {
-        self.sim.topology()
-    }
-    fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
-        self.sim.pin_vcpu(dom, vcpu, cpu)
-    }
-    fn set_balloon(&mut self, dom: &DomainRef, target_kib: u64) -> Result<(), HostError> {
-        self.sim.set_balloon(dom, target_kib)
-    }
-    fn set_stats_period(&mut self, dom: &DomainRef, period_s: u32) -> Result<(), HostError> {
-        self.sim.set_stats_period(dom, period_s)
-    }
-    fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &crate::host::CpuSet) -> Result<(), HostError> {
-        self.sim.pin_vcpu_set(dom, vcpu, cpus)
-    }
-    fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<crate::host::AgentPin>, HostError> {
-        self.sim.agent_pins(dom)
-    }
-    fn set_agent_pins(&mut self, dom: &DomainRef, pins: &[crate::host::AgentPin]) -> Result<(), HostError> {
-        self.sim.set_agent_pins(dom, pins)
-    }
-}
-
-fn host(cpus: u32, guests: &[(&str, u32)]) -> Vanishing {
-    let specs: Vec<GuestSpec> =
-        guests.iter().map(|(n, v)| GuestSpec { name: (*n).into(), vcpus: *v, max_kib: GIB, liar: false }).collect();
-    Vanishing { sim: SimHost::new(SimConfig::new(cpus, 64 * GIB, GIB), &specs).unwrap(), gone: vec![] }
-}
-
-/// Two busy vCPUs of one guest piled on cpu 0 of a 2-cpu host.
-fn piled() -> Vanishing {
-    let mut h = host(2, &[("web", 2)]);
-    let d = h.sim.list_domains().unwrap()[0].clone();
-    h.sim.pin_vcpu(&d, 0, 0).unwrap();
-    h.sim.pin_vcpu(&d, 1, 0).unwrap();
-    h.sim.set_demand(0, 0, 1.0);
-    h.sim.set_demand(0, 1, 1.0);
-    h
+fn piled() -> Faulty {
+    Faulty::piled()
 }
 
 fn flags(memory: bool) -> Common {
@@ -94,7 +31,7 @@ fn flags(memory: bool) -> Common {
 }
 
 /// Runs `quanta` quanta, each folded into `m`; returns the reports.
-fn run(a: &mut Agent<Vanishing>, m: &mut Metrics, quanta: usize) -> Vec<StepReport> {
+fn run(a: &mut Agent<Faulty>, m: &mut Metrics, quanta: usize) -> Vec<StepReport> {
     (0..quanta)
         .map(|_| {
             a.host.sim.advance(Q);

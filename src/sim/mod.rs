@@ -4,6 +4,8 @@
 //! The real [`crate::daemon::Agent`] runs over [`SimHost`] unchanged; the clock is virtual.
 
 pub mod baseline;
+#[cfg(test)]
+pub mod faulty;
 pub mod host;
 pub mod run;
 pub mod traces;
