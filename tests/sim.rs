@@ -170,8 +170,8 @@ fn grants_on_credit_break_the_reserve_and_tracking_them_does_not() {
             "3",
         ];
         let (spec, workload) = spec(&args);
-        let tracked = sim::run::run_agent(sim::agent_config(&spec.common), &spec, workload.clone()).unwrap();
-        let mut on_credit = sim::agent_config(&spec.common);
+        let tracked = sim::run::run_agent(spec.agent.clone(), &spec, workload.clone()).unwrap();
+        let mut on_credit = spec.agent.clone();
         on_credit.mem.as_mut().unwrap().timing.credit_timeout_ns = 0;
         let old = sim::run::run_agent(on_credit, &spec, workload).unwrap();
         assert!(old.host_reserve_violations > 0, "{scenario}: granting on credit should break the reserve: {old:#?}");

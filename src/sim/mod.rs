@@ -29,7 +29,8 @@ pub fn default_host_mem_kib(cpus: u32) -> u64 {
     u64::from(cpus) * (8 << 20)
 }
 
-/// Builds the run of `vm-balancer simulate` from its flags.
+/// Builds the run of `vm-balancer simulate` from its flags: where the simulator's flags become
+/// its configuration; nothing below reads them.
 pub fn build(common: &Common, args: &SimArgs) -> Result<(RunSpec, Workload), SimError> {
     let cpus = args.host_cpus;
     let guests = args.guests.unwrap_or(2 * cpus as usize);
@@ -41,7 +42,14 @@ pub fn build(common: &Common, args: &SimArgs) -> Result<(RunSpec, Workload), Sim
     let host = SimConfig::new(cpus, mem, common.host_reserve);
     let q = common.quantum.as_nanos().max(1);
     let quanta = u64::try_from(args.duration.as_nanos() / q).unwrap_or(u64::MAX).max(1);
-    Ok((RunSpec { host, quantum: common.quantum, quanta, common: common.clone() }, workload))
+    let baseline = baseline::BaselineConfig {
+        high: common.high,
+        free_above: common.reclaim_above,
+        starve_below: common.starve_below,
+        floor_kib: common.guest_floor,
+        ..baseline::BaselineConfig::default()
+    };
+    Ok((RunSpec { host, quantum: common.quantum, quanta, agent: agent_config(common), baseline }, workload))
 }
 
 /// `vm-balancer simulate`: runs every policy and renders the report (table or JSON).

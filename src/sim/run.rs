@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::cli::Common;
 use crate::daemon::{Agent, AgentConfig, thread_cpu_us};
 use crate::sim::baseline::{Baseline, BaselineConfig};
 use crate::sim::host::{SimConfig, SimError, SimHost};
@@ -42,8 +41,10 @@ pub struct RunSpec {
     pub host: SimConfig,
     pub quantum: Duration,
     pub quanta: u64,
-    /// Shared flags: the agent's configuration and the baseline's thresholds come from them.
-    pub common: Common,
+    /// The agent's configuration (from the shared flags, built once by [`crate::sim::build`]).
+    pub agent: AgentConfig,
+    /// The classic rule's thresholds, from the same flags.
+    pub baseline: BaselineConfig,
 }
 
 /// The figures of one policy.
@@ -168,10 +169,10 @@ fn mean(xs: &[f64]) -> f64 {
 
 /// Runs one policy over a fresh copy of `workload`.
 pub fn run_policy(policy: Policy, spec: &RunSpec, workload: Workload) -> Result<PolicyReport, SimError> {
-    run_with(policy, spec, workload, crate::sim::agent_config(&spec.common))
+    run_with(policy, spec, workload, spec.agent.clone())
 }
 
-/// Runs the agent with the given configuration (not the one `spec.common` gives) over a fresh
+/// Runs the agent with the given configuration (not the one `spec.agent` holds) over a fresh
 /// copy of `workload`: to compare variants of the agent on one workload.
 pub fn run_agent(cfg: AgentConfig, spec: &RunSpec, workload: Workload) -> Result<PolicyReport, SimError> {
     run_with(Policy::Ours, spec, workload, cfg)
@@ -185,19 +186,11 @@ fn run_with(
     cfg: AgentConfig,
 ) -> Result<PolicyReport, SimError> {
     let mut host = SimHost::new(spec.host.clone(), workload.specs())?;
-    let c = &spec.common;
     let mut driver = match policy {
         Policy::Ours => Driver::Ours(Box::new(Agent::new(host, cfg))),
         Policy::Baseline => {
             host.pin_round_robin();
-            let cfg = BaselineConfig {
-                high: c.high,
-                free_above: c.reclaim_above,
-                starve_below: c.starve_below,
-                floor_kib: c.guest_floor,
-                ..BaselineConfig::default()
-            };
-            Driver::Baseline(host, Baseline::new(cfg))
+            Driver::Baseline(host, Baseline::new(spec.baseline.clone()))
         }
         Policy::Static => {
             host.pin_round_robin();
