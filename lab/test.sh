@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash lab/setup.sh
-# Leftover guests of an interrupted earlier run would load the cpus the tests measure.
+# Leftover agents and guests of an interrupted earlier run would move pins and load the cpus
+# the tests measure.
+pkill -f '/target/release/vm-balancer run' 2>/dev/null || true
 for d in $(virsh -c qemu:///system list --name 2>/dev/null | grep '^vmbt-' || true); do
   virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
 done
