@@ -102,7 +102,7 @@ fn quantum(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("advance+Agent::step", format!("{cpus}cpus/{domains}doms")), |b| {
             b.iter(|| {
                 agent.host.advance(QUANTUM_NS);
-                black_box(agent.step().applied)
+                black_box(agent.step().applied())
             });
         });
     }

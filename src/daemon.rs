@@ -142,14 +142,22 @@ pub struct StepReport {
     pub plan: Plan,
     /// The memory planner's verdict on each guest, on quanta with fresh balloon statistics.
     pub mem_verdicts: Vec<Verdict>,
-    /// Number of actions applied.
-    pub applied: usize,
-    /// For each action of `plan`, in order: whether it was applied (what `applied` counts).
+    /// For each action of `plan`, in order: whether it was applied.
     pub was_applied: Vec<bool>,
+    /// Each allowed cpu's load as the CPU planner sees it, indexed like the snapshot's cpus
+    /// (empty without a snapshot).
+    pub cpu_loads: Vec<f64>,
     /// Agent CPU time spent in this step, µs (user + system, this thread).
     pub cpu_us: u64,
     /// Actions the loop stopped trying (domain, action, why): they kept failing.
     pub blocked: Vec<(String, Kind, String)>,
+}
+
+impl StepReport {
+    /// Number of actions applied.
+    pub fn applied(&self) -> usize {
+        self.was_applied.iter().filter(|&&a| a).count()
+    }
 }
 
 /// Connection state, so an outage is logged once, not once per quantum.
@@ -361,16 +369,29 @@ impl<H: Host> Agent<H> {
         let running: Vec<(String, u32)> = snap.domains.iter().map(|d| (d.dom.name.clone(), d.dom.id)).collect();
         self.failures.expire(&running, snap.t_ns);
         let mut plan: Plan = Vec::new();
-        if let Some(pol) = &self.cfg.cpu {
+        {
+            // The planner's view of the cpus: planned on when the CPU balancer is on, and
+            // reported (loads) either way.
+            let default_policy;
+            let pol = match &self.cfg.cpu {
+                Some(p) => p,
+                None => {
+                    default_policy = CpuPolicy::default();
+                    &default_policy
+                }
+            };
             let blocked = self.failures.blocked_pins(snap.t_ns);
             self.ever_allowed.extend(snap.host.cpus.iter().copied());
             let retired: HashSet<u32> =
                 self.ever_allowed.iter().copied().filter(|c| !snap.host.cpus.contains(c)).collect();
             let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, &retired, pol);
-            if log::log_enabled!(log::Level::Debug) {
-                debug!("cpu loads (fixed + vCPU demand): {}", cpu::describe_loads(&input));
+            report.cpu_loads = cpu::loads(&input);
+            if self.cfg.cpu.is_some() {
+                if log::log_enabled!(log::Level::Debug) {
+                    debug!("cpu loads (fixed + vCPU demand): {}", cpu::describe_loads(&input));
+                }
+                plan.extend(cpu::plan(&input, pol));
             }
-            plan.extend(cpu::plan(&input, pol));
         }
         if let (Some(m), true) = (&self.cfg.mem, raw.balloons.is_some()) {
             let (guests, host) = self.mem.input(&snap, &m.timing);
@@ -412,7 +433,6 @@ impl<H: Host> Agent<H> {
                             }
                             Outcome::Gone | Outcome::Stale => continue,
                         }
-                        report.applied += 1;
                         report.was_applied[k] = true;
                         match a {
                             // A repin starts the vCPU's cooldown and lets both cpus settle. A
@@ -573,7 +593,7 @@ pub fn run<H: Host>(
                 info!("dry run, would {a}");
             }
         }
-        if let Some(a) = report.plan.last().filter(|_| report.applied > 0 || agent.config().dry_run) {
+        if let Some(a) = report.plan.last().filter(|_| report.applied() > 0 || agent.config().dry_run) {
             last_action = a.to_string();
         }
         for v in &report.mem_verdicts {

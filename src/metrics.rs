@@ -327,14 +327,15 @@ impl Metrics {
             self.seen.states.insert(v.name.clone());
         }
         match &r.snapshot {
-            Some(s) => self.observe_snapshot(s),
+            Some(s) => self.observe_snapshot(s, &r.cpu_loads),
             // Without a connection nothing about the domains is known any more.
             None if !connected => self.forget_objects(),
             None => {}
         }
     }
 
-    fn observe_snapshot(&mut self, s: &Snapshot) {
+    /// `loads`: each allowed cpu's load as the planner saw it, indexed like `s.host.cpus`.
+    fn observe_snapshot(&mut self, s: &Snapshot, loads: &[f64]) {
         self.last_sample.set(i64::try_from(s.epoch_s).unwrap_or(i64::MAX));
         self.domains.set(i64::try_from(s.domains.len()).unwrap_or(i64::MAX));
         self.host_available.set(bytes(s.host.mem_available_kib));
@@ -386,26 +387,11 @@ impl Metrics {
         let running: HashSet<&str> = s.domains.iter().map(|d| d.dom.name.as_str()).collect();
         self.forget_states(|name| !running.contains(name));
 
-        // Loads as the planner computes them (cooldowns and blocked pins do not change loads).
-        let input = crate::policy::cpu::input_from(
-            s,
-            &HashMap::new(),
-            &HashMap::new(),
-            &HashMap::new(),
-            &HashSet::new(),
-            &crate::policy::cpu::CpuPolicy::default(),
-        );
-        let mut load: Vec<f64> = input.cpus.iter().map(|c| c.fixed).collect();
-        for v in &input.vcpus {
-            if let Some(l) = v.cpu.and_then(|c| load.get_mut(c)) {
-                *l += v.demand;
-            }
-        }
         let mut cpus = HashSet::new();
         for (i, &cpu) in s.host.cpus.iter().enumerate() {
             let l = CpuLabels { cpu };
             self.cpu_busy.get_or_create(&l).set(s.host.cpu_busy.get(i).copied().unwrap_or(0.0));
-            self.cpu_load.get_or_create(&l).set(load.get(i).copied().unwrap_or(0.0));
+            self.cpu_load.get_or_create(&l).set(loads.get(i).copied().unwrap_or(0.0));
             cpus.insert(l);
         }
         prune(&[&self.cpu_busy, &self.cpu_load], &mut self.seen.cpus, cpus);

@@ -144,7 +144,7 @@ fn a_plan_held_up_by_a_slow_hypervisor_is_not_applied_on_stale_data() {
     let reports = run(&mut a, 3);
     let r = reports.iter().find(|r| r.plan.len() >= 5).expect("a placement plan");
     // A plan may be at most two quanta (1 s) old: the pins after that are dropped.
-    assert!(r.applied >= 2 && r.applied <= 3, "applied {} of {}", r.applied, r.plan.len());
+    assert!(r.applied() >= 2 && r.applied() <= 3, "applied {} of {}", r.applied(), r.plan.len());
 }
 
 #[test]

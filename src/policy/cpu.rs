@@ -130,15 +130,26 @@ pub fn chosen_set(affinity: &CpuSet, allowed: &[u32], default: Option<&CpuSet>) 
     !covers && default != Some(affinity)
 }
 
+/// Each allowed cpu's load as the planner sees it (fixed load + demand of the vCPUs pinned
+/// there), indexed like `input.cpus`: what the debug log and the metrics report.
+pub fn loads(input: &CpuInput) -> Vec<f64> {
+    let mut load: Vec<f64> = input.cpus.iter().map(|c| c.fixed).collect();
+    for v in &input.vcpus {
+        if let Some(l) = v.cpu.and_then(|c| load.get_mut(c)) {
+            *l += v.demand;
+        }
+    }
+    load
+}
+
 /// Each allowed cpu's load as the planner sees it, on one line (`cpu 0: 0.05 + 2.00 (2 vCPUs)`),
 /// for the debug log: why a pile-up was or was not moved.
 pub fn describe_loads(input: &CpuInput) -> String {
+    let loads = loads(input);
     let mut parts = Vec::with_capacity(input.cpus.len());
-    for (i, c) in input.cpus.iter().enumerate() {
-        let on: Vec<&VcpuSlot> = input.vcpus.iter().filter(|v| v.cpu == Some(i)).collect();
-        // `+ 0.0`: an empty sum is -0.0, which would print as "-0.00".
-        let demand: f64 = on.iter().map(|v| v.demand).sum::<f64>() + 0.0;
-        parts.push(format!("cpu {}: {:.2} + {:.2} ({} vCPUs)", c.id, c.fixed, demand, on.len()));
+    for ((i, c), load) in input.cpus.iter().enumerate().zip(loads) {
+        let on = input.vcpus.iter().filter(|v| v.cpu == Some(i)).count();
+        parts.push(format!("cpu {}: {:.2} + {:.2} ({on} vCPUs)", c.id, c.fixed, load - c.fixed));
     }
     let floating = input.vcpus.iter().filter(|v| v.cpu.is_none()).count();
     if floating > 0 {

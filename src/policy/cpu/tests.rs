@@ -137,11 +137,9 @@ fn prefers_moving_the_lighter_vcpu_when_gains_are_close() {
     assert_eq!(p[0].domain(), "b");
 }
 
-#[test]
-fn uses_a_swap_when_no_move_fits() {
-    // cpu 0: 0.6 + 0.6 = 1.2; cpu 1: 0.5 + 0.3 = 0.8. Any move flips; swapping 0.6 for 0.3 gives 0.9/1.1 (flip),
-    // 0.6 for 0.5 gives 1.1/0.9.
-    let input = CpuInput {
+/// Two cpus where every move flips the imbalance and only a swap helps.
+fn swap_case() -> CpuInput {
+    CpuInput {
         cpus: cpus(2),
         vcpus: vec![
             vcpu("a", 0, 0.6, Some(0)),
@@ -149,7 +147,14 @@ fn uses_a_swap_when_no_move_fits() {
             vcpu("b", 0, 0.5, Some(1)),
             vcpu("b", 1, 0.3, Some(1)),
         ],
-    };
+    }
+}
+
+#[test]
+fn uses_a_swap_when_no_move_fits() {
+    // cpu 0: 0.6 + 0.6 = 1.2; cpu 1: 0.5 + 0.3 = 0.8. Any move flips; swapping 0.6 for 0.3 gives 0.9/1.1 (flip),
+    // 0.6 for 0.5 gives 1.1/0.9.
+    let input = swap_case();
     let pol = CpuPolicy { min_gain: 0.05, ..CpuPolicy::default() };
     let p = plan(&input, &pol);
     assert_eq!(p.len(), 2, "{p:#?}");
@@ -358,15 +363,7 @@ fn each_pin_carries_the_rule_that_chose_it() {
     let piled = CpuInput { cpus: cpus(2), vcpus: (0..2).map(|i| vcpu("a", i, 1.0, Some(0))).collect() };
     assert_eq!(kinds(&piled, &CpuPolicy::default()), [PinKind::Move]);
     // The swap of `uses_a_swap_when_no_move_fits`: both halves are swaps.
-    let swap = CpuInput {
-        cpus: cpus(2),
-        vcpus: vec![
-            vcpu("a", 0, 0.6, Some(0)),
-            vcpu("a", 1, 0.6, Some(0)),
-            vcpu("b", 0, 0.5, Some(1)),
-            vcpu("b", 1, 0.3, Some(1)),
-        ],
-    };
+    let swap = swap_case();
     assert_eq!(kinds(&swap, &CpuPolicy { min_gain: 0.05, ..CpuPolicy::default() }), [PinKind::Swap, PinKind::Swap]);
     let mut a = vcpu("a", 0, 0.2, Some(0));
     a.peak = 0.9;
