@@ -289,7 +289,7 @@ impl<H: Host> Agent<H> {
                 if backoff_ns == 0 {
                     warn!("cannot reach the hypervisor: {e}; retrying with back-off, acting on nothing meanwhile");
                 }
-                let quantum = u64::try_from(self.cfg.quantum.as_nanos()).unwrap_or(u64::MAX);
+                let quantum = ns(self.cfg.quantum);
                 let cap = quantum.saturating_mul(16).min(30_000_000_000);
                 let next = if backoff_ns == 0 { quantum } else { backoff_ns.saturating_mul(2).min(cap) };
                 self.link = Link::Down { since_ns: since_ns.max(1), next_try_ns: now + next, backoff_ns: next };
@@ -343,11 +343,10 @@ impl<H: Host> Agent<H> {
         if !self.connect(now) {
             return report;
         }
-        let want_balloons = self.cfg.mem.as_ref().is_some_and(|m| {
-            self.last_balloons_ns.is_none_or(|t| {
-                now.saturating_sub(t) + 1_000_000 >= u64::try_from(m.interval.as_nanos()).unwrap_or(u64::MAX)
-            })
-        });
+        let want_balloons =
+            self.cfg.mem.as_ref().is_some_and(|m| {
+                self.last_balloons_ns.is_none_or(|t| now.saturating_sub(t) + 1_000_000 >= ns(m.interval))
+            });
         let raw = match self.collector.sample(&mut self.host, want_balloons) {
             Ok(r) => r,
             Err(e) if e.is_disconnect() => {

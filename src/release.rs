@@ -22,12 +22,12 @@ use log::{debug, info, warn};
 use crate::actuate::{self, Outcome};
 use crate::cli::Common;
 use crate::daemon::Agent;
-use crate::host::{AgentPin, CpuSet, DomainRef, Host, HostError};
+use crate::host::{AgentPin, CpuSet, DomainRef, ErrorClass, Host, HostError, chain};
 use crate::model::Snapshot;
 use crate::policy::Action;
 
 fn gone(e: &HostError) -> bool {
-    matches!(e, HostError::DomainGone(_))
+    e.class() == ErrorClass::DomainGone
 }
 
 /// The pin actions of a plan, grouped by domain in plan order: (vCPU, affinity before).
@@ -119,7 +119,13 @@ fn forget_failed(host: &mut dyn Host, plan: &[Action], outcomes: &[Outcome], add
         match r {
             Ok(()) => {}
             Err(e) if gone(&e) => {}
-            Err(e) => warn!("cannot take the unpinned vCPUs {unpinned:?} of {} out of its pin record: {e}", dom.name),
+            Err(e) => {
+                warn!(
+                    "cannot take the unpinned vCPUs {unpinned:?} of {} out of its pin record: {}",
+                    dom.name,
+                    chain(&e)
+                )
+            }
         }
     }
 }
@@ -159,7 +165,7 @@ pub fn release_domain(host: &mut dyn Host, dom: &DomainRef) -> Result<Option<Rel
             _ => match host.pin_vcpu_set(dom, p.vcpu, &p.prior) {
                 Ok(()) => out.restored.push(p),
                 Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
-                Err(e) => out.failed.push((p.vcpu, e.to_string())),
+                Err(e) => out.failed.push((p.vcpu, chain(&e))),
             },
         }
     }
@@ -196,7 +202,7 @@ pub fn release_domains(host: &mut dyn Host, doms: &[DomainRef]) -> Result<Summar
             Err(e) if gone(&e) => debug!("{} went away; nothing to give back", dom.name),
             Err(e) if e.is_disconnect() => return Err(e),
             Err(e) => {
-                warn!("cannot give back the vCPU pins of {}: {e}", dom.name);
+                warn!("cannot give back the vCPU pins of {}: {}", dom.name, chain(&e));
                 sum.domains += 1;
                 sum.failed += 1;
             }
