@@ -113,6 +113,10 @@ pub struct SimArgs {
     /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw the figures over time, one line per policy, into this SVG file (over several
+    /// seeds: their mean).
+    #[arg(long, value_name = "FILE.svg", env = "VM_BALANCER_PLOT")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 fn sim_duration(s: &str) -> Result<Duration, String> {

@@ -178,3 +178,36 @@ fn grants_on_credit_break_the_reserve_and_tracking_them_does_not() {
         assert_eq!(tracked.host_reserve_violations, 0, "{scenario}: {tracked:#?}");
     }
 }
+
+#[test]
+fn simulate_plot_draws_every_policy_over_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.svg");
+    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer"))
+        .args(["simulate", "--host-cpus", "8", "--duration", "30m", "--seeds", "2", "--json"])
+        .env("VM_BALANCER_PLOT", &path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The report itself is unchanged by the picture.
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["policies"][0].get("series").is_none(), "the series stay out of the JSON");
+    let svg = std::fs::read_to_string(&path).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{}", &svg[..svg.len().min(200)]);
+    for p in Policy::ALL {
+        // Named in the legend of each of the four panels.
+        assert_eq!(svg.matches(&format!(">\n{}\n<", p.name())).count(), 4, "{} in the legends", p.name());
+    }
+    assert!(svg.contains("mean of 2 seeds"), "the title says what is drawn");
+    // Four panels, a line per policy in each (legend samples are lines too).
+    assert!(svg.matches("<polyline").count() >= 16, "{} lines", svg.matches("<polyline").count());
+}
+
+#[test]
+fn simulate_refuses_a_plot_it_cannot_write_before_running() {
+    let out = vmb(&["simulate", "--duration", "30d", "--plot", "/nonexistent/dir/run.svg"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--plot") && err.contains("/nonexistent/dir/run.svg"), "{err}");
+    assert!(out.stdout.is_empty());
+}

@@ -67,6 +67,10 @@ pub enum SimError {
     Trace(#[from] crate::sim::traces::TraceError),
     #[error("{0}")]
     Workload(String),
+    #[error("cannot write the plot {} (--plot)", .0.display())]
+    Plot(std::path::PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Draw(#[from] crate::sim::plot::PlotError),
 }
 
 /// The fixed shape of a simulated host.

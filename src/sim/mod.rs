@@ -7,6 +7,7 @@ pub mod baseline;
 #[cfg(test)]
 pub mod faulty;
 pub mod host;
+pub mod plot;
 pub mod run;
 pub mod traces;
 pub mod workload;
@@ -55,8 +56,13 @@ pub fn build(common: &Common, args: &SimArgs) -> Result<(RunSpec, Workload), Sim
 /// `vm-balancer simulate`: runs every policy and renders the report (table or JSON).
 pub fn simulate(common: &Common, args: &SimArgs) -> Result<String, SimError> {
     let (spec, workload) = build(common, args)?;
-    // Fail on a host that cannot hold the guests before spending minutes.
+    // Fail on a host that cannot hold the guests, or a plot that cannot be written, before
+    // spending minutes.
     SimHost::new(spec.host.clone(), workload.specs())?;
+    let plot_file = match &args.plot {
+        Some(path) => Some((path, std::fs::File::create(path).map_err(|e| SimError::Plot(path.clone(), e))?)),
+        None => None,
+    };
     let report = if args.seeds > 1 {
         let mut runs = Vec::new();
         for seed in args.seed..args.seed.saturating_add(args.seeds) {
@@ -67,10 +73,24 @@ pub fn simulate(common: &Common, args: &SimArgs) -> Result<String, SimError> {
     } else {
         run::run_all(&spec, &workload)?
     };
+    let vcpus: u32 = workload.specs().iter().map(|g| g.vcpus).sum();
+    if let Some((path, mut file)) = plot_file {
+        let title = format!(
+            "{}: {} cpus, {} guests, {} vCPUs, {}{}",
+            args.traces.as_ref().map_or_else(|| format!("{:?} scenario", args.scenario), |d| d.display().to_string()),
+            spec.host.cpus,
+            workload.specs().len(),
+            vcpus,
+            humantime::format_duration(args.duration),
+            if args.seeds > 1 { format!(", mean of {} seeds", args.seeds) } else { String::new() },
+        );
+        let lines: Vec<(&str, &plot::Series)> = report.policies.iter().map(|p| (p.name.as_str(), &p.series)).collect();
+        let svg = plot::render_svg(&title, &lines)?;
+        std::io::Write::write_all(&mut file, svg.as_bytes()).map_err(|e| SimError::Plot(path.clone(), e))?;
+    }
     if args.json {
         return Ok(run::render_json(&report) + "\n");
     }
-    let vcpus: u32 = workload.specs().iter().map(|g| g.vcpus).sum();
     let header = format!(
         "simulated host: {} cpus, {} MiB, {} guests, {} vCPUs; {} quanta of {} ({} virtual){}\n\n",
         spec.host.cpus,

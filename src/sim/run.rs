@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::daemon::{Agent, AgentConfig, thread_cpu_us};
 use crate::sim::baseline::{Baseline, BaselineConfig};
 use crate::sim::host::{SimConfig, SimError, SimHost};
+use crate::sim::plot::{Recorder, Series};
 use crate::sim::workload::Workload;
 
 /// The policies a run compares.
@@ -70,6 +71,9 @@ pub struct PolicyReport {
     pub host_reserve_violations: u64,
     /// Policy CPU time per quantum (this thread, getrusage), µs.
     pub agent_cpu_us_per_quantum: f64,
+    /// The figures over time, for `--plot` (not in the JSON).
+    #[serde(skip)]
+    pub series: Series,
 }
 
 /// The whole report of a run.
@@ -118,6 +122,7 @@ impl Report {
                     starvation_events: mu(|p| p.starvation_events),
                     host_reserve_violations: all.iter().map(|p| p.host_reserve_violations).max().unwrap_or(0),
                     agent_cpu_us_per_quantum: m(|p| p.agent_cpu_us_per_quantum),
+                    series: Series::mean(&all.iter().map(|p| &p.series).collect::<Vec<_>>()),
                 }
             })
             .collect();
@@ -208,6 +213,7 @@ fn run_with(
     let (mut ratios, mut ratios_conv) = (Vec::new(), Vec::new());
     let (mut delay, mut reclaimed, mut reclaimable) = (0.0f64, 0.0f64, 0.0f64);
     let (mut starving, mut violations, mut repins, mut placements, mut cpu_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut series = Recorder::new(spec.quanta, spec.quantum.as_secs_f64());
     for q in 0..spec.quanta {
         workload.fill(q, &mut demand, &mut need);
         let host = driver.host();
@@ -222,13 +228,14 @@ fn run_with(
         reclaimed += s.reclaimed_kib as f64;
         reclaimable += s.reclaimable_kib as f64;
         starving += s.swapping_guests as u64;
-        if s.bound >= 0.5 {
-            let r = s.busiest_load / s.bound;
+        let ratio = (s.bound >= 0.5).then(|| s.busiest_load / s.bound);
+        if let Some(r) = ratio {
             ratios.push(r);
             if q >= converged_from {
                 ratios_conv.push(r);
             }
         }
+        series.push(ratio, s.delay, (s.reclaimed_kib as f64, s.reclaimable_kib as f64), s.swapping_guests);
         let t0 = thread_cpu_us();
         driver.act();
         cpu_us += thread_cpu_us().saturating_sub(t0);
@@ -259,6 +266,7 @@ fn run_with(
         starvation_events: starving,
         host_reserve_violations: violations,
         agent_cpu_us_per_quantum: if spec.quanta > 0 { cpu_us as f64 / spec.quanta as f64 } else { 0.0 },
+        series: series.finish(),
     })
 }
 
