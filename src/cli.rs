@@ -25,6 +25,10 @@ pub enum Command {
         /// Log each plan, change nothing.
         #[arg(long, env = "VM_BALANCER_DRY_RUN")]
         dry_run: bool,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. 127.0.0.1:9848 (default:
+        /// off).
+        #[arg(long, value_name = "ADDR:PORT", value_parser = listen_addr, env = "VM_BALANCER_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Sample twice, print the host, the domains and the plan the balancer would apply now.
     Diagnose {
@@ -308,10 +312,6 @@ pub struct Common {
     /// affinity it had before (`release` then does nothing either).
     #[arg(long, env = "VM_BALANCER_KEEP_PINS_ON_EXIT")]
     pub keep_pins_on_exit: bool,
-    /// Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. 127.0.0.1:9848 (run only;
-    /// default: off).
-    #[arg(long, value_name = "ADDR:PORT", value_parser = listen_addr, env = "VM_BALANCER_METRICS_LISTEN")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", env = "VM_BALANCER_LOG_LEVEL")]
     pub log_level: log::LevelFilter,

@@ -56,12 +56,14 @@ fn reload(
         vm_balancer::settings::ParseError::Settings(e) => vm_balancer::host::chain(&e),
         vm_balancer::settings::ParseError::Clap(e) => e.to_string().lines().next().unwrap_or("").to_string(),
     })?;
-    let Command::Run { common, dry_run } = cli.command else { return Err("not the run command".into()) };
+    let Command::Run { common, dry_run, metrics_listen } = cli.command else {
+        return Err("not the run command".into());
+    };
     common.validate()?;
     if common.connect != connect {
         log::warn!("SIGHUP: --connect changed to {}: restart the service to use it", common.connect);
     }
-    if common.metrics_listen != listen {
+    if metrics_listen != listen {
         log::warn!("SIGHUP: --metrics-listen changed: restart the service to use it");
     }
     Ok((AgentConfig::from_flags(&common, dry_run), common.log_filter()))
@@ -69,12 +71,12 @@ fn reload(
 
 fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { common, dry_run } => {
+        Command::Run { common, dry_run, metrics_listen } => {
             init_logging(&common);
             // Bound before the loop starts: an address in use fails the start (exit 1).
-            let metrics = common.metrics_listen.map(vm_balancer::metrics::Metrics::listen).transpose()?;
+            let metrics = metrics_listen.map(vm_balancer::metrics::Metrics::listen).transpose()?;
             let host = LibvirtHost::new(&common.connect);
-            let (connect, listen) = (common.connect.clone(), common.metrics_listen);
+            let (connect, listen) = (common.connect.clone(), metrics_listen);
             let agent = Agent::new(host, AgentConfig::from_flags(&common, dry_run));
             daemon::run(agent, &|| reload(argv, &connect, listen), metrics)
         }

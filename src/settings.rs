@@ -260,6 +260,11 @@ mod tests {
             .join("\n");
         let f = file(&uncommented);
         assert!(f.entries.len() > 20);
-        command_with(&f).unwrap();
+        let cmd = command_with(&f).unwrap();
+        // One file for every subcommand: a setting only the daemon has (the metrics listener)
+        // does not stop diagnose.
+        for sub in ["run", "diagnose", "simulate", "release"] {
+            cmd.clone().try_get_matches_from(["vm-balancer", sub]).unwrap();
+        }
     }
 }

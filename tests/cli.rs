@@ -27,6 +27,9 @@ fn bad_flags_exit_2_with_the_flag_named() {
         (vec!["run", "--host-reserve", "lots"], "--host-reserve"),
         (vec!["run", "--metrics-listen", "nowhere:9848"], "--metrics-listen"),
         (vec!["run", "--metrics-listen", "127.0.0.1:0"], "--metrics-listen"),
+        // Only the daemon serves metrics; a one-shot command does not pretend to.
+        (vec!["diagnose", "--metrics-listen", "127.0.0.1:9848"], "--metrics-listen"),
+        (vec!["simulate", "--metrics-listen", "127.0.0.1:9848"], "--metrics-listen"),
         (vec!["run", "--bogus"], "--bogus"),
     ] {
         let out = vmb(&args, &[]);
