@@ -103,6 +103,9 @@ fn the_package_holds_the_files_an_operator_needs() {
         "./usr/share/zsh/vendor-completions/_vm-balancer",
         "./usr/share/fish/vendor_completions.d/vm-balancer.fish",
         "./usr/share/doc/vm-balancer/README.md",
+        "./usr/share/doc/vm-balancer/docs/design.md",
+        "./usr/share/doc/vm-balancer/docs/simulator.md",
+        "./usr/share/doc/vm-balancer/docs/testing.md",
         "./usr/share/doc/vm-balancer/copyright",
     ] {
         assert!(paths.contains(&want), "{want} missing:\n{listing}");
