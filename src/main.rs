@@ -125,7 +125,7 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
         }
         Command::Release { common, domains } => {
             init_logging(&common);
-            release::command(&common, &domains)
+            release::command(&common.connect, common.keep_pins_on_exit, &domains)
         }
         Command::GenerateAssets { dir } => {
             let written = vm_balancer::assets::write_all(&dir)?;

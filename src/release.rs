@@ -20,7 +20,6 @@ use anyhow::Context as _;
 use log::{debug, info, warn};
 
 use crate::actuate::{self, Outcome};
-use crate::cli::Common;
 use crate::daemon::Agent;
 use crate::host::{AgentPin, CpuSet, DomainRef, ErrorClass, Host, HostError, chain};
 use crate::model::Snapshot;
@@ -261,13 +260,13 @@ pub fn on_stop<H: Host>(agent: &mut Agent<H>) {
 /// domains, or of every running domain. Fails when libvirt is unreachable or a pin could not be
 /// given back; does nothing with `--keep-pins-on-exit` (so one environment file serves both
 /// `run` and `ExecStopPost=`).
-pub fn command(common: &Common, names: &[String]) -> anyhow::Result<()> {
-    if common.keep_pins_on_exit {
+pub fn command(connect: &str, keep_pins_on_exit: bool, names: &[String]) -> anyhow::Result<()> {
+    if keep_pins_on_exit {
         info!("--keep-pins-on-exit is set: leaving the vCPU pins as they are");
         return Ok(());
     }
-    let mut host = crate::host::libvirt::LibvirtHost::new(&common.connect);
-    host.ensure_connected().with_context(|| format!("cannot connect to {}", common.connect))?;
+    let mut host = crate::host::libvirt::LibvirtHost::new(connect);
+    host.ensure_connected().with_context(|| format!("cannot connect to {connect}"))?;
     let mut doms = host.list_domains().context("listing the running domains")?;
     if !names.is_empty() {
         for n in names.iter().filter(|n| !doms.iter().any(|d| &&d.name == n)) {

@@ -1,5 +1,6 @@
 use super::*;
 
+use crate::cli::Common;
 use crate::daemon::AgentConfig;
 use crate::sim::{GuestSpec, SimConfig, SimHost};
 
