@@ -255,6 +255,33 @@ impl<H: Host> Agent<H> {
         changed.len()
     }
 
+    /// Cpu hotplug: the online cpus come with every host sample; when they differ from the
+    /// topology the model knows, the topology is read again and the allowed cpus follow (an
+    /// offline cpu's vCPUs are placed again as retired, a cpu back online joins the pool),
+    /// keeping every vCPU's history.
+    fn follow_hotplug(&mut self, online: &[u32]) {
+        let Some(t) = self.tracker.as_ref() else { return };
+        if t.topology().cpus.iter().map(|c| c.cpu).eq(online.iter().copied()) {
+            return;
+        }
+        let known: Vec<u32> = t.topology().cpus.iter().map(|c| c.cpu).collect();
+        match self.host.topology() {
+            Ok(topo) => {
+                let now: Vec<u32> = topo.cpus.iter().map(|c| c.cpu).collect();
+                let gone: Vec<u32> = known.iter().copied().filter(|c| !now.contains(c)).collect();
+                let new: Vec<u32> = now.iter().copied().filter(|c| !known.contains(c)).collect();
+                let list = |v: &[u32]| if v.is_empty() { "none".to_string() } else { crate::cpulist::format(v) };
+                warn!("online cpus changed: offline {}, online again {}", list(&gone), list(&new));
+                let mc = model_config(&self.cfg, &topo);
+                if let Some(t) = self.tracker.as_mut() {
+                    t.set_topology(topo, mc);
+                }
+            }
+            // Mid-hotplug the lists can disagree for a moment: the next quantum tries again.
+            Err(e) => debug!("online cpus changed, topology not readable yet: {e}"),
+        }
+    }
+
     /// True once connected and until the connection is lost.
     pub fn connected(&self) -> bool {
         self.link == Link::Up
@@ -361,6 +388,7 @@ impl<H: Host> Agent<H> {
         if want_balloons {
             self.last_balloons_ns = Some(now);
         }
+        self.follow_hotplug(&raw.host.cpu_ids);
         let Some(tracker) = self.tracker.as_mut() else { return report };
         let Some(snap) = tracker.ingest(&raw) else { return report };
         self.turn_on_stats_periods(&snap);

@@ -159,6 +159,15 @@ impl Tracker {
         self.cfg = cfg;
     }
 
+    /// The online cpus changed (hotplug): the new topology and the settings that follow from
+    /// it, keeping every vCPU's history; the busy history of cpus gone is dropped.
+    pub fn set_topology(&mut self, topology: Topology, cfg: ModelConfig) {
+        self.cpu_prev.retain(|c, _| topology.cpus.iter().any(|t| t.cpu == *c));
+        self.cpu_busy.retain(|c, _| topology.cpus.iter().any(|t| t.cpu == *c));
+        self.topology = topology;
+        self.cfg = cfg;
+    }
+
     pub fn topology(&self) -> &Topology {
         &self.topology
     }

@@ -186,3 +186,40 @@ fn new_settings_apply_at_the_next_quantum_without_losing_history() {
     assert_eq!(snap.host.cpus, vec![1], "the new --cpus is in force");
     assert_eq!(a.config().cpu.as_ref().unwrap().high, 0.5);
 }
+
+#[test]
+fn a_cpu_that_goes_offline_is_emptied_and_one_that_comes_online_joins_the_pool() {
+    // 4 cpus, cpu 3 offline when the agent starts; 4 one-vCPU guests at 0.6 each.
+    let names = ["a", "b", "c", "d"];
+    let guests: Vec<(&str, u32)> = names.iter().map(|n| (*n, 1)).collect();
+    let mut h = Faulty::new(4, &guests);
+    h.sim.set_cpu_online(3, false);
+    for g in 0..4 {
+        h.sim.set_demand(g, 0, 0.6);
+    }
+    let mut a = agent(h);
+    let reports = run(&mut a, 12);
+    assert_eq!(reports.last().unwrap().snapshot.as_ref().unwrap().host.cpus, [0, 1, 2]);
+    let on = |a: &Agent<Faulty>, cpu: u32| (0..4).filter(|&g| a.host.sim.affinity(g, 0).unwrap().0 == [cpu]).count();
+    assert_eq!(on(&a, 3), 0);
+
+    // Online: it joins the pool, and the cpu at 1.2 gives it a vCPU.
+    a.host.sim.set_cpu_online(3, true);
+    let reports = run(&mut a, 12);
+    assert_eq!(reports.last().unwrap().snapshot.as_ref().unwrap().host.cpus, [0, 1, 2, 3]);
+    assert!((0..4).all(|c| on(&a, c) == 1), "one guest per cpu: {:?}", (0..4).map(|c| on(&a, c)).collect::<Vec<_>>());
+    a.host.sim.take_actions();
+
+    // Offline again: no vCPU stays there. The one it ran falls back to every online cpu (the
+    // kernel's cpuset fallback) and is left floating: pinned, 2.4 cores on 3 cpus would
+    // overload one of them.
+    a.host.sim.set_cpu_online(3, false);
+    let reports = run(&mut a, 12);
+    for g in 0..4 {
+        let aff = a.host.sim.affinity(g, 0).unwrap();
+        assert!(!aff.0.contains(&3), "guest {g} still on cpu 3: {aff}");
+    }
+    assert_eq!(reports.last().unwrap().snapshot.as_ref().unwrap().host.cpus, [0, 1, 2]);
+    assert_eq!(a.host.sim.take_actions().repins, 0, "nothing moved for it");
+    assert!(a.host.sim.last_interval().delay < 1e-9, "{:?}", a.host.sim.last_interval());
+}

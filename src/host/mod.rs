@@ -290,7 +290,7 @@ pub trait Host {
     fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError>;
     /// Host cpu busy times and memory.
     fn host_sample(&mut self) -> Result<HostSample, HostError>;
-    /// Host cpu topology (read once at start and after reconnects).
+    /// Host cpu topology (read at start, after reconnects, and when the online cpus change).
     fn topology(&mut self) -> Result<Topology, HostError>;
     /// Pin one vCPU of a running domain to one host cpu (live only).
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError>;

@@ -183,6 +183,8 @@ pub struct ActionCounts {
 pub struct SimHost {
     cfg: SimConfig,
     topo: Topology,
+    /// Cpus taken offline ([`SimHost::set_cpu_online`]).
+    offline: Vec<bool>,
     t_ns: u64,
     cpu_busy_ns: Vec<f64>,
     guests: Vec<SimGuest>,
@@ -280,6 +282,7 @@ impl SimHost {
         }
         Ok(SimHost {
             topo: topology(cfg.cpus),
+            offline: vec![false; cfg.cpus as usize],
             cpu_busy_ns: vec![0.0; cfg.cpus as usize],
             cfg,
             t_ns: 0,
@@ -326,6 +329,30 @@ impl SimHost {
 
     /// Pins vCPU `k` (counting over all guests in order) to cpu `k mod cpus`, without counting
     /// it as an action: the start state of the `static` and `baseline` policies.
+    /// Takes a cpu offline or brings it back, as cpu hotplug does: an offline cpu is not in the
+    /// samples or the topology and runs nothing; a vCPU whose affinity had only offline cpus
+    /// falls back to every cpu (the kernel's cpuset fallback), and pins to an offline cpu are
+    /// refused. The last online cpu stays online.
+    pub fn set_cpu_online(&mut self, cpu: u32, online: bool) {
+        let i = cpu as usize;
+        if i >= self.offline.len() || (!online && self.offline.iter().filter(|&&o| !o).count() <= 1) {
+            return;
+        }
+        self.offline[i] = !online;
+        let up: Vec<u32> = (0..self.cfg.cpus).filter(|&c| !self.offline[c as usize]).collect();
+        self.topo =
+            Topology { cpus: topology(self.cfg.cpus).cpus.into_iter().filter(|t| up.contains(&t.cpu)).collect() };
+        for v in self.guests.iter_mut().flat_map(|g| g.vcpus.iter_mut()) {
+            if v.affinity.0.iter().all(|&c| self.offline.get(c as usize).copied().unwrap_or(true)) {
+                v.affinity = CpuSet(up.clone());
+            }
+        }
+    }
+
+    fn is_online(&self, cpu: u32) -> bool {
+        self.offline.get(cpu as usize).is_some_and(|&o| !o)
+    }
+
     pub fn pin_round_robin(&mut self) {
         let n = self.cfg.cpus;
         let mut k = 0u32;
@@ -445,7 +472,7 @@ impl SimHost {
         let mut order: Vec<_> = groups.into_iter().collect();
         order.sort_by(|a: &(Vec<u32>, _), b| a.0.len().cmp(&b.0.len()).then(a.0.cmp(&b.0)));
         for (set, members) in order {
-            let set: Vec<usize> = set.iter().map(|&c| c as usize).filter(|&c| c < n).collect();
+            let set: Vec<usize> = set.iter().map(|&c| c as usize).filter(|&c| c < n && !self.offline[c]).collect();
             let demands: Vec<f64> = members.iter().map(|&(g, v)| self.guests[g].vcpus[v].demand).collect();
             let want: f64 = demands.iter().sum();
             if set.is_empty() {
@@ -508,7 +535,7 @@ impl SimHost {
         stats.demand = total;
         stats.busiest_load = load.iter().copied().fold(0.0, f64::max);
         #[allow(clippy::cast_precision_loss)]
-        let per_cpu = total / n as f64;
+        let per_cpu = total / self.offline.iter().filter(|&&o| !o).count().max(1) as f64;
         stats.bound = per_cpu.max(max_demand).min(1.0);
     }
 
@@ -647,9 +674,10 @@ impl Host for SimHost {
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     fn host_sample(&mut self) -> Result<HostSample, HostError> {
+        let up: Vec<u32> = (0..self.cfg.cpus).filter(|&c| self.is_online(c)).collect();
         Ok(HostSample {
-            cpu_ids: (0..self.cfg.cpus).collect(),
-            cpu_busy_ns: self.cpu_busy_ns.iter().map(|&b| b as u64).collect(),
+            cpu_busy_ns: up.iter().map(|&c| self.cpu_busy_ns[c as usize] as u64).collect(),
+            cpu_ids: up,
             mem_total_kib: self.cfg.mem_total_kib,
             mem_available_kib: self.mem_available_kib(),
             mem_pressure_some_avg10: None,
@@ -660,8 +688,8 @@ impl Host for SimHost {
     }
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
         let gi = self.guest(dom)?;
-        if cpu >= self.cfg.cpus {
-            let detail = format!("no cpu {cpu}");
+        if !self.is_online(cpu) {
+            let detail = format!("no online cpu {cpu}");
             return Err(HostError::Refused {
                 op: "pin",
                 object: dom.name.clone(),
@@ -706,7 +734,7 @@ impl Host for SimHost {
             class: ErrorClass::Permanent,
             detail,
         };
-        if cpus.0.is_empty() || cpus.0.iter().any(|&c| c >= n) {
+        if cpus.0.is_empty() || cpus.0.iter().any(|&c| c >= n) || !cpus.0.iter().any(|&c| self.is_online(c)) {
             return Err(bad(format!("cannot pin to {cpus}")));
         }
         let v = self.guests[gi].vcpus.get_mut(vcpu as usize).ok_or_else(|| bad(format!("no vCPU {vcpu}")))?;
