@@ -27,6 +27,8 @@ fn bad_flags_exit_2_with_the_flag_named() {
         (vec!["run", "--host-reserve", "lots"], "--host-reserve"),
         (vec!["run", "--metrics-listen", "nowhere:9848"], "--metrics-listen"),
         (vec!["run", "--metrics-listen", "127.0.0.1:0"], "--metrics-listen"),
+        (vec!["run", "--overload-window", "25h"], "--overload-window"),
+        (vec!["diagnose", "--overload-window", "soon"], "--overload-window"),
         (vec!["run", "--bogus"], "--bogus"),
     ] {
         let out = vmb(&args, &[]);
@@ -51,6 +53,9 @@ fn environment_variables_are_read() {
     let out = vmb(&["run"], &[("VM_BALANCER_STARVE_BELOW", "0.5"), ("VM_BALANCER_RECLAIM_ABOVE", "0.2")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--starve-below"));
+    let out = vmb(&["run"], &[("VM_BALANCER_OVERLOAD_WINDOW", "-5m")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--overload-window"));
 }
 
 #[test]

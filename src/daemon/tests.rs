@@ -179,10 +179,58 @@ fn new_settings_apply_at_the_next_quantum_without_losing_history() {
     c.no_memory = true;
     c.high = 0.5;
     c.cpus = Some(crate::cli::CpuList(vec![1]));
-    assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 2, "high and cpus changed");
+    // --high is both the CPU planner's and the capacity advice's threshold.
+    assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 3, "cpu (high), advice (high) and cpus changed");
     assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 0, "nothing changed the second time");
     let r = run(&mut a, 1).pop().unwrap();
     let snap = r.snapshot.expect("history kept: a snapshot at once, not after two fresh samples");
     assert_eq!(snap.host.cpus, vec![1], "the new --cpus is in force");
     assert_eq!(a.config().cpu.as_ref().unwrap().high, 0.5);
+}
+
+/// Three busy one-vCPU guests on a 2-cpu host: more demand than `--high` allows there.
+fn overloaded() -> Faulty {
+    let mut h = Faulty::new(2, &[("a", 1), ("b", 1), ("c", 1)]);
+    for g in 0..3 {
+        h.sim.set_demand(g, 0, 1.0);
+    }
+    h
+}
+
+fn advised(r: &StepReport) -> Vec<String> {
+    r.capacity.iter().flat_map(|c| &c.advice).map(|a| a.domain().to_string()).collect()
+}
+
+#[test]
+fn an_overloaded_host_names_a_guest_after_the_window_and_clears_when_the_load_goes() {
+    let window = Duration::from_secs(5);
+    let mut c = Common::defaults().unwrap();
+    c.quantum = Duration::from_nanos(Q);
+    c.smoothing = Duration::from_millis(500);
+    c.no_memory = true;
+    c.overload_window = window;
+    c.exclude = vec!["a".into()];
+    let mut a = Agent::new(overloaded(), AgentConfig::from_flags(&c, false));
+    let reports = run(&mut a, 30);
+    let first_over = reports
+        .iter()
+        .position(|r| r.capacity.as_ref().is_some_and(|c| c.overload.any()))
+        .expect("the host is seen overloaded");
+    let first_advice = reports.iter().position(|r| !advised(r).is_empty()).expect("advice once the window is over");
+    let waited = Duration::from_nanos(Q * u64::try_from(first_advice - first_over).unwrap());
+    assert!(waited >= window, "advice only after the window: {waited:?}");
+    for r in &reports[first_advice..] {
+        let names = advised(r);
+        assert_eq!(names.len(), 1, "one guest named while overloaded: {names:?}");
+        assert_ne!(names[0], "a", "an excluded guest is never named");
+        assert_eq!(r.capacity.as_ref().unwrap().spare.cpu_cores, 0.0, "no cpu to spare");
+    }
+    // The load goes: the advice clears and the host has cpu to spare again.
+    for g in 0..3 {
+        a.host.sim.set_demand(g, 0, 0.05);
+    }
+    let calm = run(&mut a, 20);
+    let last = calm.last().unwrap().capacity.clone().unwrap();
+    assert!(last.advice.is_empty() && !last.overload.any(), "{last:?}");
+    assert!(last.spare.cpu_cores > 0.0, "{last:?}");
 }
