@@ -171,12 +171,14 @@ impl Announcer {
             (Some(before), Some(a)) if before != a.domain() => {
                 Some((Level::Warn, format!("capacity advice changed ({before} before): {a}")))
             }
-            (Some(before), None) => Some((
-                Level::Info,
-                format!(
-                    "capacity advice cleared: the host is no longer overloaded (no longer advising to migrate {before})"
-                ),
-            )),
+            (Some(before), None) => {
+                let why = if r.overload.any() {
+                    "no guest the agent may name would relieve the host now"
+                } else {
+                    "the host is back under its thresholds"
+                };
+                Some((Level::Info, format!("capacity advice cleared: {why} (no longer advising to migrate {before})")))
+            }
             _ => None,
         };
         self.advised = now.map(|a| a.domain().to_string());
@@ -208,7 +210,12 @@ mod tests {
         assert!(l[0].1.contains("migrate db") && l[0].1.contains("web before"), "{l:?}");
         let l = a.update(&report(None));
         assert_eq!(l[0].0, Level::Info);
-        assert!(l[0].1.contains("cleared"), "{l:?}");
+        assert!(l[0].1.contains("cleared: the host is back under"), "{l:?}");
         assert!(a.update(&report(None)).is_empty());
+        // Still overloaded, but nobody to name (the named guest left): said so.
+        a.update(&report(Some("web")));
+        let still = CapacityReport { overload: Overload { cpu_cores: 1.0, mem_kib: 0 }, ..report(None) };
+        let l = a.update(&still);
+        assert!(l[0].1.contains("no guest the agent may name"), "{l:?}");
     }
 }
