@@ -70,6 +70,10 @@ pub struct PolicyReport {
     pub host_reserve_violations: u64,
     /// Policy CPU time per quantum (this thread, getrusage), µs.
     pub agent_cpu_us_per_quantum: f64,
+    /// vm-balancer only: fraction of quanta in which the capacity advice named a guest to
+    /// migrate (the host overloaded for `--overload-window`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advice_quanta_fraction: Option<f64>,
 }
 
 /// The whole report of a run.
@@ -118,6 +122,9 @@ impl Report {
                     starvation_events: mu(|p| p.starvation_events),
                     host_reserve_violations: all.iter().map(|p| p.host_reserve_violations).max().unwrap_or(0),
                     agent_cpu_us_per_quantum: m(|p| p.agent_cpu_us_per_quantum),
+                    advice_quanta_fraction: p0
+                        .advice_quanta_fraction
+                        .map(|_| all.iter().filter_map(|p| p.advice_quanta_fraction).sum::<f64>() / n),
                 }
             })
             .collect();
@@ -138,17 +145,17 @@ impl Driver {
             Driver::Baseline(h, _) | Driver::Plain(h) => h,
         }
     }
-    fn act(&mut self) {
+    /// One quantum of the policy; true when the agent's capacity advice named a guest.
+    fn act(&mut self) -> bool {
         match self {
-            Driver::Ours(a) => {
-                a.step();
-            }
+            Driver::Ours(a) => a.step().capacity.is_some_and(|c| !c.advice.is_empty()),
             Driver::Baseline(h, b) => {
                 if let Err(e) = b.step(h) {
                     log::warn!("baseline: {e}");
                 }
+                false
             }
-            Driver::Plain(_) => {}
+            Driver::Plain(_) => false,
         }
     }
 }
@@ -208,6 +215,7 @@ fn run_with(
     let (mut ratios, mut ratios_conv) = (Vec::new(), Vec::new());
     let (mut delay, mut reclaimed, mut reclaimable) = (0.0f64, 0.0f64, 0.0f64);
     let (mut starving, mut violations, mut repins, mut placements, mut cpu_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut advised = 0u64;
     for q in 0..spec.quanta {
         workload.fill(q, &mut demand, &mut need);
         let host = driver.host();
@@ -230,7 +238,7 @@ fn run_with(
             }
         }
         let t0 = thread_cpu_us();
-        driver.act();
+        advised += u64::from(driver.act());
         cpu_us += thread_cpu_us().saturating_sub(t0);
         let host = driver.host();
         let a = host.take_actions();
@@ -259,6 +267,7 @@ fn run_with(
         starvation_events: starving,
         host_reserve_violations: violations,
         agent_cpu_us_per_quantum: if spec.quanta > 0 { cpu_us as f64 / spec.quanta as f64 } else { 0.0 },
+        advice_quanta_fraction: (policy == Policy::Ours).then(|| advised as f64 / spec.quanta.max(1) as f64),
     })
 }
 
@@ -333,6 +342,9 @@ pub fn render_table(r: &Report) -> String {
             }
         }
         s.push('\n');
+    }
+    if let Some(f) = ours.and_then(|o| o.advice_quanta_fraction) {
+        let _ = writeln!(s, "\nvm-balancer's capacity advice named a guest to migrate in {:.1}% of quanta", f * 100.0);
     }
     if r.runs.len() > 1 {
         let _ = write!(s, "\nmeans over {} seeds (host-reserve violations: worst seed)\n", r.runs.len());
