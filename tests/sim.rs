@@ -64,7 +64,8 @@ fn fixture_traces_give_finite_figures() {
 #[test]
 fn an_overcommitted_host_gets_capacity_advice_and_a_light_one_none() {
     let advice = |guests: &str| {
-        let r = run(&["--scenario", "steady", "--host-cpus", "8", "--guests", guests, "--duration", "1h", "--seed", "1"]);
+        let r =
+            run(&["--scenario", "steady", "--host-cpus", "8", "--guests", guests, "--duration", "1h", "--seed", "1"]);
         get(&r, Policy::Ours).advice_quanta_fraction.unwrap()
     };
     // Five guests per cpu ask more than --high allows: after the window, a guest is named.

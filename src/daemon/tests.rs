@@ -234,3 +234,38 @@ fn an_overloaded_host_names_a_guest_after_the_window_and_clears_when_the_load_go
     assert!(last.advice.is_empty() && !last.overload.any(), "{last:?}");
     assert!(last.spare.cpu_cores > 0.0, "{last:?}");
 }
+
+#[test]
+fn starving_guests_the_host_cannot_serve_name_a_guest_that_is_not_excluded() {
+    // 8 GiB host, two guests of 8 GiB maximum started at what fits (3 GiB each), both using
+    // all of it: starving, and the host has nothing above its reserve to give.
+    let specs: Vec<crate::sim::GuestSpec> = ["big", "hungry", "idle"]
+        .iter()
+        .map(|n| crate::sim::GuestSpec { name: (*n).into(), vcpus: 1, max_kib: 8 << 20, liar: false })
+        .collect();
+    let mut sim = crate::sim::SimHost::new(crate::sim::SimConfig::new(2, 8 << 20, 1 << 20), &specs).unwrap();
+    let sizes = sim.guest_sizes_kib();
+    sim.set_mem_need(0, sizes[0]);
+    sim.set_mem_need(1, sizes[1]);
+    let mut c = Common::defaults().unwrap();
+    c.quantum = Duration::from_nanos(Q);
+    c.mem_interval = Duration::from_nanos(Q);
+    c.min_age = Duration::ZERO;
+    c.no_cpu = true;
+    c.overload_window = Duration::ZERO;
+    c.exclude = vec!["big".into()];
+    let mut a = Agent::new(sim, AgentConfig::from_flags(&c, true));
+    let reports: Vec<StepReport> = (0..10)
+        .map(|_| {
+            a.host.advance(Q);
+            a.step()
+        })
+        .collect();
+    let last = reports.last().unwrap().capacity.clone().unwrap();
+    assert!(last.overload.mem_kib > 0, "a starving guest the host refused: {last:?}");
+    assert_eq!(last.overload.cpu_cores, 0.0, "{last:?}");
+    assert_eq!(last.spare.mem_kib, 0, "{last:?}");
+    let names = advised(reports.last().unwrap());
+    assert_eq!(names.len(), 1, "{last:?}");
+    assert_ne!(names[0], "big", "excluded");
+}

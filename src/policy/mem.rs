@@ -374,10 +374,12 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
                 (NotGranted::HostPressure, why)
             };
             for (i, wanted, _) in &starving {
-                if let Some(v) = out.verdicts.iter_mut().find(|v| v.name == guests[*i].name) {
+                let g = &guests[*i];
+                if let Some(v) = out.verdicts.iter_mut().find(|v| v.name == g.name) {
                     v.why = format!("{}; not granted: {why}", v.why);
                     v.not_granted = Some(refused);
-                    v.unmet_kib = *wanted;
+                    // No host could give it more than its maximum allows.
+                    v.unmet_kib = (*wanted).min(g.max_kib.saturating_sub(g.current_kib));
                 }
             }
             return out;

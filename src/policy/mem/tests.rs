@@ -79,6 +79,10 @@ fn a_guest_refused_for_the_hosts_sake_carries_what_it_wanted() {
     assert_eq!((p.verdicts[0].state, p.verdicts[0].unmet_kib), (State::Grant, 0));
     let p = plan(&[guest("full", 512, 512, 5)], &host(8000), &pol);
     assert_eq!((p.verdicts[0].not_granted, p.verdicts[0].unmet_kib), (Some(NotGranted::AtMaximum), 0));
+    // Refused for the reserve, but no more than its maximum allows is unmet.
+    let p = plan(&[guest("nearly", 512, 520, 5)], &host(900), &pol);
+    assert_eq!(p.verdicts[0].not_granted, Some(NotGranted::HostReserve));
+    assert_eq!(p.verdicts[0].unmet_kib, 8 * MIB);
 }
 
 #[test]
