@@ -312,6 +312,11 @@ pub struct Common {
     /// affinity it had before (`release` then does nothing either).
     #[arg(long, env = "VM_BALANCER_KEEP_PINS_ON_EXIT")]
     pub keep_pins_on_exit: bool,
+    /// Capacity advice: the host must be overloaded (vCPU demand above what --high allows on
+    /// the allowed cpus, or starving guests the memory budget cannot serve) this long without a
+    /// break before the agent names a guest to migrate. 0 (at once) to 24h.
+    #[arg(long, default_value = "5m", value_parser = long_duration, env = "VM_BALANCER_OVERLOAD_WINDOW")]
+    pub overload_window: Duration,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", env = "VM_BALANCER_LOG_LEVEL")]
     pub log_level: log::LevelFilter,

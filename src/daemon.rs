@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 use crate::actuate::Outcome;
+use crate::capacity::{AdviceConfig, Advisor, Announcer, CapacityReport};
 use crate::cli::Common;
 use crate::collect::Collector;
 use crate::failures::{Failures, Kind};
@@ -36,6 +37,8 @@ pub struct AgentConfig {
     pub dry_run: bool,
     /// On a clean stop, leave the agent's pins instead of giving back the prior affinities.
     pub keep_pins_on_exit: bool,
+    /// The capacity advice (made whether or not the balancers are on).
+    pub advice: AdviceConfig,
 }
 
 impl AgentConfig {
@@ -86,6 +89,12 @@ impl AgentConfig {
             }),
             dry_run,
             keep_pins_on_exit: c.keep_pins_on_exit,
+            advice: AdviceConfig {
+                window: c.overload_window,
+                high: c.high,
+                host_reserve_kib: c.host_reserve,
+                host_psi_limit: MemPolicy::default().host_psi_limit,
+            },
         }
     }
 }
@@ -151,6 +160,8 @@ pub struct StepReport {
     pub cpu_us: u64,
     /// Actions the loop stopped trying (domain, action, why): they kept failing.
     pub blocked: Vec<(String, Kind, String)>,
+    /// The capacity advice and spare capacity (with a snapshot only).
+    pub capacity: Option<CapacityReport>,
 }
 
 impl StepReport {
@@ -187,6 +198,8 @@ pub struct Agent<H: Host> {
     /// Every cpu allowed at some point of this run: a vCPU pinned to one that is no longer
     /// allowed (a reload narrowed `--cpus`) is placed again.
     ever_allowed: HashSet<u32>,
+    /// The capacity advice's window and memory.
+    advisor: Advisor,
 }
 
 /// CPU time (user + system) of the calling thread, µs: what one `Agent::step` costs, even
@@ -219,6 +232,7 @@ impl<H: Host> Agent<H> {
             period_set: HashMap::new(),
             failures: Failures::new(),
             ever_allowed: HashSet::new(),
+            advisor: Advisor::default(),
         }
     }
 
@@ -238,7 +252,7 @@ impl<H: Host> Agent<H> {
                 }
             )*};
         }
-        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, mem, dry_run);
+        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, mem, dry_run, advice);
         if changed.is_empty() {
             info!("settings reloaded: nothing changed");
             return 0;
@@ -331,6 +345,7 @@ impl<H: Host> Agent<H> {
         self.link = Link::Down { since_ns: now.max(1), next_try_ns: now, backoff_ns: 0 };
         self.tracker = None;
         self.collector.reset();
+        self.advisor.reset();
     }
 
     /// Turns on the balloon statistics period (live) of guests that have a balloon without one.
@@ -396,9 +411,9 @@ impl<H: Host> Agent<H> {
         let running: Vec<(String, u32)> = snap.domains.iter().map(|d| (d.dom.name.clone(), d.dom.id)).collect();
         self.failures.expire(&running, snap.t_ns);
         let mut plan: Plan = Vec::new();
-        {
+        let cpu_input = {
             // The planner's view of the cpus: planned on when the CPU balancer is on, and
-            // reported (loads) either way.
+            // reported (loads) and advised on either way.
             let default_policy;
             let pol = match &self.cfg.cpu {
                 Some(p) => p,
@@ -419,7 +434,8 @@ impl<H: Host> Agent<H> {
                 }
                 plan.extend(cpu::plan(&input, pol));
             }
-        }
+            input
+        };
         if let (Some(m), true) = (&self.cfg.mem, raw.balloons.is_some()) {
             let (guests, host) = self.mem.input(&snap, &m.timing);
             // A balloon above the maximum the agent knows: its definition is read again.
@@ -441,8 +457,10 @@ impl<H: Host> Agent<H> {
                 None => true,
             });
             plan.extend(mp.actions);
+            self.advisor.memory_plan(&mp.verdicts);
             report.mem_verdicts = mp.verdicts;
         }
+        report.capacity = Some(self.advisor.observe(&snap, &cpu_input, self.mem.outstanding_kib(), &self.cfg.advice));
         report.blocked = self.failures.list(snap.t_ns);
         report.was_applied = vec![false; plan.len()];
         if !self.cfg.dry_run && !plan.is_empty() {
@@ -604,6 +622,7 @@ pub fn run<H: Host>(
     let (mut quanta, mut cpu_us_total, mut last_summary) = (0u64, 0u64, Instant::now());
     let run_started = Instant::now();
     let mut overran = Repeated::new(Duration::from_secs(60));
+    let mut advice_log = Announcer::default();
     let (mut ready, mut status, mut last_action) = (false, String::new(), "none yet".to_string());
     loop {
         let quantum = agent.config().quantum;
@@ -625,6 +644,12 @@ pub fn run<H: Host>(
         }
         for v in &report.mem_verdicts {
             debug!("memory: {}: {}: {}", v.name, v.state, v.why);
+        }
+        for (level, line) in report.capacity.as_ref().map(|c| advice_log.update(c)).unwrap_or_default() {
+            match level {
+                crate::capacity::Level::Warn => warn!("{line}"),
+                crate::capacity::Level::Info => info!("{line}"),
+            }
         }
         debug!("quantum took {:?} ({} µs CPU), {} actions", started.elapsed(), report.cpu_us, report.plan.len());
         if last_summary.elapsed() >= Duration::from_secs(300) {

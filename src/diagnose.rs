@@ -1,18 +1,28 @@
 //! One-shot diagnosis: the same agent, stepped twice, printed as tables or one JSON document.
+//!
+//! The capacity advice here is the condition over diagnose's own sampling interval: diagnose
+//! has two samples, not the `--overload-window` the daemon waits (main sets the window to 0),
+//! and each advice's reason says so.
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::capacity::CapacityReport;
 use crate::host::CpuSet;
 use crate::model::Snapshot;
 use crate::policy::Action;
+use crate::policy::advice::Advice;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub host: HostOut,
     pub domains: Vec<DomainOut>,
     pub plan: Vec<Action>,
+    /// Capacity advice for a cluster engine: `{"action": "migrate", "domain", "reason"}`.
+    pub advice: Vec<crate::policy::advice::Advice>,
+    /// What this host could still take: `cpu_cores`, `mem_kib`.
+    pub spare: crate::policy::advice::Spare,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,8 +69,15 @@ pub struct MemoryOut {
     pub usable_kib: Option<u64>,
 }
 
-/// Builds the report from a snapshot and its plan.
-pub fn report(snap: &Snapshot, plan: &[Action], verdicts: &[crate::policy::mem::Verdict]) -> Report {
+/// Builds the report from a snapshot, its plan, the memory verdicts and the capacity advice;
+/// `advice_note` is appended to each advice's reason (what the advice was measured over).
+pub fn report(
+    snap: &Snapshot,
+    plan: &[Action],
+    verdicts: &[crate::policy::mem::Verdict],
+    capacity: &CapacityReport,
+    advice_note: &str,
+) -> Report {
     let domains = snap
         .domains
         .iter()
@@ -100,6 +117,16 @@ pub fn report(snap: &Snapshot, plan: &[Action], verdicts: &[crate::policy::mem::
         },
         domains,
         plan: plan.to_vec(),
+        advice: capacity
+            .advice
+            .iter()
+            .map(|a| match a {
+                Advice::Migrate { domain, reason } => {
+                    Advice::Migrate { domain: domain.clone(), reason: format!("{reason}{advice_note}") }
+                }
+            })
+            .collect(),
+        spare: capacity.spare,
     }
 }
 
@@ -172,5 +199,15 @@ pub fn render_table(r: &Report) -> String {
     for a in &r.plan {
         let _ = writeln!(s, "  {a}");
     }
+    let _ = writeln!(s, "\nadvice ({}):", r.advice.len());
+    for a in &r.advice {
+        let _ = writeln!(s, "  {a}");
+    }
+    let _ = writeln!(
+        s,
+        "spare: {:.2} cores of demand, {} of memory",
+        r.spare.cpu_cores,
+        crate::units::mib(r.spare.mem_kib)
+    );
     s
 }

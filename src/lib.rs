@@ -4,6 +4,7 @@
 
 pub mod actuate;
 pub mod assets;
+pub mod capacity;
 pub mod cli;
 pub mod collect;
 pub mod cpulist;

@@ -88,6 +88,14 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
             if let Some(m) = cfg.mem.as_mut() {
                 m.interval = interval;
             }
+            // Two samples are all diagnose has: its advice is the condition over its interval,
+            // not over --overload-window, and its reason says so.
+            cfg.advice.window = std::time::Duration::ZERO;
+            let advice_note = format!(
+                "; seen over diagnose's {} interval (the agent advises only after --overload-window {})",
+                humantime::format_duration(interval),
+                humantime::format_duration(common.overload_window)
+            );
             let mut agent = Agent::new(host, cfg);
             agent.step();
             if !agent.connected() {
@@ -96,7 +104,8 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
             std::thread::sleep(interval);
             let report = agent.step();
             let snap = report.snapshot.context("no fresh sample: the connection dropped between the two samples")?;
-            let out = diagnose::report(&snap, &report.plan, &report.mem_verdicts);
+            let capacity = report.capacity.unwrap_or_default();
+            let out = diagnose::report(&snap, &report.plan, &report.mem_verdicts, &capacity, &advice_note);
             let text = if json { serde_json::to_string_pretty(&out)? + "\n" } else { diagnose::render_table(&out) };
             if !emit(&text)? {
                 return Ok(());

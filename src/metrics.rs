@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::capacity::CapacityReport;
 use crate::daemon::StepReport;
 use crate::model::Snapshot;
 use crate::policy::mem::{NotGranted, State};
@@ -94,6 +95,8 @@ struct Seen {
     usable: HashSet<DomainLabels>,
     /// Domains with a memory balancer state.
     states: HashSet<String>,
+    /// Domains the capacity advice names.
+    advised: HashSet<DomainLabels>,
 }
 
 /// The agent's metrics and the registry that exposes them.
@@ -122,6 +125,9 @@ pub struct Metrics {
     balloon_usable: Family<DomainLabels, Gauge>,
     memory_state: Family<StateLabels, Gauge>,
     grants_refused: Family<ReasonLabels, Counter>,
+    advice_migrate: Family<DomainLabels, Gauge>,
+    spare_cpu: FloatGauge,
+    spare_memory: Gauge,
     seen: Seen,
 }
 
@@ -177,6 +183,9 @@ impl Metrics {
             balloon_usable: Family::default(),
             memory_state: Family::default(),
             grants_refused: Family::default(),
+            advice_migrate: Family::default(),
+            spare_cpu: FloatGauge::default(),
+            spare_memory: Gauge::default(),
             seen: Seen::default(),
         };
         let info: Family<VersionLabels, Gauge> = Family::default();
@@ -275,6 +284,23 @@ impl Metrics {
             "Memory plans in which a starving guest was granted nothing, by what stopped the grant",
             m.grants_refused.clone(),
         );
+        r.register(
+            "advice_migrate",
+            "1 while the capacity advice names this guest to migrate elsewhere (the host was overloaded for --overload-window); no series otherwise",
+            m.advice_migrate.clone(),
+        );
+        r.register_with_unit(
+            "spare_cpu",
+            "Cores of vCPU demand this host could still take under --high on the allowed cpus (0 while it cannot see its guests)",
+            cores(),
+            m.spare_cpu.clone(),
+        );
+        r.register_with_unit(
+            "spare_memory",
+            "Memory this host could still give within --host-reserve, less what starving guests want (0 while it cannot see its guests)",
+            Unit::Bytes,
+            m.spare_memory.clone(),
+        );
         // Counters of every kind exist from the start at 0: `increase()` then sees the first one.
         for k in PinKind::ALL {
             let _ = m.repins.get_or_create(&KindLabels { kind: k.as_str() });
@@ -325,6 +351,9 @@ impl Metrics {
                 self.memory_state.get_or_create(&l).set(i64::from(st == v.state));
             }
             self.seen.states.insert(v.name.clone());
+        }
+        if let Some(c) = &r.capacity {
+            self.observe_capacity(c);
         }
         match &r.snapshot {
             Some(s) => self.observe_snapshot(s, &r.cpu_loads),
@@ -397,6 +426,19 @@ impl Metrics {
         prune(&[&self.cpu_busy, &self.cpu_load], &mut self.seen.cpus, cpus);
     }
 
+    /// The capacity advice: one series per advised guest, removed when the advice clears.
+    fn observe_capacity(&mut self, c: &CapacityReport) {
+        let mut advised = HashSet::new();
+        for a in &c.advice {
+            let l = DomainLabels { domain: a.domain().to_string() };
+            self.advice_migrate.get_or_create(&l).set(1);
+            advised.insert(l);
+        }
+        prune(&[&self.advice_migrate], &mut self.seen.advised, advised);
+        self.spare_cpu.set(c.spare.cpu_cores);
+        self.spare_memory.set(bytes(c.spare.mem_kib));
+    }
+
     /// Removes the memory state series of the domains `gone` says are gone.
     fn forget_states(&mut self, gone: impl Fn(&str) -> bool) {
         let memory_state = &self.memory_state;
@@ -421,6 +463,9 @@ impl Metrics {
         prune(&[&self.balloon_usable], &mut self.seen.usable, HashSet::new());
         prune(&[&self.cpu_busy, &self.cpu_load], &mut self.seen.cpus, HashSet::new());
         self.forget_states(|_| true);
+        prune(&[&self.advice_migrate], &mut self.seen.advised, HashSet::new());
+        self.spare_cpu.set(0.0);
+        self.spare_memory.set(0);
         self.domains.set(0);
     }
 

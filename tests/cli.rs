@@ -30,6 +30,8 @@ fn bad_flags_exit_2_with_the_flag_named() {
         // Only the daemon serves metrics; a one-shot command does not pretend to.
         (vec!["diagnose", "--metrics-listen", "127.0.0.1:9848"], "--metrics-listen"),
         (vec!["simulate", "--metrics-listen", "127.0.0.1:9848"], "--metrics-listen"),
+        (vec!["run", "--overload-window", "25h"], "--overload-window"),
+        (vec!["diagnose", "--overload-window", "soon"], "--overload-window"),
         (vec!["run", "--bogus"], "--bogus"),
     ] {
         let out = vmb(&args, &[]);
@@ -54,6 +56,9 @@ fn environment_variables_are_read() {
     let out = vmb(&["run"], &[("VM_BALANCER_STARVE_BELOW", "0.5"), ("VM_BALANCER_RECLAIM_ABOVE", "0.2")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--starve-below"));
+    let out = vmb(&["run"], &[("VM_BALANCER_OVERLOAD_WINDOW", "-5m")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--overload-window"));
 }
 
 #[test]

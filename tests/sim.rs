@@ -55,7 +55,23 @@ fn fixture_traces_give_finite_figures() {
         ] {
             assert!(x.is_finite() && x >= 0.0, "{p:#?}");
         }
+        let ours = p.name == Policy::Ours.name();
+        assert_eq!(p.advice_quanta_fraction.is_some(), ours, "the advice is the agent's: {p:#?}");
+        assert!(p.advice_quanta_fraction.is_none_or(|f| (0.0..=1.0).contains(&f)), "{p:#?}");
     }
+}
+
+#[test]
+fn an_overcommitted_host_gets_capacity_advice_and_a_light_one_none() {
+    let advice = |guests: &str| {
+        let r =
+            run(&["--scenario", "steady", "--host-cpus", "8", "--guests", guests, "--duration", "1h", "--seed", "1"]);
+        get(&r, Policy::Ours).advice_quanta_fraction.unwrap()
+    };
+    // Five guests per cpu ask more than --high allows: after the window, a guest is named.
+    let heavy = advice("40");
+    assert!(heavy > 0.0, "{heavy}");
+    assert_eq!(advice("8"), 0.0, "one guest per cpu: nothing to advise");
 }
 
 #[test]

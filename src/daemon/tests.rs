@@ -179,7 +179,8 @@ fn new_settings_apply_at_the_next_quantum_without_losing_history() {
     c.no_memory = true;
     c.high = 0.5;
     c.cpus = Some(crate::cli::CpuList(vec![1]));
-    assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 2, "high and cpus changed");
+    // --high is both the CPU planner's and the capacity advice's threshold.
+    assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 3, "cpu (high), advice (high) and cpus changed");
     assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 0, "nothing changed the second time");
     let r = run(&mut a, 1).pop().unwrap();
     let snap = r.snapshot.expect("history kept: a snapshot at once, not after two fresh samples");
@@ -222,4 +223,86 @@ fn a_cpu_that_goes_offline_is_emptied_and_one_that_comes_online_joins_the_pool()
     assert_eq!(reports.last().unwrap().snapshot.as_ref().unwrap().host.cpus, [0, 1, 2]);
     assert_eq!(a.host.sim.take_actions().repins, 0, "nothing moved for it");
     assert!(a.host.sim.last_interval().delay < 1e-9, "{:?}", a.host.sim.last_interval());
+}
+
+/// Three busy one-vCPU guests on a 2-cpu host: more demand than `--high` allows there.
+fn overloaded() -> Faulty {
+    let mut h = Faulty::new(2, &[("a", 1), ("b", 1), ("c", 1)]);
+    for g in 0..3 {
+        h.sim.set_demand(g, 0, 1.0);
+    }
+    h
+}
+
+fn advised(r: &StepReport) -> Vec<String> {
+    r.capacity.iter().flat_map(|c| &c.advice).map(|a| a.domain().to_string()).collect()
+}
+
+#[test]
+fn an_overloaded_host_names_a_guest_after_the_window_and_clears_when_the_load_goes() {
+    let window = Duration::from_secs(5);
+    let mut c = Common::defaults().unwrap();
+    c.quantum = Duration::from_nanos(Q);
+    c.smoothing = Duration::from_millis(500);
+    c.no_memory = true;
+    c.overload_window = window;
+    c.exclude = vec!["a".into()];
+    let mut a = Agent::new(overloaded(), AgentConfig::from_flags(&c, false));
+    let reports = run(&mut a, 30);
+    let first_over = reports
+        .iter()
+        .position(|r| r.capacity.as_ref().is_some_and(|c| c.overload.any()))
+        .expect("the host is seen overloaded");
+    let first_advice = reports.iter().position(|r| !advised(r).is_empty()).expect("advice once the window is over");
+    let waited = Duration::from_nanos(Q * u64::try_from(first_advice - first_over).unwrap());
+    assert!(waited >= window, "advice only after the window: {waited:?}");
+    for r in &reports[first_advice..] {
+        let names = advised(r);
+        assert_eq!(names.len(), 1, "one guest named while overloaded: {names:?}");
+        assert_ne!(names[0], "a", "an excluded guest is never named");
+        assert_eq!(r.capacity.as_ref().unwrap().spare.cpu_cores, 0.0, "no cpu to spare");
+    }
+    // The load goes: the advice clears and the host has cpu to spare again.
+    for g in 0..3 {
+        a.host.sim.set_demand(g, 0, 0.05);
+    }
+    let calm = run(&mut a, 20);
+    let last = calm.last().unwrap().capacity.clone().unwrap();
+    assert!(last.advice.is_empty() && !last.overload.any(), "{last:?}");
+    assert!(last.spare.cpu_cores > 0.0, "{last:?}");
+}
+
+#[test]
+fn starving_guests_the_host_cannot_serve_name_a_guest_that_is_not_excluded() {
+    // 8 GiB host, two guests of 8 GiB maximum started at what fits (3 GiB each), both using
+    // all of it: starving, and the host has nothing above its reserve to give.
+    let specs: Vec<crate::sim::GuestSpec> = ["big", "hungry", "idle"]
+        .iter()
+        .map(|n| crate::sim::GuestSpec { name: (*n).into(), vcpus: 1, max_kib: 8 << 20, liar: false })
+        .collect();
+    let mut sim = crate::sim::SimHost::new(crate::sim::SimConfig::new(2, 8 << 20, 1 << 20), &specs).unwrap();
+    let sizes = sim.guest_sizes_kib();
+    sim.set_mem_need(0, sizes[0]);
+    sim.set_mem_need(1, sizes[1]);
+    let mut c = Common::defaults().unwrap();
+    c.quantum = Duration::from_nanos(Q);
+    c.mem_interval = Duration::from_nanos(Q);
+    c.min_age = Duration::ZERO;
+    c.no_cpu = true;
+    c.overload_window = Duration::ZERO;
+    c.exclude = vec!["big".into()];
+    let mut a = Agent::new(sim, AgentConfig::from_flags(&c, true));
+    let reports: Vec<StepReport> = (0..10)
+        .map(|_| {
+            a.host.advance(Q);
+            a.step()
+        })
+        .collect();
+    let last = reports.last().unwrap().capacity.clone().unwrap();
+    assert!(last.overload.mem_kib > 0, "a starving guest the host refused: {last:?}");
+    assert_eq!(last.overload.cpu_cores, 0.0, "{last:?}");
+    assert_eq!(last.spare.mem_kib, 0, "{last:?}");
+    let names = advised(reports.last().unwrap());
+    assert_eq!(names.len(), 1, "{last:?}");
+    assert_ne!(names[0], "big", "excluded");
 }

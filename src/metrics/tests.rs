@@ -310,3 +310,39 @@ fn the_sample_parser_rejects_what_is_not_a_sample() {
     assert_eq!(s.labels, [("x".to_string(), "1".to_string()), ("y".to_string(), "q\"z".to_string())]);
     assert_eq!(s.value, 2.5);
 }
+
+#[test]
+fn advice_has_a_series_while_it_lasts_and_spare_capacity_follows_the_load() {
+    let mut h = host(2, &[("a", 1), ("b", 1), ("c", 1)]);
+    for g in 0..3 {
+        h.sim.set_demand(g, 0, 1.0);
+    }
+    let mut c = flags(false);
+    c.overload_window = Duration::ZERO;
+    let mut a = Agent::new(h, AgentConfig::from_flags(&c, false));
+    let mut m = Metrics::new();
+    let reports = run(&mut a, &mut m, 10);
+    let named: Vec<String> =
+        reports.last().unwrap().capacity.iter().flat_map(|c| &c.advice).map(|x| x.domain().to_string()).collect();
+    assert_eq!(named.len(), 1, "three busy vCPUs on two cpus: one guest named");
+    let s = parse(&m.encode_text());
+    assert_eq!(value(&s, "vm_balancer_advice_migrate", &[("domain", named[0].as_str())]), Some(1.0));
+    assert_eq!(s.iter().filter(|x| x.name == "vm_balancer_advice_migrate").count(), 1, "only the named guest");
+    assert_eq!(value(&s, "vm_balancer_spare_cpu_cores", &[]), Some(0.0));
+    let spare_mem = value(&s, "vm_balancer_spare_memory_bytes", &[]).unwrap();
+    assert!(spare_mem > 0.0, "a 64 GiB host with three 1 GiB guests has memory to spare");
+
+    for g in 0..3 {
+        a.host.sim.set_demand(g, 0, 0.05);
+    }
+    run(&mut a, &mut m, 20);
+    let s = parse(&m.encode_text());
+    assert!(s.iter().all(|x| x.name != "vm_balancer_advice_migrate"), "the series goes with the advice");
+    let spare_cpu = value(&s, "vm_balancer_spare_cpu_cores", &[]).unwrap();
+    assert!(spare_cpu > 0.0, "an idle host has cpu to spare: {spare_cpu}");
+    // Without a connection the host offers nothing.
+    m.observe(&StepReport::default(), false, Duration::from_millis(1));
+    let s = parse(&m.encode_text());
+    assert_eq!(value(&s, "vm_balancer_spare_cpu_cores", &[]), Some(0.0));
+    assert_eq!(value(&s, "vm_balancer_spare_memory_bytes", &[]), Some(0.0));
+}

@@ -203,6 +203,10 @@ pub struct Verdict {
     /// A starving guest that was granted nothing: what stopped the grant.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_granted: Option<NotGranted>,
+    /// What a starving guest refused for the host's sake (reserve, pressure, budget) wanted,
+    /// KiB; 0 otherwise. The capacity advice adds these up.
+    #[serde(skip)]
+    pub unmet_kib: u64,
 }
 
 /// A plan and the verdict on every guest.
@@ -245,7 +249,8 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
     let mut givers: Vec<Give> = Vec::new();
     let mut starving: Vec<(usize, u64, bool)> = Vec::new(); // (index, wanted, swapping)
     for (i, g) in guests.iter().enumerate() {
-        let verdict = |state, why: String| Verdict { name: g.name.clone(), state, why, not_granted: None };
+        let verdict =
+            |state, why: String| Verdict { name: g.name.clone(), state, why, not_granted: None, unmet_kib: 0 };
         if let Some(h) = &g.hold {
             let why = match h {
                 Hold::Excluded(w) => w.clone(),
@@ -368,10 +373,13 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
                 let why = format!("host memory pressure (PSI some avg10 {:.1}%)", host.psi_some_avg10.unwrap_or(0.0));
                 (NotGranted::HostPressure, why)
             };
-            for (i, _, _) in &starving {
-                if let Some(v) = out.verdicts.iter_mut().find(|v| v.name == guests[*i].name) {
+            for (i, wanted, _) in &starving {
+                let g = &guests[*i];
+                if let Some(v) = out.verdicts.iter_mut().find(|v| v.name == g.name) {
                     v.why = format!("{}; not granted: {why}", v.why);
                     v.not_granted = Some(refused);
+                    // No host could give it more than its maximum allows.
+                    v.unmet_kib = (*wanted).min(g.max_kib.saturating_sub(g.current_kib));
                 }
             }
             return out;
@@ -409,6 +417,9 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
                     };
                     v.why = format!("{}; not granted: {lim}", v.why);
                     v.not_granted = Some(refused);
+                    if refused == NotGranted::Budget {
+                        v.unmet_kib = *wanted;
+                    }
                 }
                 continue;
             }

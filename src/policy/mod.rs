@@ -1,5 +1,7 @@
-//! Planners: pure functions from a [`crate::model::Snapshot`] (plain data) to a [`Plan`].
+//! Planners: pure functions from a [`crate::model::Snapshot`] (plain data) to a [`Plan`], and
+//! the capacity advice ([`advice`]) from the same data.
 
+pub mod advice;
 pub mod cpu;
 pub mod mem;
 

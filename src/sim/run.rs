@@ -74,6 +74,10 @@ pub struct PolicyReport {
     /// The figures over time, for `--plot` (not in the JSON).
     #[serde(skip)]
     pub series: Series,
+    /// vm-balancer only: fraction of quanta in which the capacity advice named a guest to
+    /// migrate (the host overloaded for `--overload-window`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advice_quanta_fraction: Option<f64>,
 }
 
 /// The whole report of a run.
@@ -123,6 +127,9 @@ impl Report {
                     host_reserve_violations: all.iter().map(|p| p.host_reserve_violations).max().unwrap_or(0),
                     agent_cpu_us_per_quantum: m(|p| p.agent_cpu_us_per_quantum),
                     series: Series::mean(&all.iter().map(|p| &p.series).collect::<Vec<_>>()),
+                    advice_quanta_fraction: p0
+                        .advice_quanta_fraction
+                        .map(|_| all.iter().filter_map(|p| p.advice_quanta_fraction).sum::<f64>() / n),
                 }
             })
             .collect();
@@ -143,17 +150,17 @@ impl Driver {
             Driver::Baseline(h, _) | Driver::Plain(h) => h,
         }
     }
-    fn act(&mut self) {
+    /// One quantum of the policy; true when the agent's capacity advice named a guest.
+    fn act(&mut self) -> bool {
         match self {
-            Driver::Ours(a) => {
-                a.step();
-            }
+            Driver::Ours(a) => a.step().capacity.is_some_and(|c| !c.advice.is_empty()),
             Driver::Baseline(h, b) => {
                 if let Err(e) = b.step(h) {
                     log::warn!("baseline: {e}");
                 }
+                false
             }
-            Driver::Plain(_) => {}
+            Driver::Plain(_) => false,
         }
     }
 }
@@ -214,6 +221,7 @@ fn run_with(
     let (mut delay, mut reclaimed, mut reclaimable) = (0.0f64, 0.0f64, 0.0f64);
     let (mut starving, mut violations, mut repins, mut placements, mut cpu_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut series = Recorder::new(spec.quanta, spec.quantum.as_secs_f64());
+    let mut advised = 0u64;
     for q in 0..spec.quanta {
         workload.fill(q, &mut demand, &mut need);
         let host = driver.host();
@@ -237,7 +245,7 @@ fn run_with(
         }
         series.push(ratio, s.delay, (s.reclaimed_kib as f64, s.reclaimable_kib as f64), s.swapping_guests);
         let t0 = thread_cpu_us();
-        driver.act();
+        advised += u64::from(driver.act());
         cpu_us += thread_cpu_us().saturating_sub(t0);
         let host = driver.host();
         let a = host.take_actions();
@@ -267,6 +275,7 @@ fn run_with(
         host_reserve_violations: violations,
         agent_cpu_us_per_quantum: if spec.quanta > 0 { cpu_us as f64 / spec.quanta as f64 } else { 0.0 },
         series: series.finish(),
+        advice_quanta_fraction: (policy == Policy::Ours).then(|| advised as f64 / spec.quanta.max(1) as f64),
     })
 }
 
@@ -341,6 +350,9 @@ pub fn render_table(r: &Report) -> String {
             }
         }
         s.push('\n');
+    }
+    if let Some(f) = ours.and_then(|o| o.advice_quanta_fraction) {
+        let _ = writeln!(s, "\nvm-balancer's capacity advice named a guest to migrate in {:.1}% of quanta", f * 100.0);
     }
     if r.runs.len() > 1 {
         let _ = write!(s, "\nmeans over {} seeds (host-reserve violations: worst seed)\n", r.runs.len());

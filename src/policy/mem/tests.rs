@@ -67,6 +67,25 @@ fn no_grant_that_breaks_the_host_reserve() {
 }
 
 #[test]
+fn a_guest_refused_for_the_hosts_sake_carries_what_it_wanted() {
+    let pol = MemPolicy { host_reserve_kib: 1000 * MIB, ..MemPolicy::default() };
+    let hungry = guest("hungry", 512, 2048, 5);
+    // Below the reserve: refused, and its whole want is unmet.
+    let p = plan(std::slice::from_ref(&hungry), &host(900), &pol);
+    assert_eq!(p.verdicts[0].not_granted, Some(NotGranted::HostReserve));
+    assert!(p.verdicts[0].unmet_kib >= pol.min_change_kib, "{:?}", p.verdicts);
+    // Granted: nothing unmet. At its own maximum: not the host's doing, nothing unmet either.
+    let p = plan(std::slice::from_ref(&hungry), &host(8000), &pol);
+    assert_eq!((p.verdicts[0].state, p.verdicts[0].unmet_kib), (State::Grant, 0));
+    let p = plan(&[guest("full", 512, 512, 5)], &host(8000), &pol);
+    assert_eq!((p.verdicts[0].not_granted, p.verdicts[0].unmet_kib), (Some(NotGranted::AtMaximum), 0));
+    // Refused for the reserve, but no more than its maximum allows is unmet.
+    let p = plan(&[guest("nearly", 512, 520, 5)], &host(900), &pol);
+    assert_eq!(p.verdicts[0].not_granted, Some(NotGranted::HostReserve));
+    assert_eq!(p.verdicts[0].unmet_kib, 8 * MIB);
+}
+
+#[test]
 fn host_below_reserve_reclaims_from_the_freest_first() {
     let pol = MemPolicy { host_reserve_kib: 1000 * MIB, ..MemPolicy::default() };
     // 25% usable: inside the dead band normally, but the host is short.
