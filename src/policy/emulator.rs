@@ -13,10 +13,12 @@
 //! - with `--emulator-cpus off`, they are left alone.
 //!
 //! A guest the CPU balancer leaves alone (`--exclude`, an opt-out) is left alone here too, and
-//! so is a thread someone else pinned: one the agent did not pin, whose pin neither covers
-//! every host cpu nor is the guest's default affinity (the rule [`cpu::chosen_set`] applies to
-//! vCPUs). A thread already on its set is not touched: the set only changes when the guest's
-//! vCPUs move, so a steady host costs no calls.
+//! so is a thread someone else pinned: one the agent did not pin, whose live definition pins it
+//! (`<emulatorpin>`, `<iothreadpin>`: libvirt writes them only when someone pins the thread)
+//! to a set that does not cover every host cpu (the rule [`cpu::chosen_set`] applies to
+//! vCPUs). Unlike a vCPU's, the thread's default affinity is no help here: the emulator *is*
+//! QEMU's main thread, whose affinity is the default. A thread already on its set is not
+//! touched: the set only changes when the guest's vCPUs move, so a steady host costs no calls.
 //!
 //! Pure: [`input_from`] turns a snapshot, the quantum's plan and what the agent has set into
 //! plain data; [`plan`] decides.
@@ -55,6 +57,8 @@ pub struct ThreadNow {
     pub thread: QemuThread,
     /// Its affinity: its pin, or every host cpu when it has none.
     pub current: CpuSet,
+    /// Its live definition pins it (or the agent did, since): someone chose `current`.
+    pub pinned: bool,
     /// The agent pinned it (this run, or a recorded earlier one): it is the agent's to move.
     pub ours: bool,
 }
@@ -67,8 +71,6 @@ pub struct GuestThreads {
     pub excluded: bool,
     /// The union of its vCPUs' pins as this quantum's plan leaves them; empty when unknown.
     pub vcpu_cpus: CpuSet,
-    /// What a thread nobody pinned has (see `DomainDesc::default_affinity`).
-    pub default_affinity: Option<CpuSet>,
     pub threads: Vec<ThreadNow>,
 }
 
@@ -113,9 +115,11 @@ pub fn input_from(snap: &Snapshot, plan: &[Action], set: &ThreadsSet) -> Threads
                 .iter()
                 .map(|t| {
                     let by_agent = mine.and_then(|m| m.get(&t.thread));
+                    let pin = by_agent.or(t.pinned_to.as_ref());
                     ThreadNow {
                         thread: t.thread,
-                        current: by_agent.or(t.pinned_to.as_ref()).unwrap_or(&all).clone(),
+                        current: pin.unwrap_or(&all).clone(),
+                        pinned: pin.is_some(),
                         ours: by_agent.is_some() || t.recorded,
                     }
                 })
@@ -124,7 +128,6 @@ pub fn input_from(snap: &Snapshot, plan: &[Action], set: &ThreadsSet) -> Threads
                 domain: d.dom.name.clone(),
                 excluded: d.cpu_excluded.is_some(),
                 vcpu_cpus: CpuSet(cpus),
-                default_affinity: d.desc.default_affinity.clone(),
                 threads,
             }
         })
@@ -143,7 +146,7 @@ pub fn plan(input: &ThreadsInput, mode: &EmulatorCpus) -> Vec<Action> {
             EmulatorCpus::Vcpus => (&g.vcpu_cpus, format!("with its vCPUs (on {})", g.vcpu_cpus)),
         };
         for t in &g.threads {
-            let operators = !t.ours && cpu::chosen_set(&t.current, &input.host_cpus, g.default_affinity.as_ref());
+            let operators = !t.ours && t.pinned && cpu::chosen_set(&t.current, &input.host_cpus, None);
             if operators || &t.current == to {
                 continue;
             }
@@ -167,18 +170,13 @@ mod tests {
         CpuSet(v.to_vec())
     }
 
+    /// The emulator on `current`: pinned there unless that is every cpu of the 4-cpu host.
     fn emulator(current: &[u32], ours: bool) -> ThreadNow {
-        ThreadNow { thread: QemuThread::Emulator, current: set(current), ours }
+        ThreadNow { thread: QemuThread::Emulator, current: set(current), pinned: current.len() < 4 || ours, ours }
     }
 
     fn guest(vcpu_cpus: &[u32], threads: Vec<ThreadNow>) -> GuestThreads {
-        GuestThreads {
-            domain: "web".into(),
-            excluded: false,
-            vcpu_cpus: set(vcpu_cpus),
-            default_affinity: None,
-            threads,
-        }
+        GuestThreads { domain: "web".into(), excluded: false, vcpu_cpus: set(vcpu_cpus), threads }
     }
 
     fn input(guests: Vec<GuestThreads>) -> ThreadsInput {
@@ -197,7 +195,7 @@ mod tests {
 
     #[test]
     fn by_default_the_threads_go_where_the_guests_vcpus_are() {
-        let io = ThreadNow { thread: QemuThread::IoThread(1), current: set(&[0, 1, 2, 3]), ours: false };
+        let io = ThreadNow { thread: QemuThread::IoThread(1), current: set(&[0, 1, 2, 3]), pinned: false, ours: false };
         let i = input(vec![guest(&[1, 3], vec![emulator(&[0, 1, 2, 3], false), io])]);
         let p = plan(&i, &EmulatorCpus::Vcpus);
         assert_eq!(pins(&p), vec![(QemuThread::Emulator, set(&[1, 3])), (QemuThread::IoThread(1), set(&[1, 3]))]);
@@ -236,10 +234,12 @@ mod tests {
         // The same pin set by the agent is the agent's to move.
         let i = input(vec![guest(&[1], vec![emulator(&[2], true)])]);
         assert_eq!(pins(&plan(&i, &EmulatorCpus::Vcpus)), vec![(QemuThread::Emulator, set(&[1]))]);
-        // A pin equal to the guest's default affinity (a host that narrows every guest) floats.
-        let mut g = guest(&[1], vec![emulator(&[0, 1], false)]);
-        g.default_affinity = Some(set(&[0, 1]));
-        assert_eq!(pins(&plan(&input(vec![g]), &EmulatorCpus::Vcpus)), vec![(QemuThread::Emulator, set(&[1]))]);
+        // A pin over every cpu (a pin given back, `virsh emulatorpin web 0-3`) floats.
+        let i = input(vec![guest(&[1], vec![ThreadNow { pinned: true, ..emulator(&[0, 1, 2, 3], false) }])]);
+        assert_eq!(pins(&plan(&i, &EmulatorCpus::Vcpus)), vec![(QemuThread::Emulator, set(&[1]))]);
+        // Not pinned in the definition: it floats, whatever its affinity says.
+        let i = input(vec![guest(&[1], vec![ThreadNow { pinned: false, ..emulator(&[0, 1], false) }])]);
+        assert_eq!(pins(&plan(&i, &EmulatorCpus::Vcpus)), vec![(QemuThread::Emulator, set(&[1]))]);
         let mut g = guest(&[1], vec![emulator(&[0, 1, 2, 3], false)]);
         g.excluded = true;
         assert!(plan(&input(vec![g]), &EmulatorCpus::Vcpus).is_empty());
