@@ -484,14 +484,14 @@ pub fn parse_domain_xml(live: &str, persistent: Option<&str>) -> Result<XmlFacts
             opt_out.cpu = Some("persistent definition uses placement='auto' (numad)".into());
         }
     }
-    let (threads, emulator_prior) = qemu_threads(live, root)?;
+    let (threads, emulator_prior) = qemu_threads(live, root);
     Ok(XmlFacts { vcpus, max_kib, has_balloon, stats_period_s, opt_out, threads, emulator_prior })
 }
 
 /// The emulator and I/O threads of a live definition: their pins (`<cputune><emulatorpin>`,
 /// `<iothreadpin>`; none when the thread floats), and the agent's record of them. A thread whose
 /// pin does not parse is left out: the agent leaves alone what it cannot read.
-fn qemu_threads(live: &str, root: roxmltree::Node<'_, '_>) -> Result<(Vec<ThreadDesc>, Option<CpuSet>), String> {
+fn qemu_threads(live: &str, root: roxmltree::Node<'_, '_>) -> (Vec<ThreadDesc>, Option<CpuSet>) {
     let cputune = child(root, "cputune");
     let pin_of = |tag: &str, id: Option<u32>| -> Option<Result<CpuSet, ()>> {
         let el = cputune?.children().find(|c| {
@@ -508,7 +508,9 @@ fn qemu_threads(live: &str, root: roxmltree::Node<'_, '_>) -> Result<(Vec<Thread
     let recorded: Vec<ThreadPin> = match child(root, "metadata")
         .and_then(|m| m.children().find(|c| c.is_element() && c.tag_name().namespace() == Some(PINS_NS)))
     {
-        Some(el) => record::parse_threads(&live[el.range()])?,
+        // A record that does not parse hides no thread from discovery: its threads then look
+        // pinned by someone else, and are left alone.
+        Some(el) => record::parse_threads(&live[el.range()]).unwrap_or_default(),
         None => Vec::new(),
     };
     let mut ids: Vec<u32> = child(root, "iothreadids")
@@ -538,7 +540,7 @@ fn qemu_threads(live: &str, root: roxmltree::Node<'_, '_>) -> Result<(Vec<Thread
         threads.push(ThreadDesc { thread, pinned_to, recorded: recorded.iter().any(|r| r.thread == thread) });
     }
     let emulator_prior = recorded.into_iter().find(|r| r.thread == QemuThread::Emulator).map(|r| r.prior);
-    Ok((threads, emulator_prior))
+    (threads, emulator_prior)
 }
 
 #[cfg(test)]
