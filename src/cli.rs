@@ -51,8 +51,8 @@ pub enum Command {
     },
     /// Give back the vCPU pins the agent recorded (after a crash; for `ExecStopPost=`).
     ///
-    /// Sets each vCPU the agent pinned on a running guest back to the affinity it had before,
-    /// and clears the record. Does nothing with --keep-pins-on-exit.
+    /// Sets each vCPU (and emulator or I/O thread) the agent pinned on a running guest back to
+    /// the affinity it had before, and clears the record. Does nothing with --keep-pins-on-exit.
     Release {
         #[command(flatten)]
         common: Common,
@@ -323,8 +323,8 @@ pub struct Common {
     /// Do not turn on the balloon statistics period of guests that have it off.
     #[arg(long, env = "VM_BALANCER_NO_STATS_PERIOD")]
     pub no_stats_period: bool,
-    /// On a clean stop, leave every vCPU where the agent pinned it instead of giving back the
-    /// affinity it had before (`release` then does nothing either).
+    /// On a clean stop, leave every vCPU (and emulator or I/O thread) where the agent pinned it
+    /// instead of giving back the affinity it had before (`release` then does nothing either).
     #[arg(long, env = "VM_BALANCER_KEEP_PINS_ON_EXIT")]
     pub keep_pins_on_exit: bool,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. 127.0.0.1:9848 (run only;

@@ -264,9 +264,9 @@ pub fn release_domain(host: &mut dyn Host, dom: &DomainRef) -> Result<Option<Rel
 pub struct Summary {
     /// Domains that had a record.
     pub domains: usize,
-    /// vCPUs given back their prior affinity.
+    /// vCPUs, emulator and I/O threads given back their prior affinity.
     pub restored: usize,
-    /// vCPUs (or whole domains) whose pins could not be given back.
+    /// vCPUs and threads (or whole domains) whose pins could not be given back.
     pub failed: usize,
 }
 
@@ -336,7 +336,10 @@ pub fn on_stop<H: Host>(agent: &mut Agent<H>) {
     match stop_release(agent) {
         None => {}
         Some(Ok(s)) if s.domains == 0 => debug!("no vCPU pins to give back"),
-        Some(Ok(s)) => info!("gave back {} vCPU pins on {} domain(s), {} failed", s.restored, s.domains, s.failed),
+        Some(Ok(s)) => info!(
+            "gave back {} pins (vCPUs, emulator and I/O threads) on {} domain(s), {} failed",
+            s.restored, s.domains, s.failed
+        ),
         Some(Err(e)) => {
             warn!("cannot give back the vCPU pins: {e}; exiting anyway (`vm-balancer release` can do it later)")
         }
@@ -368,7 +371,7 @@ pub fn command(common: &Common, names: &[String]) -> anyhow::Result<()> {
     if s.domains == 0 {
         info!("no recorded vCPU pins to give back");
     } else {
-        info!("gave back {} vCPU pins on {} domain(s)", s.restored, s.domains);
+        info!("gave back {} pins (vCPUs, emulator and I/O threads) on {} domain(s)", s.restored, s.domains);
     }
     Ok(())
 }
