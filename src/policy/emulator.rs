@@ -220,6 +220,24 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_pin_in_json_reads_as_the_readme_says() {
+        let a = |thread| Action::PinThread {
+            domain: "web".into(),
+            thread,
+            from: set(&[0, 1]),
+            to: set(&[1]),
+            reason: "r".into(),
+        };
+        let j = serde_json::to_value(a(QemuThread::Emulator)).unwrap();
+        assert_eq!(
+            j,
+            serde_json::json!({"action": "pin_thread", "domain": "web", "thread": "emulator", "from": [0, 1], "to": [1], "reason": "r"})
+        );
+        let j = serde_json::to_value(a(QemuThread::IoThread(2))).unwrap();
+        assert_eq!(j["thread"], serde_json::json!({"iothread": 2}));
+    }
+
+    #[test]
     fn off_leaves_every_thread_alone() {
         let i = input(vec![guest(&[1], vec![emulator(&[0, 1, 2, 3], false)])]);
         assert!(plan(&i, &EmulatorCpus::Off).is_empty());
