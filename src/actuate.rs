@@ -68,6 +68,7 @@ fn apply_one(host: &mut dyn Host, dom: &DomainRef, action: &Action) -> Result<()
             host.pin_vcpu(dom, *vcpu, cpu)
         }
         Action::Balloon { to_kib, .. } => host.set_balloon(dom, *to_kib),
+        Action::PinThread { thread, to, .. } => host.pin_thread(dom, *thread, to),
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::policy::emulator::EmulatorCpus;
 use crate::units;
 
 #[derive(Debug, Parser)]
@@ -54,8 +55,8 @@ pub enum Command {
     },
     /// Give back the vCPU pins the agent recorded (after a crash; for `ExecStopPost=`).
     ///
-    /// Sets each vCPU the agent pinned on a running guest back to the affinity it had before,
-    /// and clears the record. Does nothing with --keep-pins-on-exit.
+    /// Sets each vCPU (and emulator or I/O thread) the agent pinned on a running guest back to
+    /// the affinity it had before, and clears the record. Does nothing with --keep-pins-on-exit.
     Release {
         #[command(flatten)]
         common: Common,
@@ -179,6 +180,17 @@ fn cpu_list(s: &str) -> Result<CpuList, String> {
     }
     Ok(CpuList(v))
 }
+/// A parsed `--emulator-cpus`: `vcpus`, `off`, or a cpu list (checked against the host's
+/// cpus once they are known: [`Common::check_host_cpus`]).
+fn emulator_cpus(s: &str) -> Result<EmulatorCpus, String> {
+    match s.trim() {
+        "vcpus" => Ok(EmulatorCpus::Vcpus),
+        "off" => Ok(EmulatorCpus::Off),
+        list => cpu_list(list)
+            .map(|l| EmulatorCpus::Set(crate::host::CpuSet(l.0)))
+            .map_err(|e| format!("{e} (expected vcpus, off or a cpu list such as 0-1)")),
+    }
+}
 /// A libvirt URI of this host. The agent reads this host's procfs, so a URI naming another
 /// host (`qemu+ssh://other/system`) would balance one machine with another's figures.
 fn local_uri(s: &str) -> Result<String, String> {
@@ -272,6 +284,17 @@ pub struct Common {
     /// 0.5 to 4.
     #[arg(long, default_value = "1.2", value_parser = peak_limit, env = "VM_BALANCER_PEAK_LIMIT")]
     pub peak_limit: f64,
+    /// Where QEMU's emulator and I/O threads of each balanced guest run: `vcpus` (the cpus of
+    /// its vCPUs, following them when they move), a cpu list (a housekeeping set, e.g. `0-1`,
+    /// within the host's cpus), or `off` (left alone).
+    #[arg(
+        long,
+        value_name = "vcpus|LIST|off",
+        default_value = "vcpus",
+        value_parser = emulator_cpus,
+        env = "VM_BALANCER_EMULATOR_CPUS"
+    )]
+    pub emulator_cpus: EmulatorCpus,
     /// Do not balance vCPUs.
     #[arg(long, env = "VM_BALANCER_NO_CPU")]
     pub no_cpu: bool,
@@ -308,8 +331,8 @@ pub struct Common {
     /// Do not turn on the balloon statistics period of guests that have it off.
     #[arg(long, env = "VM_BALANCER_NO_STATS_PERIOD")]
     pub no_stats_period: bool,
-    /// On a clean stop, leave every vCPU where the agent pinned it instead of giving back the
-    /// affinity it had before (`release` then does nothing either).
+    /// On a clean stop, leave every vCPU (and emulator or I/O thread) where the agent pinned it
+    /// instead of giving back the affinity it had before (`release` then does nothing either).
     #[arg(long, env = "VM_BALANCER_KEEP_PINS_ON_EXIT")]
     pub keep_pins_on_exit: bool,
     /// Capacity advice: the host must be overloaded (vCPU demand above what --high allows on
@@ -353,11 +376,45 @@ impl Common {
         }
         Ok(())
     }
+
+    /// Checks the flags that name host cpus against the host's online cpus, once they are
+    /// known: a housekeeping set must be made of them.
+    pub fn check_host_cpus(&self, online: &[u32]) -> Result<(), String> {
+        if let EmulatorCpus::Set(set) = &self.emulator_cpus {
+            let missing: Vec<u32> = set.0.iter().copied().filter(|c| !online.contains(c)).collect();
+            if !missing.is_empty() {
+                return Err(format!(
+                    "--emulator-cpus {set}: {} not among the host's online cpus ({})",
+                    crate::cpulist::format(&missing),
+                    crate::cpulist::format(online)
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emulator_cpus_is_vcpus_off_or_a_list_within_the_host() {
+        assert_eq!(emulator_cpus("vcpus"), Ok(EmulatorCpus::Vcpus));
+        assert_eq!(emulator_cpus("off"), Ok(EmulatorCpus::Off));
+        assert_eq!(emulator_cpus("0-1,4"), Ok(EmulatorCpus::Set(crate::host::CpuSet(vec![0, 1, 4]))));
+        for bad in ["", "none", "3-1", "x"] {
+            assert!(emulator_cpus(bad).is_err(), "{bad:?}");
+        }
+        let mut c = Common::defaults().unwrap();
+        assert!(c.check_host_cpus(&[0, 1]).is_ok(), "the default names no cpu");
+        c.emulator_cpus = EmulatorCpus::Set(crate::host::CpuSet(vec![1, 2, 3]));
+        assert_eq!(
+            c.check_host_cpus(&[0, 1]),
+            Err("--emulator-cpus 1-3: 2-3 not among the host's online cpus (0-1)".to_string())
+        );
+        assert!(c.check_host_cpus(&[0, 1, 2, 3]).is_ok());
+    }
 
     #[test]
     fn only_local_uris_are_accepted() {

@@ -18,6 +18,7 @@ use crate::host::{Host, HostError};
 use crate::memctl::{MemTiming, MemTracker};
 use crate::model::{ModelConfig, Snapshot, Tracker};
 use crate::policy::cpu::{self, CpuPolicy};
+use crate::policy::emulator::{self, EmulatorCpus, ThreadsSet};
 use crate::policy::mem::{self, MemPolicy, State, Verdict};
 use crate::policy::{Action, Plan};
 
@@ -32,6 +33,8 @@ pub struct AgentConfig {
     pub cpus: Option<Vec<u32>>,
     pub exclude: Vec<String>,
     pub cpu: Option<CpuPolicy>,
+    /// Where the emulator and I/O threads of the guests the CPU balancer manages go.
+    pub emulator: EmulatorCpus,
     pub mem: Option<MemConfig>,
     /// Change nothing; plans are still made and reported.
     pub dry_run: bool,
@@ -62,6 +65,7 @@ impl AgentConfig {
                 peak_limit: c.peak_limit,
                 ..CpuPolicy::default()
             }),
+            emulator: c.emulator_cpus.clone(),
             mem: (!c.no_memory).then(|| MemConfig {
                 policy: MemPolicy {
                     floor_kib: c.guest_floor,
@@ -195,6 +199,9 @@ pub struct Agent<H: Host> {
     period_set: HashMap<String, u32>,
     /// Actions that failed, by class: what not to try again, and for how long.
     failures: Failures,
+    /// The emulator and I/O thread pins the agent made, per domain run: newer than the live
+    /// definitions, which are re-read only every few quanta.
+    threads_set: ThreadsSet,
     /// Every cpu allowed at some point of this run: a vCPU pinned to one that is no longer
     /// allowed (a reload narrowed `--cpus`) is placed again.
     ever_allowed: HashSet<u32>,
@@ -231,6 +238,7 @@ impl<H: Host> Agent<H> {
             last_balloons_ns: None,
             period_set: HashMap::new(),
             failures: Failures::new(),
+            threads_set: HashMap::new(),
             ever_allowed: HashSet::new(),
             advisor: Advisor::default(),
         }
@@ -252,7 +260,7 @@ impl<H: Host> Agent<H> {
                 }
             )*};
         }
-        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, mem, dry_run, advice);
+        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, emulator, mem, dry_run, advice);
         if changed.is_empty() {
             info!("settings reloaded: nothing changed");
             return 0;
@@ -436,6 +444,15 @@ impl<H: Host> Agent<H> {
             }
             input
         };
+        self.threads_set.retain(|n, (id, _)| running.iter().any(|(rn, rid)| rn == n && rid == id));
+        if self.cfg.cpu.is_some() && self.cfg.emulator != EmulatorCpus::Off {
+            // After the vCPU pins, from where they leave the vCPUs: the threads follow at once.
+            let input = emulator::input_from(&snap, &plan, &self.threads_set);
+            let mut pins = emulator::plan(&input, &self.cfg.emulator);
+            // A thread pin that keeps failing is not planned again; the thread stays where it is.
+            pins.retain(|a| self.failures.blocked(a.domain(), &Kind::of(a), snap.t_ns).is_none());
+            plan.extend(pins);
+        }
         if let (Some(m), true) = (&self.cfg.mem, raw.balloons.is_some()) {
             let (guests, host) = self.mem.input(&snap, &m.timing);
             // A balloon above the maximum the agent knows: its definition is read again.
@@ -492,6 +509,13 @@ impl<H: Host> Agent<H> {
                                 }
                             }
                             Action::Balloon { domain, to_kib, .. } => self.mem.set_target(domain, *to_kib, snap.t_ns),
+                            Action::PinThread { domain, thread, to, .. } => {
+                                let e = self.threads_set.entry(domain.clone()).or_insert_with(|| (id, HashMap::new()));
+                                if e.0 != id {
+                                    *e = (id, HashMap::new());
+                                }
+                                e.1.insert(*thread, to.clone());
+                            }
                         }
                     }
                 }

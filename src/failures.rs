@@ -8,13 +8,14 @@
 //! - a domain that went away, or a lost connection, is not this module's business.
 //!
 //! Blocked pins are fed to the CPU planner as unmovable vCPUs (their load stays where it is);
-//! blocked balloon changes are dropped from the memory plan with the reason in the verdict.
+//! blocked balloon changes are dropped from the memory plan with the reason in the verdict;
+//! blocked emulator and I/O thread pins are dropped from the plan (the thread stays where it is).
 
 use std::collections::{HashMap, HashSet};
 
 use log::{info, warn};
 
-use crate::host::{ErrorClass, HostError, chain};
+use crate::host::{ErrorClass, HostError, QemuThread, chain};
 use crate::policy::Action;
 
 /// Transient failures in a row that block an action for a while.
@@ -22,11 +23,12 @@ pub const STRIKES: u32 = 3;
 /// How long an action that kept failing is left alone, ns.
 pub const BACKOFF_NS: u64 = 300_000_000_000;
 
-/// Which action: one vCPU's pin, or a guest's balloon.
+/// Which action: one vCPU's pin, a guest's balloon, or the pin of one of its QEMU threads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Kind {
     Pin(u32),
     Balloon,
+    Thread(QemuThread),
 }
 
 impl Kind {
@@ -34,6 +36,7 @@ impl Kind {
         match a {
             Action::Pin { vcpu, .. } => Kind::Pin(*vcpu),
             Action::Balloon { .. } => Kind::Balloon,
+            Action::PinThread { thread, .. } => Kind::Thread(*thread),
         }
     }
 }

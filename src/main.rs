@@ -60,6 +60,7 @@ fn reload(
         return Err("not the run command".into());
     };
     common.validate()?;
+    check_host_cpus(cli_host_cpus(None).as_deref(), &common)?;
     if common.connect != connect {
         log::warn!("SIGHUP: --connect changed to {}: restart the service to use it", common.connect);
     }
@@ -67,6 +68,20 @@ fn reload(
         log::warn!("SIGHUP: --metrics-listen changed: restart the service to use it");
     }
     Ok((AgentConfig::from_flags(&common, dry_run), common.log_filter()))
+}
+
+/// The cpus the flags may name: this host's online cpus, or the simulated host's
+/// (`simulate --host-cpus N`). `None` when they cannot be read: the agent then finds out at run
+/// time (a pin to a cpu that is not there fails, and is not tried again).
+fn cli_host_cpus(simulated: Option<u32>) -> Option<Vec<u32>> {
+    match simulated {
+        Some(n) => Some((0..n).collect()),
+        None => vm_balancer::host::procfs::online_cpus(std::path::Path::new("/")).ok(),
+    }
+}
+
+fn check_host_cpus(online: Option<&[u32]>, common: &Common) -> Result<(), String> {
+    online.map_or(Ok(()), |cpus| common.check_host_cpus(cpus))
 }
 
 fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
@@ -168,6 +183,16 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Err(msg)) = cli.command.common().map(Common::validate) {
+        eprintln!("error: {msg}");
+        return ExitCode::from(2);
+    }
+    // Flags naming host cpus, against the host's (`release` pins nothing new).
+    let online = match &cli.command {
+        Command::Run { .. } | Command::Diagnose { .. } => cli_host_cpus(None),
+        Command::Simulate { sim, .. } => cli_host_cpus(Some(sim.host_cpus)),
+        Command::Release { .. } | Command::GenerateAssets { .. } => None,
+    };
+    if let Some(Err(msg)) = cli.command.common().map(|c| check_host_cpus(online.as_deref(), c)) {
         eprintln!("error: {msg}");
         return ExitCode::from(2);
     }

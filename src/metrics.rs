@@ -340,6 +340,8 @@ impl Metrics {
                     let direction = if to_kib > from_kib { "grow" } else { "shrink" };
                     self.balloon_changes.get_or_create(&DirectionLabels { direction }).inc()
                 }
+                // Thread pins follow the vCPUs; the repins counted above are the decisions.
+                Action::PinThread { .. } => continue,
             };
         }
         for v in &r.mem_verdicts {

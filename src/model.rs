@@ -346,6 +346,7 @@ mod tests {
             opt_out: OptOut::default(),
             started_epoch_s: None,
             default_affinity: None,
+            threads: vec![],
         };
         let vcpus = times
             .iter()

@@ -1,4 +1,5 @@
-//! Giving back what the agent took: every vCPU the agent pins gets the affinity it had before.
+//! Giving back what the agent took: every vCPU (and every QEMU emulator or I/O thread) the
+//! agent pins gets the affinity it had before.
 //!
 //! Pins outlive the agent. Without this, a stopped, crashed or removed agent would leave every
 //! vCPU pinned to one cpu, static pinning, the worst policy in the simulator. So:
@@ -14,14 +15,16 @@
 //!   `vm-balancer release` ([`command`], for systemd's `ExecStopPost=`, also after a crash):
 //!   each recorded vCPU gets its prior affinity back and the record is cleared. A vCPU someone
 //!   else has since given another multi-cpu affinity is left as it is (the agent only ever sets
-//!   single cpus). A domain that went away is skipped.
+//!   single cpus). A recorded emulator or I/O thread always gets its prior back: the agent pins
+//!   those to sets of cpus, so a set does not tell whose it is. A domain that went away is
+//!   skipped.
 
 use anyhow::Context as _;
 use log::{debug, info, warn};
 
 use crate::actuate::{self, Outcome};
 use crate::daemon::Agent;
-use crate::host::{AgentPin, CpuSet, DomainRef, ErrorClass, Host, HostError, chain};
+use crate::host::{AgentPin, CpuSet, DomainRef, ErrorClass, Host, HostError, QemuThread, ThreadDesc, ThreadPin, chain};
 use crate::model::Snapshot;
 use crate::policy::Action;
 
@@ -29,39 +32,84 @@ fn gone(e: &HostError) -> bool {
     e.class() == ErrorClass::DomainGone
 }
 
-/// The pin actions of a plan, grouped by domain in plan order: (vCPU, affinity before).
-fn pins_by_domain<'a>(snap: &Snapshot, plan: &'a [Action]) -> Vec<(DomainRef, Vec<(u32, &'a CpuSet)>)> {
-    let mut out: Vec<(DomainRef, Vec<(u32, &CpuSet)>)> = Vec::new();
+/// The pins a plan makes on one domain, in plan order, each with the affinity before it.
+#[derive(Default)]
+struct DomainPins<'a> {
+    vcpus: Vec<(u32, &'a CpuSet)>,
+    threads: Vec<(QemuThread, &'a CpuSet)>,
+}
+
+/// The pin actions (vCPUs and QEMU threads) of a plan, grouped by domain in plan order.
+fn pins_by_domain<'a>(snap: &Snapshot, plan: &'a [Action]) -> Vec<(DomainRef, DomainPins<'a>)> {
+    let mut out: Vec<(DomainRef, DomainPins<'a>)> = Vec::new();
     for a in plan {
-        let Action::Pin { domain, vcpu, from, .. } = a else { continue };
-        if let Some(entry) = out.iter_mut().find(|(d, _)| &d.name == domain) {
-            entry.1.push((*vcpu, from));
-        } else if let Some(d) = snap.domains.iter().find(|d| &d.dom.name == domain) {
-            out.push((d.dom.clone(), vec![(*vcpu, from)]));
+        if !matches!(a, Action::Pin { .. } | Action::PinThread { .. }) {
+            continue;
+        }
+        let i = match out.iter().position(|(d, _)| d.name == a.domain()) {
+            Some(i) => i,
+            None => match snap.domains.iter().find(|d| d.dom.name == a.domain()) {
+                Some(d) => {
+                    out.push((d.dom.clone(), DomainPins::default()));
+                    out.len() - 1
+                }
+                None => continue,
+            },
+        };
+        match a {
+            Action::Pin { vcpu, from, .. } => out[i].1.vcpus.push((*vcpu, from)),
+            Action::PinThread { thread, from, .. } => out[i].1.threads.push((*thread, from)),
+            Action::Balloon { .. } => {}
         }
     }
     out
 }
 
-/// Adds the vCPUs not yet in the domain's record, with their affinity now; returns them.
-fn record_priors(host: &mut dyn Host, dom: &DomainRef, pins: &[(u32, &CpuSet)]) -> Result<Vec<u32>, HostError> {
-    let mut rec = host.agent_pins(dom)?;
-    let mut new = Vec::new();
-    for &(vcpu, from) in pins {
-        if !rec.iter().any(|p| p.vcpu == vcpu) {
-            rec.push(AgentPin { vcpu, prior: from.clone() });
-            new.push(vcpu);
-        }
-    }
-    if !new.is_empty() {
-        host.set_agent_pins(dom, &rec)?;
-    }
-    Ok(new)
+/// What [`record_priors`] added to a domain's record this quantum.
+#[derive(Default)]
+struct Added {
+    vcpus: Vec<u32>,
+    threads: Vec<QemuThread>,
 }
 
-/// [`actuate::apply`], with each vCPU's prior affinity recorded before its first pin. The pins
-/// of a domain whose record cannot be written are not applied (the agent never takes what it
-/// could not give back); they fail with that error.
+/// Adds the vCPUs and threads not yet in the domain's record, with their affinity now; returns
+/// them.
+fn record_priors(host: &mut dyn Host, dom: &DomainRef, pins: &DomainPins<'_>) -> Result<Added, HostError> {
+    let mut added = Added::default();
+    if !pins.vcpus.is_empty() {
+        let mut rec = host.agent_pins(dom)?;
+        for &(vcpu, from) in &pins.vcpus {
+            if !rec.iter().any(|p| p.vcpu == vcpu) {
+                rec.push(AgentPin { vcpu, prior: from.clone() });
+                added.vcpus.push(vcpu);
+            }
+        }
+        if !added.vcpus.is_empty() {
+            host.set_agent_pins(dom, &rec)?;
+        }
+    }
+    if !pins.threads.is_empty() {
+        let mut rec = host.agent_threads(dom)?;
+        for &(thread, from) in &pins.threads {
+            if !rec.iter().any(|p| p.thread == thread) {
+                rec.push(ThreadPin { thread, prior: from.clone() });
+                added.threads.push(thread);
+            }
+        }
+        if !added.threads.is_empty() {
+            host.set_agent_threads(dom, &rec)?;
+        }
+    }
+    Ok(added)
+}
+
+fn is_pin(a: &Action) -> bool {
+    matches!(a, Action::Pin { .. } | Action::PinThread { .. })
+}
+
+/// [`actuate::apply`], with the prior affinity of each vCPU or QEMU thread recorded before its
+/// first pin. The pins of a domain whose record cannot be written are not applied (the agent
+/// never takes what it could not give back); they fail with that error.
 pub fn apply_recorded(
     host: &mut dyn Host,
     snap: &Snapshot,
@@ -69,10 +117,10 @@ pub fn apply_recorded(
     max_age_ns: u64,
 ) -> Result<Vec<Outcome>, HostError> {
     let mut blocked: Vec<(String, String, crate::host::ErrorClass)> = Vec::new();
-    let mut added: Vec<(DomainRef, Vec<u32>)> = Vec::new();
+    let mut added: Vec<(DomainRef, Added)> = Vec::new();
     for (dom, pins) in pins_by_domain(snap, plan) {
         match record_priors(host, &dom, &pins) {
-            Ok(new) if new.is_empty() => {}
+            Ok(new) if new.vcpus.is_empty() && new.threads.is_empty() => {}
             Ok(new) => added.push((dom, new)),
             Err(e) if e.is_disconnect() => return Err(e),
             // Applying finds it gone too, and says so.
@@ -80,7 +128,7 @@ pub fn apply_recorded(
             Err(e) => blocked.push((dom.name.clone(), crate::host::chain(&e), e.class())),
         }
     }
-    let is_blocked = |a: &Action| matches!(a, Action::Pin { .. }) && blocked.iter().any(|(d, _, _)| d == a.domain());
+    let is_blocked = |a: &Action| is_pin(a) && blocked.iter().any(|(d, _, _)| d == a.domain());
     let todo: Vec<Action> = plan.iter().filter(|a| !is_blocked(a)).cloned().collect();
     let mut applied = actuate::apply(host, snap, &todo, max_age_ns)?.into_iter();
     let mut outcomes = Vec::with_capacity(plan.len());
@@ -98,29 +146,44 @@ pub fn apply_recorded(
     Ok(outcomes)
 }
 
-/// Takes the vCPUs recorded this quantum whose pin then failed out of the record again.
-fn forget_failed(host: &mut dyn Host, plan: &[Action], outcomes: &[Outcome], added: &[(DomainRef, Vec<u32>)]) {
+/// Takes the vCPUs and threads recorded this quantum whose pin then failed out of the record
+/// again.
+fn forget_failed(host: &mut dyn Host, plan: &[Action], outcomes: &[Outcome], added: &[(DomainRef, Added)]) {
     for (dom, new) in added {
-        let pinned = |v: u32| {
-            plan.iter().zip(outcomes).any(|(a, o)| {
-                matches!(a, Action::Pin { domain, vcpu, .. } if domain == &dom.name && *vcpu == v)
-                    && matches!(o, Outcome::Applied)
-            })
+        let applied = |want: &dyn Fn(&Action) -> bool| {
+            plan.iter().zip(outcomes).any(|(a, o)| a.domain() == dom.name && want(a) && matches!(o, Outcome::Applied))
         };
-        let unpinned: Vec<u32> = new.iter().copied().filter(|&v| !pinned(v)).collect();
-        if unpinned.is_empty() {
-            continue;
+        let vcpus: Vec<u32> = new
+            .vcpus
+            .iter()
+            .copied()
+            .filter(|&v| !applied(&|a| matches!(a, Action::Pin { vcpu, .. } if *vcpu == v)))
+            .collect();
+        let threads: Vec<QemuThread> = new
+            .threads
+            .iter()
+            .copied()
+            .filter(|&t| !applied(&|a| matches!(a, Action::PinThread { thread, .. } if *thread == t)))
+            .collect();
+        let mut r = Ok(());
+        if !vcpus.is_empty() {
+            r = host.agent_pins(dom).and_then(|mut rec| {
+                rec.retain(|p| !vcpus.contains(&p.vcpu));
+                host.set_agent_pins(dom, &rec)
+            });
         }
-        let r = host.agent_pins(dom).and_then(|mut rec| {
-            rec.retain(|p| !unpinned.contains(&p.vcpu));
-            host.set_agent_pins(dom, &rec)
-        });
+        if !threads.is_empty() && r.is_ok() {
+            r = host.agent_threads(dom).and_then(|mut rec| {
+                rec.retain(|p| !threads.contains(&p.thread));
+                host.set_agent_threads(dom, &rec)
+            });
+        }
         match r {
             Ok(()) => {}
             Err(e) if gone(&e) => {}
             Err(e) => {
                 warn!(
-                    "cannot take the unpinned vCPUs {unpinned:?} of {} out of its pin record: {}",
+                    "cannot take the unpinned vCPUs {vcpus:?} and threads {threads:?} of {} out of its pin record: {}",
                     dom.name,
                     chain(&e)
                 )
@@ -139,23 +202,30 @@ pub struct Released {
     pub left: Vec<(u32, CpuSet)>,
     /// vCPUs whose affinity could not be set, with why.
     pub failed: Vec<(u32, String)>,
+    /// Emulator and I/O threads back on (or found on) their prior affinity.
+    pub threads_restored: Vec<ThreadPin>,
+    /// Threads whose affinity could not be set, with why.
+    pub threads_failed: Vec<(QemuThread, String)>,
 }
 
-/// Gives back the pins recorded on one domain and clears the record. `None`: no record.
+/// Gives back the pins recorded on one domain (vCPUs, emulator and I/O threads) and clears the
+/// record. `None`: no record.
 pub fn release_domain(host: &mut dyn Host, dom: &DomainRef) -> Result<Option<Released>, HostError> {
     let rec = host.agent_pins(dom)?;
-    if rec.is_empty() {
+    let threads = host.agent_threads(dom)?;
+    if rec.is_empty() && threads.is_empty() {
         return Ok(None);
     }
-    // The affinity each vCPU has now; without it every recorded vCPU is set.
-    let now: Vec<Option<CpuSet>> = match host.describe(dom).and_then(|d| host.vcpu_times(&d)) {
-        Ok(t) => t.into_iter().map(|t| t.map(|t| t.affinity_mask)).collect(),
-        Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
-        Err(e) => {
-            debug!("cannot read the vCPU affinities of {}: {e}; setting every recorded one", dom.name);
-            Vec::new()
-        }
-    };
+    // The affinity each vCPU and thread has now; without it every recorded one is set.
+    let (now, pins_now): (Vec<Option<CpuSet>>, Vec<ThreadDesc>) =
+        match host.describe(dom).and_then(|d| Ok((host.vcpu_times(&d)?, d.threads))) {
+            Ok((t, th)) => (t.into_iter().map(|t| t.map(|t| t.affinity_mask)).collect(), th),
+            Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
+            Err(e) => {
+                debug!("cannot read the affinities of {}: {e}; setting every recorded one", dom.name);
+                (Vec::new(), Vec::new())
+            }
+        };
     let mut out = Released::default();
     for p in rec {
         match now.get(p.vcpu as usize).cloned().flatten() {
@@ -168,8 +238,22 @@ pub fn release_domain(host: &mut dyn Host, dom: &DomainRef) -> Result<Option<Rel
             },
         }
     }
-    // Cleared even when a vCPU failed: retrying a pin that failed once would fail again, and
+    // A thread's pin is a set of cpus whoever made it: each recorded thread gets its prior back.
+    for t in threads {
+        let cur = pins_now.iter().find(|d| d.thread == t.thread).and_then(|d| d.pinned_to.as_ref());
+        if cur == Some(&t.prior) {
+            out.threads_restored.push(t);
+            continue;
+        }
+        match host.pin_thread(dom, t.thread, &t.prior) {
+            Ok(()) => out.threads_restored.push(t),
+            Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
+            Err(e) => out.threads_failed.push((t.thread, chain(&e))),
+        }
+    }
+    // Cleared even when a pin failed: retrying a pin that failed once would fail again, and
     // a record left behind would be adopted by the next agent.
+    host.set_agent_threads(dom, &[])?;
     host.set_agent_pins(dom, &[])?;
     Ok(Some(out))
 }
@@ -179,9 +263,9 @@ pub fn release_domain(host: &mut dyn Host, dom: &DomainRef) -> Result<Option<Rel
 pub struct Summary {
     /// Domains that had a record.
     pub domains: usize,
-    /// vCPUs given back their prior affinity.
+    /// vCPUs, emulator and I/O threads given back their prior affinity.
     pub restored: usize,
-    /// vCPUs (or whole domains) whose pins could not be given back.
+    /// vCPUs and threads (or whole domains) whose pins could not be given back.
     pub failed: usize,
 }
 
@@ -194,8 +278,8 @@ pub fn release_domains(host: &mut dyn Host, doms: &[DomainRef]) -> Result<Summar
             Ok(None) => {}
             Ok(Some(r)) => {
                 sum.domains += 1;
-                sum.restored += r.restored.len();
-                sum.failed += r.failed.len();
+                sum.restored += r.restored.len() + r.threads_restored.len();
+                sum.failed += r.failed.len() + r.threads_failed.len();
                 log_released(&dom.name, &r);
             }
             Err(e) if gone(&e) => debug!("{} went away; nothing to give back", dom.name),
@@ -214,7 +298,9 @@ fn log_released(name: &str, r: &Released) {
     let mut parts: Vec<String> = r.restored.iter().map(|p| format!("vCPU {} -> {}", p.vcpu, p.prior)).collect();
     parts.extend(r.left.iter().map(|(v, c)| format!("vCPU {v} left on {c} (changed since the agent pinned it)")));
     parts.extend(r.failed.iter().map(|(v, e)| format!("vCPU {v} failed: {e}")));
-    if r.failed.is_empty() {
+    parts.extend(r.threads_restored.iter().map(|t| format!("{} -> {}", t.thread, t.prior)));
+    parts.extend(r.threads_failed.iter().map(|(t, e)| format!("{t} failed: {e}")));
+    if r.failed.is_empty() && r.threads_failed.is_empty() {
         info!("gave back the vCPU pins of {name}: {}", parts.join(", "));
     } else {
         warn!("gave back the vCPU pins of {name} in part: {}", parts.join(", "));
@@ -249,7 +335,10 @@ pub fn on_stop<H: Host>(agent: &mut Agent<H>) {
     match stop_release(agent) {
         None => {}
         Some(Ok(s)) if s.domains == 0 => debug!("no vCPU pins to give back"),
-        Some(Ok(s)) => info!("gave back {} vCPU pins on {} domain(s), {} failed", s.restored, s.domains, s.failed),
+        Some(Ok(s)) => info!(
+            "gave back {} pins (vCPUs, emulator and I/O threads) on {} domain(s), {} failed",
+            s.restored, s.domains, s.failed
+        ),
         Some(Err(e)) => {
             warn!("cannot give back the vCPU pins: {e}; exiting anyway (`vm-balancer release` can do it later)")
         }
@@ -281,7 +370,7 @@ pub fn command(connect: &str, keep_pins_on_exit: bool, names: &[String]) -> anyh
     if s.domains == 0 {
         info!("no recorded vCPU pins to give back");
     } else {
-        info!("gave back {} vCPU pins on {} domain(s)", s.restored, s.domains);
+        info!("gave back {} pins (vCPUs, emulator and I/O threads) on {} domain(s)", s.restored, s.domains);
     }
     Ok(())
 }

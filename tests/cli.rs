@@ -33,6 +33,11 @@ fn bad_flags_exit_2_with_the_flag_named() {
         (vec!["run", "--overload-window", "25h"], "--overload-window"),
         (vec!["diagnose", "--overload-window", "soon"], "--overload-window"),
         (vec!["run", "--bogus"], "--bogus"),
+        (vec!["run", "--emulator-cpus", "none"], "--emulator-cpus"),
+        // Not a cpu of this host (nor of a simulated 4-cpu one).
+        (vec!["run", "--emulator-cpus", "0,4095"], "--emulator-cpus"),
+        (vec!["diagnose", "--emulator-cpus", "4095"], "--emulator-cpus"),
+        (vec!["simulate", "--host-cpus", "4", "--emulator-cpus", "2-4"], "--emulator-cpus"),
     ] {
         let out = vmb(&args, &[]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -59,6 +64,11 @@ fn environment_variables_are_read() {
     let out = vmb(&["run"], &[("VM_BALANCER_OVERLOAD_WINDOW", "-5m")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--overload-window"));
+    let out = vmb(&["run"], &[("VM_BALANCER_EMULATOR_CPUS", "4095")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--emulator-cpus 4095: 4095 not among the host's online cpus")
+    );
 }
 
 #[test]

@@ -306,3 +306,85 @@ fn starving_guests_the_host_cannot_serve_name_a_guest_that_is_not_excluded() {
     assert_eq!(names.len(), 1, "{last:?}");
     assert_ne!(names[0], "big", "excluded");
 }
+
+/// The union of guest `g`'s vCPU affinities on the simulated host.
+fn vcpu_union(h: &Faulty, g: usize, vcpus: usize) -> crate::host::CpuSet {
+    let mut cpus: Vec<u32> = (0..vcpus).filter_map(|v| h.sim.affinity(g, v)).flat_map(|s| s.0.clone()).collect();
+    cpus.sort_unstable();
+    cpus.dedup();
+    crate::host::CpuSet(cpus)
+}
+
+/// Two busy vCPUs of `web` piled on cpu 0 of a 4-cpu host: spreading them leaves them on two
+/// cpus of four, a set the emulator can follow.
+fn piled_on_four() -> Faulty {
+    let mut h = Faulty::new(4, &[("web", 2)]);
+    let d = h.sim.list_domains().unwrap()[0].clone();
+    h.sim.pin_vcpu(&d, 0, 0).unwrap();
+    h.sim.pin_vcpu(&d, 1, 0).unwrap();
+    h.sim.set_demand(0, 0, 1.0);
+    h.sim.set_demand(0, 1, 1.0);
+    h
+}
+
+#[test]
+fn the_emulator_follows_the_vcpus_and_is_given_back_on_stop() {
+    use crate::host::{CpuSet, QemuThread};
+    let mut a = agent(piled_on_four());
+    let mut pinned_at = None;
+    for q in 0..40 {
+        run(&mut a, 1);
+        if let Some(e) = a.host.sim.emulator_pin(0) {
+            pinned_at.get_or_insert(q);
+            assert_eq!(e, &vcpu_union(&a.host, 0, 2), "quantum {q}: the emulator is where the vCPUs are");
+        }
+    }
+    assert!(pinned_at.is_some_and(|q| q <= 3), "pinned with the first plan: {pinned_at:?}");
+    let spread = vcpu_union(&a.host, 0, 2);
+    assert_eq!(spread.0.len(), 2, "the vCPUs were spread: {spread:?}");
+    let tries = a.host.thread_pin_tries[&("web".to_string(), QemuThread::Emulator)];
+    assert!(tries <= 2, "pinned when the vCPUs moved, not every quantum: {tries} calls in 40 quanta");
+    crate::release::on_stop(&mut a);
+    assert_eq!(a.host.sim.emulator_pin(0), Some(&CpuSet(vec![0, 1, 2, 3])), "floats over every cpu again");
+}
+
+#[test]
+fn a_housekeeping_set_takes_the_emulator_and_off_leaves_it() {
+    use crate::policy::emulator::EmulatorCpus;
+    let mut c = Common::defaults().unwrap();
+    c.quantum = Duration::from_nanos(Q);
+    c.smoothing = Duration::from_millis(500);
+    c.no_memory = true;
+    c.emulator_cpus = EmulatorCpus::Set(crate::host::CpuSet(vec![3]));
+    let mut a = Agent::new(piled_on_four(), AgentConfig::from_flags(&c, false));
+    run(&mut a, 10);
+    assert_eq!(a.host.sim.emulator_pin(0), Some(&crate::host::CpuSet(vec![3])));
+    c.emulator_cpus = EmulatorCpus::Off;
+    let mut a = Agent::new(piled_on_four(), AgentConfig::from_flags(&c, false));
+    run(&mut a, 10);
+    assert_eq!(vcpu_union(&a.host, 0, 2).0.len(), 2, "the vCPUs are balanced all the same");
+    assert_eq!(a.host.sim.emulator_pin(0), None, "left alone");
+    assert!(a.host.thread_pin_tries.is_empty());
+}
+
+#[test]
+fn an_emulator_pin_that_fails_permanently_is_tried_once_and_vcpus_are_still_balanced() {
+    use crate::host::QemuThread;
+    let mut h = piled_on_four();
+    h.thread_pin_fails = Some(ErrorClass::Permanent);
+    let mut a = agent(h);
+    let reports = run(&mut a, 40);
+    assert!(a.connected(), "a failed thread pin is not a lost connection");
+    assert_eq!(a.host.thread_pin_tries.get(&("web".to_string(), QemuThread::Emulator)), Some(&1), "tried once");
+    assert_eq!(vcpu_union(&a.host, 0, 2).0.len(), 2, "the vCPUs were spread all the same");
+    let last = reports.last().unwrap();
+    assert!(
+        last.blocked.iter().any(|(d, k, _)| d == "web" && *k == Kind::Thread(QemuThread::Emulator)),
+        "{:?}",
+        last.blocked
+    );
+    assert!(reports[5..].iter().all(|r| r.plan.iter().all(|p| !matches!(p, Action::PinThread { .. }))));
+    // Nothing was pinned, so nothing is recorded to give back.
+    let d = a.host.sim.list_domains().unwrap()[0].clone();
+    assert!(a.host.sim.agent_threads(&d).unwrap().is_empty());
+}

@@ -10,7 +10,7 @@ use virt::sys;
 
 use super::procfs as pfs;
 use super::stats::{self, DomainStats};
-use super::{AgentPin, CpuSet, record};
+use super::{AgentPin, CpuSet, QemuThread, ThreadDesc, ThreadPin, record};
 use super::{
     BalloonStats, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut, Topology, VcpuTimes,
 };
@@ -174,7 +174,10 @@ impl Host for LibvirtHost {
             stats_period_s: facts.stats_period_s,
             opt_out: facts.opt_out,
             started_epoch_s: pid.and_then(|p| pfs::process_start_epoch_s(&self.root, p)),
-            default_affinity: pid.and_then(|p| pfs::affinity(&self.root, p, p)),
+            // Pinning the emulator pins the main thread: once the agent has, the main thread's
+            // affinity is the agent's choice, and the emulator's recorded prior is the default.
+            default_affinity: facts.emulator_prior.or_else(|| pid.and_then(|p| pfs::affinity(&self.root, p, p))),
+            threads: facts.threads,
         })
     }
 
@@ -225,11 +228,35 @@ impl Host for LibvirtHost {
 
     fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &CpuSet) -> Result<(), HostError> {
         let d = self.lookup(dom)?;
-        let mut map = vec![0u8; cpus.0.iter().max().map_or(0, |&c| c as usize / 8) + 1];
-        for &c in &cpus.0 {
-            map[c as usize / 8] |= 1 << (c % 8);
+        d.pin_vcpu_flags(vcpu, &cpumap(cpus), sys::VIR_DOMAIN_AFFECT_LIVE)
+            .map_err(|e| self.fail("pin vcpu", &dom.name, e))
+    }
+
+    fn pin_thread(&mut self, dom: &DomainRef, thread: QemuThread, cpus: &CpuSet) -> Result<(), HostError> {
+        let d = self.lookup(dom)?;
+        let (map, live) = (cpumap(cpus), sys::VIR_DOMAIN_AFFECT_LIVE);
+        match thread {
+            QemuThread::Emulator => d.pin_emulator(&map, live).map_err(|e| self.fail("pin emulator", &dom.name, e)),
+            QemuThread::IoThread(id) => {
+                super::iothread::pin_iothread(&d, id, &map, live).map_err(|e| self.fail("pin iothread", &dom.name, e))
+            }
         }
-        d.pin_vcpu_flags(vcpu, &map, sys::VIR_DOMAIN_AFFECT_LIVE).map_err(|e| self.fail("pin vcpu", &dom.name, e))
+    }
+
+    fn agent_threads(&mut self, dom: &DomainRef) -> Result<Vec<ThreadPin>, HostError> {
+        let d = self.lookup(dom)?;
+        match self.pins_element(&d, dom)? {
+            Some(x) => record::parse_threads(&x).map_err(|detail| HostError::Parse { what: metadata_of(dom), detail }),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn set_agent_threads(&mut self, dom: &DomainRef, threads: &[ThreadPin]) -> Result<(), HostError> {
+        let d = self.lookup(dom)?;
+        let now = self.pins_element(&d, dom)?;
+        let next = record::with_threads(now.as_deref(), threads)
+            .map_err(|detail| HostError::Parse { what: metadata_of(dom), detail })?;
+        self.write_pins_element(&d, dom, now.is_some(), next.as_deref())
     }
 
     fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<AgentPin>, HostError> {
@@ -245,17 +272,29 @@ impl Host for LibvirtHost {
         let now = self.pins_element(&d, dom)?;
         let next = record::with_pins(now.as_deref(), pins)
             .map_err(|detail| HostError::Parse { what: metadata_of(dom), detail })?;
-        let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
-        let r = match &next {
-            Some(xml) => d.set_metadata(kind, Some(xml), Some("vmbpins"), Some(PINS_NS), sys::VIR_DOMAIN_AFFECT_LIVE),
-            None if now.is_some() => d.set_metadata(kind, None, None, Some(PINS_NS), sys::VIR_DOMAIN_AFFECT_LIVE),
-            None => return Ok(()),
-        };
-        r.map_err(|e| self.fail("set metadata", &dom.name, e))
+        self.write_pins_element(&d, dom, now.is_some(), next.as_deref())
     }
 }
 
 impl LibvirtHost {
+    /// Sets the record's live `<metadata>` element to `next`, or removes it (`None`) when there
+    /// is one (`exists`).
+    fn write_pins_element(
+        &mut self,
+        d: &Domain,
+        dom: &DomainRef,
+        exists: bool,
+        next: Option<&str>,
+    ) -> Result<(), HostError> {
+        let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+        let r = match next {
+            Some(xml) => d.set_metadata(kind, Some(xml), Some("vmbpins"), Some(PINS_NS), sys::VIR_DOMAIN_AFFECT_LIVE),
+            None if exists => d.set_metadata(kind, None, None, Some(PINS_NS), sys::VIR_DOMAIN_AFFECT_LIVE),
+            None => return Ok(()),
+        };
+        r.map_err(|e| self.fail("set metadata", &dom.name, e))
+    }
+
     /// The live `<metadata>` element of the pin record, as libvirt returns it (without
     /// prefix); `None` when the domain has none.
     fn pins_element(&mut self, d: &Domain, dom: &DomainRef) -> Result<Option<String>, HostError> {
@@ -266,6 +305,15 @@ impl LibvirtHost {
             Err(e) => Err(self.fail("get metadata", &dom.name, e)),
         }
     }
+}
+
+/// libvirt's cpu bitmap of a set: bit `c % 8` of byte `c / 8` is cpu `c`.
+fn cpumap(cpus: &CpuSet) -> Vec<u8> {
+    let mut map = vec![0u8; cpus.0.iter().max().map_or(0, |&c| c as usize / 8) + 1];
+    for &c in &cpus.0 {
+        map[c as usize / 8] |= 1 << (c % 8);
+    }
+    map
 }
 
 fn metadata_of(dom: &DomainRef) -> String {
@@ -356,6 +404,11 @@ pub struct XmlFacts {
     pub has_balloon: bool,
     pub stats_period_s: u32,
     pub opt_out: OptOut,
+    /// The emulator and I/O threads with their live pins, and whether the agent's record
+    /// (in the live `<metadata>`) holds them.
+    pub threads: Vec<ThreadDesc>,
+    /// The emulator's prior affinity in the agent's record, when the agent pinned it.
+    pub emulator_prior: Option<CpuSet>,
 }
 
 fn kib(value: &str, unit: Option<&str>) -> Option<u64> {
@@ -431,7 +484,63 @@ pub fn parse_domain_xml(live: &str, persistent: Option<&str>) -> Result<XmlFacts
             opt_out.cpu = Some("persistent definition uses placement='auto' (numad)".into());
         }
     }
-    Ok(XmlFacts { vcpus, max_kib, has_balloon, stats_period_s, opt_out })
+    let (threads, emulator_prior) = qemu_threads(live, root);
+    Ok(XmlFacts { vcpus, max_kib, has_balloon, stats_period_s, opt_out, threads, emulator_prior })
+}
+
+/// The emulator and I/O threads of a live definition: their pins (`<cputune><emulatorpin>`,
+/// `<iothreadpin>`; none when the thread floats), and the agent's record of them. A thread whose
+/// pin does not parse is left out: the agent leaves alone what it cannot read.
+fn qemu_threads(live: &str, root: roxmltree::Node<'_, '_>) -> (Vec<ThreadDesc>, Option<CpuSet>) {
+    let cputune = child(root, "cputune");
+    let pin_of = |tag: &str, id: Option<u32>| -> Option<Result<CpuSet, ()>> {
+        let el = cputune?.children().find(|c| {
+            c.has_tag_name(tag) && id.is_none_or(|id| c.attribute("iothread").and_then(|v| v.parse().ok()) == Some(id))
+        })?;
+        Some(
+            el.attribute("cpuset")
+                .and_then(|s| crate::cpulist::parse(s).ok())
+                .filter(|v| !v.is_empty())
+                .map(CpuSet)
+                .ok_or(()),
+        )
+    };
+    let recorded: Vec<ThreadPin> = match child(root, "metadata")
+        .and_then(|m| m.children().find(|c| c.is_element() && c.tag_name().namespace() == Some(PINS_NS)))
+    {
+        // A record that does not parse hides no thread from discovery: its threads then look
+        // pinned by someone else, and are left alone.
+        Some(el) => record::parse_threads(&live[el.range()]).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let mut ids: Vec<u32> = child(root, "iothreadids")
+        .map(|t| {
+            t.children()
+                .filter(|c| c.has_tag_name("iothread"))
+                .filter_map(|c| c.attribute("id")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if ids.is_empty() {
+        let n: u32 = child(root, "iothreads").and_then(|t| t.text()?.trim().parse().ok()).unwrap_or(0);
+        ids = (1..=n.min(1024)).collect();
+    }
+    let mut threads = Vec::with_capacity(ids.len() + 1);
+    let all = std::iter::once(QemuThread::Emulator).chain(ids.into_iter().map(QemuThread::IoThread));
+    for thread in all {
+        let pin = match thread {
+            QemuThread::Emulator => pin_of("emulatorpin", None),
+            QemuThread::IoThread(id) => pin_of("iothreadpin", Some(id)),
+        };
+        let pinned_to = match pin {
+            None => None,
+            Some(Ok(set)) => Some(set),
+            Some(Err(())) => continue,
+        };
+        threads.push(ThreadDesc { thread, pinned_to, recorded: recorded.iter().any(|r| r.thread == thread) });
+    }
+    let emulator_prior = recorded.into_iter().find(|r| r.thread == QemuThread::Emulator).map(|r| r.prior);
+    (threads, emulator_prior)
 }
 
 #[cfg(test)]
@@ -505,6 +614,36 @@ mod tests {
         assert_eq!(c(N::OperationTimeout, "", true), ErrorClass::Transient);
         assert_eq!(c(N::AgentUnresponsive, "", true), ErrorClass::Transient);
         assert_eq!(c(N::ResourceBusy, "", true), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn emulator_and_io_thread_pins_and_the_record_are_read_from_the_live_xml() {
+        let live = r#"<domain><vcpu>2</vcpu><memory>1024</memory>
+  <metadata><vmbpins:balancer xmlns:vmbpins="https://vm-balancer.org/xmlns/1/pins"><vmbpins:pin vcpu="0" prior="0-3"/><vmbpins:emulator prior="0-3"/></vmbpins:balancer></metadata>
+  <iothreads>2</iothreads><iothreadids><iothread id='1'/><iothread id='3'/></iothreadids>
+  <cputune><emulatorpin cpuset='2-3'/><iothreadpin iothread='3' cpuset='1'/></cputune></domain>"#;
+        let f = parse_domain_xml(live, None).unwrap();
+        let set = |v: &[u32]| Some(CpuSet(v.to_vec()));
+        assert_eq!(
+            f.threads,
+            vec![
+                ThreadDesc { thread: QemuThread::Emulator, pinned_to: set(&[2, 3]), recorded: true },
+                ThreadDesc { thread: QemuThread::IoThread(1), pinned_to: None, recorded: false },
+                ThreadDesc { thread: QemuThread::IoThread(3), pinned_to: set(&[1]), recorded: false },
+            ]
+        );
+        assert_eq!(f.emulator_prior, set(&[0, 1, 2, 3]));
+        // No pins, no iothreads: the emulator alone, floating; a count without ids numbers them from 1.
+        let f = parse_domain_xml("<domain><vcpu>1</vcpu><memory>1024</memory></domain>", None).unwrap();
+        assert_eq!(f.threads, vec![ThreadDesc { thread: QemuThread::Emulator, pinned_to: None, recorded: false }]);
+        assert_eq!(f.emulator_prior, None);
+        let f = parse_domain_xml("<domain><vcpu>1</vcpu><memory>1</memory><iothreads>2</iothreads></domain>", None)
+            .unwrap();
+        let ids: Vec<QemuThread> = f.threads.iter().map(|t| t.thread).collect();
+        assert_eq!(ids, [QemuThread::Emulator, QemuThread::IoThread(1), QemuThread::IoThread(2)]);
+        // A pin that does not parse: that thread is left out, not guessed at.
+        let x = "<domain><vcpu>1</vcpu><memory>1</memory><cputune><emulatorpin cpuset='0-3,^2'/></cputune></domain>";
+        assert!(parse_domain_xml(x, None).unwrap().threads.is_empty());
     }
 
     #[test]

@@ -1,17 +1,19 @@
 //! The one boundary between the agent and the machine it runs on.
 //!
 //! Everything the agent reads (domains, vCPU thread times, pins, balloon statistics, host cpus
-//! and memory) and everything it does (pin a vCPU, resize a balloon) goes through [`Host`].
+//! and memory) and everything it does (pin a vCPU or one of QEMU's other threads, resize a
+//! balloon) goes through [`Host`].
 //! Two implementations exist: [`libvirt::LibvirtHost`] (libvirt + procfs, the real thing) and
 //! [`crate::sim::SimHost`] (an in-memory host driven by virtual time, for tests, benches and the
 //! simulator).
 
+pub mod iothread;
 pub mod libvirt;
 pub mod procfs;
 pub mod record;
 pub mod stats;
 
-pub use record::AgentPin;
+pub use record::{AgentPin, ThreadPin};
 
 use serde::Serialize;
 
@@ -164,7 +166,40 @@ pub struct DomainDesc {
     /// When the domain's QEMU process started, epoch seconds, when known.
     pub started_epoch_s: Option<u64>,
     /// Affinity of the QEMU process's main thread: what a vCPU thread nobody pinned has.
+    /// Once the agent has pinned the emulator (the main thread), the emulator's recorded prior.
     pub default_affinity: Option<CpuSet>,
+    /// QEMU's emulator thread and the domain's I/O threads, with their live pins.
+    pub threads: Vec<ThreadDesc>,
+}
+
+/// One of QEMU's threads that are not vCPUs: the emulator (main) thread, or an I/O thread
+/// (`<iothreads>`) by its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QemuThread {
+    Emulator,
+    #[serde(rename = "iothread")]
+    IoThread(u32),
+}
+
+impl std::fmt::Display for QemuThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QemuThread::Emulator => f.write_str("emulator"),
+            QemuThread::IoThread(id) => write!(f, "I/O thread {id}"),
+        }
+    }
+}
+
+/// A QEMU thread of a domain, as discovery found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ThreadDesc {
+    pub thread: QemuThread,
+    /// Its pin in the live definition (`<cputune><emulatorpin>`, `<iothreadpin>`); `None` when
+    /// it has none: it runs on every host cpu.
+    pub pinned_to: Option<CpuSet>,
+    /// The agent's pin record holds the thread's prior affinity: the agent pinned it.
+    pub recorded: bool,
 }
 
 /// Cumulative scheduler counters of one vCPU thread.
@@ -305,6 +340,15 @@ pub trait Host {
     /// had before (live `<metadata>`, see [`record`]); empty when there is none.
     fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<AgentPin>, HostError>;
     /// Replace that record (live only; never the persistent definition). An empty list removes
-    /// it. The opt-outs beside it are kept.
+    /// it. The opt-outs and the thread entries beside it are kept.
     fn set_agent_pins(&mut self, dom: &DomainRef, pins: &[AgentPin]) -> Result<(), HostError>;
+    /// Pin QEMU's emulator thread or one I/O thread of a running domain to a set of host cpus
+    /// (live only).
+    fn pin_thread(&mut self, dom: &DomainRef, thread: QemuThread, cpus: &CpuSet) -> Result<(), HostError>;
+    /// The agent's record of the QEMU threads (emulator, I/O threads) it pinned, each with the
+    /// affinity it had before; in the same live `<metadata>` element as the vCPU record.
+    fn agent_threads(&mut self, dom: &DomainRef) -> Result<Vec<ThreadPin>, HostError>;
+    /// Replace the thread entries of that record (live only), keeping its vCPU entries and the
+    /// opt-outs. An empty list with no vCPU entries removes the element.
+    fn set_agent_threads(&mut self, dom: &DomainRef, threads: &[ThreadPin]) -> Result<(), HostError>;
 }

@@ -1,14 +1,17 @@
-//! The agent's record of its own vCPU pins, kept in each running guest's live `<metadata>`.
+//! The agent's record of its own pins, kept in each running guest's live `<metadata>`.
 //!
 //! Pins outlive the process that set them. So that a stopped, crashed or restarted agent can
-//! give back what it took, every vCPU the agent pins is written down, with the affinity it had
-//! before the agent's first pin, in an element of its own namespace beside the opt-out's
-//! (libvirt keeps one element per namespace in `<metadata>`, and `virsh metadata --set` of the
-//! opt-out replaces that whole element: the record must not live in it):
+//! give back what it took, every vCPU (and every QEMU emulator or I/O thread) the agent pins is
+//! written down, with the affinity it had before the agent's first pin, in an element of its
+//! own namespace beside the opt-out's (libvirt keeps one element per namespace in `<metadata>`,
+//! and `virsh metadata --set` of the opt-out replaces that whole element: the record must not
+//! live in it):
 //!
 //! ```xml
 //! <vmbpins:balancer xmlns:vmbpins="https://vm-balancer.org/xmlns/1/pins">
 //!   <vmbpins:pin vcpu="0" prior="0-1"/>
+//!   <vmbpins:emulator prior="0-1"/>
+//!   <vmbpins:iothread id="1" prior="0-1"/>
 //! </vmbpins:balancer>
 //! ```
 //!
@@ -16,7 +19,7 @@
 //! puts the namespace on when it is set, so the functions here read and write un-prefixed XML.
 //! They are pure; [`crate::host::Host::agent_pins`] and `set_agent_pins` do the I/O.
 
-use super::CpuSet;
+use super::{CpuSet, QemuThread};
 
 /// One vCPU the agent pinned, and the affinity it had before the agent's first pin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,10 +46,66 @@ pub fn parse_pins(element: &str) -> Result<Vec<AgentPin>, String> {
     Ok(out)
 }
 
+/// One QEMU thread (emulator or I/O thread) the agent pinned, and the affinity it had before
+/// the agent's first pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadPin {
+    pub thread: QemuThread,
+    pub prior: CpuSet,
+}
+
+/// The `<emulator>` and `<iothread>` entries of the element, emulator first, then by id. Broken
+/// entries are skipped as in [`parse_pins`]; for a thread listed twice the first entry counts.
+pub fn parse_threads(element: &str) -> Result<Vec<ThreadPin>, String> {
+    let doc = roxmltree::Document::parse(element).map_err(|e| e.to_string())?;
+    let mut out: Vec<ThreadPin> = Vec::new();
+    for c in doc.root_element().children().filter(|c| c.is_element()) {
+        let thread = match c.tag_name().name() {
+            "emulator" => QemuThread::Emulator,
+            "iothread" => match c.attribute("id").and_then(|v| v.trim().parse::<u32>().ok()) {
+                Some(id) => QemuThread::IoThread(id),
+                None => continue,
+            },
+            _ => continue,
+        };
+        let Some(prior) = c.attribute("prior").and_then(|p| crate::cpulist::parse(p).ok()) else { continue };
+        if prior.is_empty() || out.iter().any(|p| p.thread == thread) {
+            continue;
+        }
+        out.push(ThreadPin { thread, prior: CpuSet(prior) });
+    }
+    out.sort_by_key(|p| p.thread);
+    Ok(out)
+}
+
 /// The element with its `<pin>` entries replaced by `pins`, keeping its attributes (the
-/// opt-outs) and any other children as they are. `None` when nothing would be left: the
-/// element is then removed rather than left empty.
+/// opt-outs) and any other children (the thread entries) as they are. `None` when nothing
+/// would be left: the element is then removed rather than left empty.
 pub fn with_pins(element: Option<&str>, pins: &[AgentPin]) -> Result<Option<String>, String> {
+    let mut sorted: Vec<&AgentPin> = pins.iter().collect();
+    sorted.sort_by_key(|p| p.vcpu);
+    let body: String = sorted.iter().map(|p| format!("<pin vcpu=\"{}\" prior=\"{}\"/>", p.vcpu, p.prior)).collect();
+    replace_children(element, |tag| tag == "pin", &body)
+}
+
+/// The element with its `<emulator>` and `<iothread>` entries replaced by `threads`, keeping
+/// its attributes and its other children (the vCPU entries). `None` when nothing would be left.
+pub fn with_threads(element: Option<&str>, threads: &[ThreadPin]) -> Result<Option<String>, String> {
+    let mut sorted: Vec<&ThreadPin> = threads.iter().collect();
+    sorted.sort_by_key(|p| p.thread);
+    let body: String = sorted
+        .iter()
+        .map(|p| match p.thread {
+            QemuThread::Emulator => format!("<emulator prior=\"{}\"/>", p.prior),
+            QemuThread::IoThread(id) => format!("<iothread id=\"{id}\" prior=\"{}\"/>", p.prior),
+        })
+        .collect();
+    replace_children(element, |tag| matches!(tag, "emulator" | "iothread"), &body)
+}
+
+/// The element with the children `replaced` selects swapped for `body` (appended after the
+/// others), attributes kept; `None` when nothing would be left.
+fn replace_children(element: Option<&str>, replaced: fn(&str) -> bool, body: &str) -> Result<Option<String>, String> {
     let mut attrs = String::new();
     let mut others = String::new();
     if let Some(src) = element {
@@ -55,19 +114,14 @@ pub fn with_pins(element: Option<&str>, pins: &[AgentPin]) -> Result<Option<Stri
         for a in root.attributes().filter(|a| a.namespace().is_none()) {
             attrs.push_str(&format!(" {}=\"{}\"", a.name(), escape(a.value())));
         }
-        for c in root.children().filter(|c| c.is_element() && c.tag_name().name() != "pin") {
+        for c in root.children().filter(|c| c.is_element() && !replaced(c.tag_name().name())) {
             others.push_str(&src[c.range()]);
         }
     }
-    if attrs.is_empty() && others.is_empty() && pins.is_empty() {
+    if attrs.is_empty() && others.is_empty() && body.is_empty() {
         return Ok(None);
     }
-    let mut sorted: Vec<&AgentPin> = pins.iter().collect();
-    sorted.sort_by_key(|p| p.vcpu);
-    let mut body = others;
-    for p in sorted {
-        body.push_str(&format!("<pin vcpu=\"{}\" prior=\"{}\"/>", p.vcpu, p.prior));
-    }
+    let body = others + body;
     Ok(Some(if body.is_empty() {
         format!("<balancer{attrs}/>")
     } else {
@@ -114,6 +168,31 @@ mod tests {
              <pin vcpu=\"3\" prior=\"0-3\"/></balancer>"
         );
         assert_eq!(parse_pins(&out).unwrap(), vec![pin(1, &[4]), pin(3, &[0, 1, 2, 3])]);
+    }
+
+    #[test]
+    fn thread_entries_live_beside_the_vcpu_entries() {
+        let t = |thread, prior: &[u32]| ThreadPin { thread, prior: CpuSet(prior.to_vec()) };
+        let x = with_pins(None, &[pin(0, &[0, 1])]).unwrap();
+        let x = with_threads(x.as_deref(), &[t(QemuThread::IoThread(2), &[0, 1]), t(QemuThread::Emulator, &[0, 1])])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            x,
+            "<balancer><pin vcpu=\"0\" prior=\"0-1\"/><emulator prior=\"0-1\"/><iothread id=\"2\" prior=\"0-1\"/></balancer>"
+        );
+        assert_eq!(
+            parse_threads(&x).unwrap(),
+            vec![t(QemuThread::Emulator, &[0, 1]), t(QemuThread::IoThread(2), &[0, 1])]
+        );
+        assert_eq!(parse_pins(&x).unwrap(), vec![pin(0, &[0, 1])], "the vCPU entries read as before");
+        // Writing one kind keeps the other.
+        let y = with_pins(Some(&x), &[]).unwrap().unwrap();
+        assert_eq!(parse_threads(&y).unwrap().len(), 2);
+        assert_eq!(with_threads(Some(&y), &[]).unwrap(), None, "nothing left: the element goes");
+        // Broken thread entries are skipped.
+        let z = "<balancer><emulator/><iothread prior=\"0\"/><iothread id=\"1\" prior=\"x\"/><emulator prior=\"1\"/></balancer>";
+        assert_eq!(parse_threads(z).unwrap(), vec![t(QemuThread::Emulator, &[1])]);
     }
 
     #[test]

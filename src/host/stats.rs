@@ -3,7 +3,8 @@
 //! The `virt` crate's `Connect::all_domain_stats` hands back raw record pointers and frees only
 //! the array, leaking the records; this module makes the call through `virt::sys`, copies every
 //! typed parameter into owned Rust values, and frees the whole list with
-//! `virDomainStatsRecordListFree`, in one place. It is the crate's only `unsafe` code.
+//! `virDomainStatsRecordListFree`, in one place. The only other `unsafe` code is the one call
+//! in `iothread.rs` beside it.
 
 use std::ffi::CStr;
 use std::os::raw::c_uint;

@@ -36,6 +36,7 @@ fn snap(t_s: u64, avail_mib: u64, guests: &[G]) -> Snapshot {
                     opt_out: OptOut::default(),
                     started_epoch_s: Some(0),
                     default_affinity: None,
+                    threads: vec![],
                 },
                 dom,
                 cpu_excluded: None,

@@ -3,11 +3,12 @@
 
 pub mod advice;
 pub mod cpu;
+pub mod emulator;
 pub mod mem;
 
 use serde::Serialize;
 
-use crate::host::CpuSet;
+use crate::host::{CpuSet, QemuThread};
 
 /// One action of a plan, with the reason an operator reads in the log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -17,12 +18,15 @@ pub enum Action {
     Pin { domain: String, vcpu: u32, from: CpuSet, to: CpuSet, kind: PinKind, reason: String },
     /// Resize a guest's balloon.
     Balloon { domain: String, from_kib: u64, to_kib: u64, reason: String },
+    /// Pin QEMU's emulator thread or one I/O thread of a guest to a set of host cpus.
+    #[serde(rename = "pin_thread")]
+    PinThread { domain: String, thread: QemuThread, from: CpuSet, to: CpuSet, reason: String },
 }
 
 impl Action {
     pub fn domain(&self) -> &str {
         match self {
-            Action::Pin { domain, .. } | Action::Balloon { domain, .. } => domain,
+            Action::Pin { domain, .. } | Action::Balloon { domain, .. } | Action::PinThread { domain, .. } => domain,
         }
     }
 }
@@ -35,6 +39,9 @@ impl std::fmt::Display for Action {
             }
             Action::Balloon { domain, from_kib, to_kib, reason } => {
                 write!(f, "balloon {domain} {} -> {} MiB: {reason}", from_kib / 1024, to_kib / 1024)
+            }
+            Action::PinThread { domain, thread, from, to, reason } => {
+                write!(f, "pin {thread} of {domain} {from} -> {to}: {reason}")
             }
         }
     }

@@ -94,14 +94,26 @@ fn the_agent_records_what_it_pins_and_a_clean_stop_gives_it_back() {
         assert!(a.host.affinity(0, v).unwrap().as_single().is_some(), "vCPU {v} pinned: {:?}", a.host.affinity(0, v));
     }
     assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1])), (1, set(&[0, 1]))]);
-    // The idle guest is placed too (every floating vCPU is), perhaps not yet.
+    // The idle guest is placed too (every floating vCPU is), perhaps not yet; its emulator
+    // then follows its one vCPU (a's vCPUs are on both cpus: its emulator may stay floating).
     let idle = rec(&mut a.host, 1).len();
+    let db = dom(&mut a.host, 1);
+    let threads = a.host.agent_threads(&db).unwrap();
+    assert_eq!(threads.len(), idle, "the idle guest's emulator is recorded when it is pinned: {threads:?}");
+    if idle > 0 {
+        assert_eq!(threads[0], ThreadPin { thread: QemuThread::Emulator, prior: set(&[0, 1]) });
+        assert_eq!(a.host.emulator_pin(1), a.host.affinity(1, 0), "with its vCPU");
+    }
     let sum = stop_release(&mut a).unwrap().unwrap();
-    assert_eq!(sum, Summary { domains: 1 + idle, restored: 2 + idle, failed: 0 });
+    assert_eq!(sum, Summary { domains: 1 + idle, restored: 2 + 2 * idle, failed: 0 });
     for (g, v) in [(0, 0), (0, 1), (1, 0)] {
         assert_eq!(a.host.affinity(g, v), Some(&set(&[0, 1])), "guest {g} vCPU {v} floats again");
     }
+    if idle > 0 {
+        assert_eq!(a.host.emulator_pin(1), Some(&set(&[0, 1])), "the emulator floats again");
+    }
     assert!(rec(&mut a.host, 0).is_empty() && rec(&mut a.host, 1).is_empty(), "records cleared");
+    assert!(a.host.agent_threads(&db).unwrap().is_empty(), "thread record cleared");
     assert_eq!(release_all(&mut a.host).unwrap(), Summary::default(), "a second release has nothing to do");
 }
 
@@ -157,6 +169,41 @@ fn a_pin_that_fails_is_taken_out_of_the_record() {
     let out = apply_recorded(&mut a.host, &s, &[pin("a", 7, &[0, 1], 0), pin("a", 0, &[0, 1], 1)], u64::MAX).unwrap();
     assert!(matches!(out[..], [Outcome::Failed(_), Outcome::Applied]), "{out:?}");
     assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1]))]);
+}
+
+#[test]
+fn a_thread_pin_records_its_prior_first_and_a_failed_one_is_taken_out_again() {
+    let mut a = agent(host(2, &[("a", 1)]), true, false);
+    let s = snapshot(&mut a);
+    let thread = |thread, to: &[u32]| Action::PinThread {
+        domain: "a".into(),
+        thread,
+        from: set(&[0, 1]),
+        to: set(to),
+        reason: "test".into(),
+    };
+    // The simulated guest has no I/O thread: that pin fails after its prior was recorded.
+    let plan = [thread(QemuThread::Emulator, &[1]), thread(QemuThread::IoThread(1), &[1])];
+    let out = apply_recorded(&mut a.host, &s, &plan, u64::MAX).unwrap();
+    assert!(matches!(out[..], [Outcome::Applied, Outcome::Failed(_)]), "{out:?}");
+    let d = dom(&mut a.host, 0);
+    assert_eq!(
+        a.host.agent_threads(&d).unwrap(),
+        vec![ThreadPin { thread: QemuThread::Emulator, prior: set(&[0, 1]) }]
+    );
+    assert_eq!(a.host.emulator_pin(0), Some(&set(&[1])));
+    // A later pin keeps the first prior; release gives it back and clears the record.
+    let s = snapshot(&mut a);
+    let mut later = thread(QemuThread::Emulator, &[0]);
+    if let Action::PinThread { from, .. } = &mut later {
+        *from = set(&[1]);
+    }
+    apply_recorded(&mut a.host, &s, &[later], u64::MAX).unwrap();
+    assert_eq!(a.host.agent_threads(&d).unwrap()[0].prior, set(&[0, 1]));
+    let r = release_domain(&mut a.host, &d).unwrap().unwrap();
+    assert_eq!(r.threads_restored, vec![ThreadPin { thread: QemuThread::Emulator, prior: set(&[0, 1]) }]);
+    assert_eq!(a.host.emulator_pin(0), Some(&set(&[0, 1])));
+    assert!(a.host.agent_threads(&d).unwrap().is_empty());
 }
 
 #[test]

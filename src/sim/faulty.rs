@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use crate::host::{
-    AgentPin, BalloonStats, CpuSet, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut, Topology,
-    VcpuTimes,
+    AgentPin, BalloonStats, CpuSet, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut, QemuThread,
+    ThreadPin, Topology, VcpuTimes,
 };
 use crate::sim::{GuestSpec, SimConfig, SimHost};
 
@@ -22,6 +22,10 @@ pub struct Faulty {
     pub pin_tries: HashMap<(String, u32), usize>,
     /// Virtual time each pin takes, ns (a slow libvirtd).
     pub pin_cost_ns: u64,
+    /// Every emulator or I/O thread pin fails with this class.
+    pub thread_pin_fails: Option<ErrorClass>,
+    /// Thread pin attempts per (domain, thread).
+    pub thread_pin_tries: HashMap<(String, QemuThread), usize>,
     /// Virtual time each `describe` takes, ns.
     pub describe_cost_ns: u64,
     pub describes: usize,
@@ -47,6 +51,8 @@ impl Faulty {
             pin_calls: 0,
             pin_tries: HashMap::new(),
             pin_cost_ns: 0,
+            thread_pin_fails: None,
+            thread_pin_tries: HashMap::new(),
             describe_cost_ns: 0,
             describes: 0,
             lag_ns: 0,
@@ -132,5 +138,20 @@ impl Host for Faulty {
     }
     fn set_agent_pins(&mut self, dom: &DomainRef, pins: &[AgentPin]) -> Result<(), HostError> {
         self.sim.set_agent_pins(dom, pins)
+    }
+    fn pin_thread(&mut self, dom: &DomainRef, thread: QemuThread, cpus: &CpuSet) -> Result<(), HostError> {
+        *self.thread_pin_tries.entry((dom.name.clone(), thread)).or_default() += 1;
+        match self.thread_pin_fails {
+            Some(class) => {
+                Err(HostError::Refused { op: "pin thread", object: dom.name.clone(), class, detail: "injected".into() })
+            }
+            None => self.sim.pin_thread(dom, thread, cpus),
+        }
+    }
+    fn agent_threads(&mut self, dom: &DomainRef) -> Result<Vec<ThreadPin>, HostError> {
+        self.sim.agent_threads(dom)
+    }
+    fn set_agent_threads(&mut self, dom: &DomainRef, threads: &[ThreadPin]) -> Result<(), HostError> {
+        self.sim.set_agent_threads(dom, threads)
     }
 }

@@ -44,7 +44,7 @@ use std::collections::HashMap;
 
 use crate::host::{
     AgentPin, BalloonStats, CpuSet, CpuTopo, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut,
-    Topology, VcpuTimes,
+    QemuThread, ThreadDesc, ThreadPin, Topology, VcpuTimes,
 };
 
 /// Share of a guest's memory deficit paged in per second while it swaps.
@@ -143,6 +143,11 @@ struct SimGuest {
     swap_in_kib: f64,
     /// The agent's pin record (a real host keeps it in the live `<metadata>`).
     agent_pins: Vec<AgentPin>,
+    /// The emulator thread's pin (`None`: floating over every cpu). Only recorded: the CPU
+    /// model gives QEMU's own threads no load.
+    emulator_pin: Option<CpuSet>,
+    /// The thread entries of the agent's pin record.
+    agent_threads: Vec<ThreadPin>,
 }
 
 /// Figures of the last interval, for the simulation's report.
@@ -278,6 +283,8 @@ impl SimHost {
                 resident_kib: start,
                 swap_in_kib: 0.0,
                 agent_pins: Vec::new(),
+                emulator_pin: None,
+                agent_threads: Vec::new(),
             });
         }
         Ok(SimHost {
@@ -365,6 +372,11 @@ impl SimHost {
         }
     }
 
+    /// Guest `g`'s emulator pin (`None`: floating over every cpu).
+    pub fn emulator_pin(&self, g: usize) -> Option<&CpuSet> {
+        self.guests.get(g).and_then(|x| x.emulator_pin.as_ref())
+    }
+
     /// Restarts guest `g`: a new runtime id (the old [`DomainRef`] is gone), vCPUs floating over
     /// every cpu again and no live metadata, as after a real restart.
     pub fn restart_guest(&mut self, g: usize) {
@@ -373,6 +385,8 @@ impl SimHost {
         if let Some(x) = self.guests.get_mut(g) {
             x.dom.id = next_id;
             x.agent_pins.clear();
+            x.agent_threads.clear();
+            x.emulator_pin = None;
             for v in &mut x.vcpus {
                 v.affinity = all.clone();
             }
@@ -650,6 +664,11 @@ impl Host for SimHost {
             // Every simulated guest runs from virtual time 0.
             started_epoch_s: Some(self.cfg.epoch0_s),
             default_affinity: None,
+            threads: vec![ThreadDesc {
+                thread: QemuThread::Emulator,
+                pinned_to: g.emulator_pin.clone(),
+                recorded: g.agent_threads.iter().any(|t| t.thread == QemuThread::Emulator),
+            }],
         })
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -751,6 +770,34 @@ impl Host for SimHost {
         let mut pins = pins.to_vec();
         pins.sort_by_key(|p| p.vcpu);
         self.guests[gi].agent_pins = pins;
+        Ok(())
+    }
+    fn pin_thread(&mut self, dom: &DomainRef, thread: QemuThread, cpus: &CpuSet) -> Result<(), HostError> {
+        let gi = self.guest(dom)?;
+        let bad = |detail: String| HostError::Refused {
+            op: "pin thread",
+            object: dom.name.clone(),
+            class: ErrorClass::Permanent,
+            detail,
+        };
+        if cpus.0.is_empty() || cpus.0.iter().any(|&c| c >= self.cfg.cpus) {
+            return Err(bad(format!("cannot pin to {cpus}")));
+        }
+        match thread {
+            QemuThread::Emulator => self.guests[gi].emulator_pin = Some(cpus.clone()),
+            QemuThread::IoThread(id) => return Err(bad(format!("no I/O thread {id}"))),
+        }
+        Ok(())
+    }
+    fn agent_threads(&mut self, dom: &DomainRef) -> Result<Vec<ThreadPin>, HostError> {
+        let gi = self.guest(dom)?;
+        Ok(self.guests[gi].agent_threads.clone())
+    }
+    fn set_agent_threads(&mut self, dom: &DomainRef, threads: &[ThreadPin]) -> Result<(), HostError> {
+        let gi = self.guest(dom)?;
+        let mut threads = threads.to_vec();
+        threads.sort_by_key(|t| t.thread);
+        self.guests[gi].agent_threads = threads;
         Ok(())
     }
 }
