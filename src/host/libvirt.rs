@@ -9,6 +9,7 @@ use virt::error::{ErrorNumber, ErrorNumberEnum};
 use virt::sys;
 
 use super::procfs as pfs;
+use super::schedstat::{self, SchedstatFiles};
 use super::stats::{self, DomainStats};
 use super::{AgentPin, CpuSet, record};
 use super::{
@@ -59,6 +60,8 @@ pub struct LibvirtHost {
     root: PathBuf,
     conn: Option<Connect>,
     start: Instant,
+    /// The vCPU threads' `schedstat` files, open between quanta.
+    schedstat: SchedstatFiles,
 }
 
 impl LibvirtHost {
@@ -66,7 +69,9 @@ impl LibvirtHost {
     pub fn new(uri: &str) -> Self {
         // libvirt prints every error to stderr by default; errors reach us as values instead.
         virt::error::clear_error_callback();
-        LibvirtHost { uri: uri.to_string(), root: PathBuf::from("/"), conn: None, start: Instant::now() }
+        let root = PathBuf::from("/");
+        let schedstat = SchedstatFiles::new(&root, schedstat::open_file_budget());
+        LibvirtHost { uri: uri.to_string(), root, conn: None, start: Instant::now(), schedstat }
     }
 
     fn conn(&self) -> Result<&Connect, HostError> {
@@ -131,6 +136,9 @@ impl Host for LibvirtHost {
     }
 
     fn list_domains(&mut self) -> Result<Vec<DomainRef>, HostError> {
+        // A quantum's reads start with the listing: the threads the last quantum did not read
+        // have their files closed.
+        self.schedstat.start_pass();
         let r = self.conn()?.list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE);
         let doms = r.map_err(|e| self.fail("list domains", "host", e))?;
         let mut out = Vec::with_capacity(doms.len());
@@ -183,7 +191,7 @@ impl Host for LibvirtHost {
         let mut out = Vec::with_capacity(desc.vcpu_tids.len());
         for tid in &desc.vcpu_tids {
             let t = match tid {
-                Some(tid) => read_vcpu(&self.root, pid, *tid)?,
+                Some(tid) => read_vcpu(&self.root, &mut self.schedstat, pid, *tid)?,
                 None => None,
             };
             out.push(t);
@@ -272,8 +280,13 @@ fn metadata_of(dom: &DomainRef) -> String {
     format!("<metadata> of {}", dom.name)
 }
 
-fn read_vcpu(root: &std::path::Path, pid: u32, tid: u32) -> Result<Option<VcpuTimes>, HostError> {
-    let Some((run_ns, wait_ns)) = pfs::schedstat(root, pid, tid)? else { return Ok(None) };
+fn read_vcpu(
+    root: &std::path::Path,
+    files: &mut SchedstatFiles,
+    pid: u32,
+    tid: u32,
+) -> Result<Option<VcpuTimes>, HostError> {
+    let Some((run_ns, wait_ns)) = files.read(pid, tid)? else { return Ok(None) };
     let Some(affinity_mask) = pfs::affinity(root, pid, tid) else { return Ok(None) };
     // Where a floating thread runs is needed to attribute its load; a pinned one runs on its pin.
     let last_cpu = match affinity_mask.as_single() {

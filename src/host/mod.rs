@@ -9,6 +9,7 @@
 pub mod libvirt;
 pub mod procfs;
 pub mod record;
+pub mod schedstat;
 pub mod stats;
 
 pub use record::AgentPin;
