@@ -506,10 +506,8 @@ fn place(input: &CpuInput, policy: &CpuPolicy, w: &Work, v: &VcpuSlot) -> usize 
 /// load.
 fn pair_gain(policy: &CpuPolicy, src: f64, tgt: f64, delta: f64) -> Option<f64> {
     let (ns, nt) = (src - delta, tgt + delta);
-    if nt > ns + policy.flip_margin + EPS {
-        return None;
-    }
-    Some(src - ns.max(nt))
+    // Computed either way: a select, not a branch, in the loops of `best_candidate`.
+    (nt <= ns + policy.flip_margin + EPS).then_some(src - ns.max(nt))
 }
 
 /// The candidates that may still win: those within `about_equal` of the best gain so far.
@@ -543,7 +541,8 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
     // (the caller only plans for such a source) and the target stays under it, so the change
     // removes real delay and the target can never become a source that sends it back.
     let admissible = |gain: f64, tgt_after: f64| {
-        gain >= policy.min_gain - EPS || (tgt_after <= policy.high + EPS && gain >= RELIEF_MIN_GAIN)
+        // `|` and `&`, not `||` and `&&`: no branches to mispredict in the loops below.
+        (gain >= policy.min_gain - EPS) | ((tgt_after <= policy.high + EPS) & (gain >= RELIEF_MIN_GAIN))
     };
     // The free vCPUs of `b` with their demands, read once.
     let movers: Vec<(usize, f64)> =
@@ -580,14 +579,10 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
             for &(v, dv) in &movers {
                 for &(w, dw) in &partners {
                     let delta = dv - dw;
-                    if delta <= EPS {
-                        continue;
-                    }
-                    if let Some(gain) = pair_gain(policy, load[b], load[t], delta) {
-                        let tgt_after = load[t] + delta;
-                        if admissible(gain, tgt_after) {
-                            short.push(Candidate { v, w: Some(w), target: t, gain, same_node });
-                        }
+                    // Tested together (`&`): most pairs pass, and a branch per test mispredicts.
+                    let gain = pair_gain(policy, load[b], load[t], delta);
+                    if let Some(gain) = gain.filter(|&g| (delta > EPS) & admissible(g, load[t] + delta)) {
+                        short.push(Candidate { v, w: Some(w), target: t, gain, same_node });
                     }
                 }
             }
