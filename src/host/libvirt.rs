@@ -521,6 +521,45 @@ mod tests {
     }
 
     #[test]
+    fn vcpu_files_stay_open_while_their_domain_is_listed() {
+        // libvirt's in-process test driver for the listing; a thread of this process as vCPU.
+        let mut h = LibvirtHost::new("test:///default");
+        h.ensure_connected().unwrap();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let link = std::fs::read_link("/proc/thread-self").unwrap();
+            tid_tx.send(link.file_name().unwrap().to_str().unwrap().parse::<u32>().unwrap()).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        let desc = DomainDesc {
+            dom: DomainRef { name: "web".into(), uuid: String::new(), id: 1 },
+            vcpu_tids: vec![Some(tid), None],
+            pid: Some(std::process::id()),
+            max_kib: 0,
+            has_balloon: false,
+            stats_period_s: 0,
+            opt_out: OptOut::default(),
+            started_epoch_s: None,
+            default_affinity: None,
+        };
+        for _ in 0..3 {
+            h.list_domains().unwrap();
+            let t = h.vcpu_times(&desc).unwrap();
+            assert!(t[0].as_ref().is_some_and(|t| !t.affinity_mask.0.is_empty()) && t[1].is_none());
+            assert_eq!(h.schedstat.open_files(), 1, "one file, kept from quantum to quantum");
+        }
+        // The domain stopped: its vCPU is no longer read, and a quantum later its file is closed.
+        h.list_domains().unwrap();
+        assert_eq!(h.schedstat.open_files(), 1);
+        h.list_domains().unwrap();
+        assert_eq!(h.schedstat.open_files(), 0);
+        stop.send(()).unwrap();
+        thread.join().unwrap();
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(parse_domain_xml("<domain>", None).is_err());
         assert!(parse_domain_xml("<domain><vcpu>x</vcpu></domain>", None).is_err());
