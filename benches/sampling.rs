@@ -6,7 +6,8 @@
 //! - `open+read+close`: the path read the agent did every quantum before (`procfs::schedstat`).
 //! - `affinity`: the other per-thread read of a quantum, `sched_getaffinity`.
 //!
-//! Criterion's throughput line gives threads per second; per-thread costs are printed too.
+//! Criterion's throughput line gives threads per second. Per-thread costs are printed too, in
+//! wall time and in the thread's CPU time (steadier on a shared, busy machine).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -50,8 +51,33 @@ fn spawn_threads() -> (Vec<u32>, Arc<AtomicBool>, Vec<std::thread::JoinHandle<()
     (tids, stop, handles)
 }
 
-fn per_thread_us(what: &str, n: usize, t0: Instant) {
-    eprintln!("{what} over {n} threads: {:.2} µs per thread", t0.elapsed().as_secs_f64() * 1e6 / n as f64);
+/// CPU time (user + system) of the calling thread, µs, from its `schedstat` (exact, where
+/// getrusage counts in ticks): unlike wall time, it does not count the time other jobs of a
+/// busy machine hold the cpu.
+fn thread_cpu_us() -> f64 {
+    let text = std::fs::read("/proc/thread-self/schedstat").unwrap_or_default();
+    vm_balancer::host::schedstat::parse(&text).map_or(0.0, |(run_ns, _)| run_ns as f64 / 1e3)
+}
+
+/// Runs `pass` `times` times and prints its cost per thread: wall time (median and range of
+/// the passes) and CPU time of this thread (the mean: the kernel updates a running thread's
+/// count only at ticks and switches, too coarse for one pass).
+fn per_thread(what: &str, n: usize, times: usize, mut pass: impl FnMut()) {
+    let mut wall = Vec::with_capacity(times);
+    let c0 = thread_cpu_us();
+    for _ in 0..times {
+        let t0 = Instant::now();
+        pass();
+        wall.push(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
+    }
+    let cpu = (thread_cpu_us() - c0) / (times * n) as f64;
+    wall.sort_by(f64::total_cmp);
+    eprintln!(
+        "{what}, {times} passes over {n} threads, µs per thread: wall median {:.2} ({:.2}-{:.2}), cpu mean {cpu:.2}",
+        wall[times / 2],
+        wall[0],
+        wall[times - 1]
+    );
 }
 
 fn sampling(c: &mut Criterion) {
@@ -60,16 +86,21 @@ fn sampling(c: &mut Criterion) {
     let root = Path::new("/");
     let n = tids.len();
 
-    // Single passes, as the agent meets them: the first quantum, then the next ones.
+    // Passes timed one by one, as the agent meets them: the first quantum (cold), the next
+    // ones (warm), and the path read of before.
     let mut files = SchedstatFiles::new(root, THREADS);
-    let t0 = Instant::now();
-    files.start_pass();
-    let ok = tids.iter().filter(|&&t| matches!(files.read(pid, t), Ok(Some(_)))).count();
-    per_thread_us(&format!("one cold pass ({ok} read)"), n, t0);
-    let t0 = Instant::now();
-    files.start_pass();
-    let ok = tids.iter().filter(|&&t| matches!(files.read(pid, t), Ok(Some(_)))).count();
-    per_thread_us(&format!("the next (warm) pass ({ok} read)"), n, t0);
+    let read_all = |files: &mut SchedstatFiles| {
+        files.start_pass();
+        let ok = tids.iter().filter(|&&t| matches!(files.read(pid, t), Ok(Some(_)))).count();
+        assert_eq!(ok, n, "every thread read");
+    };
+    per_thread("cold pass", n, 10, || read_all(&mut SchedstatFiles::new(root, THREADS)));
+    read_all(&mut files);
+    per_thread("warm pass", n, 50, || read_all(&mut files));
+    per_thread("open+read+close pass", n, 10, || {
+        let ok = tids.iter().filter(|&&t| matches!(procfs::schedstat(root, pid, t), Ok(Some(_)))).count();
+        assert_eq!(ok, n, "every thread read");
+    });
 
     let mut g = c.benchmark_group("sampling");
     g.sample_size(20).measurement_time(Duration::from_secs(5)).throughput(Throughput::Elements(n as u64));
