@@ -9,6 +9,7 @@ use virt::error::{ErrorNumber, ErrorNumberEnum};
 use virt::sys;
 
 use super::procfs as pfs;
+use super::schedstat::{self, SchedstatFiles};
 use super::stats::{self, DomainStats};
 use super::{AgentPin, CpuSet, QemuThread, ThreadDesc, ThreadPin, record};
 use super::{
@@ -59,6 +60,8 @@ pub struct LibvirtHost {
     root: PathBuf,
     conn: Option<Connect>,
     start: Instant,
+    /// The vCPU threads' `schedstat` files, open between quanta.
+    schedstat: SchedstatFiles,
 }
 
 impl LibvirtHost {
@@ -66,7 +69,9 @@ impl LibvirtHost {
     pub fn new(uri: &str) -> Self {
         // libvirt prints every error to stderr by default; errors reach us as values instead.
         virt::error::clear_error_callback();
-        LibvirtHost { uri: uri.to_string(), root: PathBuf::from("/"), conn: None, start: Instant::now() }
+        let root = PathBuf::from("/");
+        let schedstat = SchedstatFiles::new(&root, schedstat::open_file_budget());
+        LibvirtHost { uri: uri.to_string(), root, conn: None, start: Instant::now(), schedstat }
     }
 
     fn conn(&self) -> Result<&Connect, HostError> {
@@ -131,6 +136,9 @@ impl Host for LibvirtHost {
     }
 
     fn list_domains(&mut self) -> Result<Vec<DomainRef>, HostError> {
+        // A quantum's reads start with the listing: the threads the last quantum did not read
+        // have their files closed.
+        self.schedstat.start_pass();
         let r = self.conn()?.list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE);
         let doms = r.map_err(|e| self.fail("list domains", "host", e))?;
         let mut out = Vec::with_capacity(doms.len());
@@ -186,7 +194,7 @@ impl Host for LibvirtHost {
         let mut out = Vec::with_capacity(desc.vcpu_tids.len());
         for tid in &desc.vcpu_tids {
             let t = match tid {
-                Some(tid) => read_vcpu(&self.root, pid, *tid)?,
+                Some(tid) => read_vcpu(&self.root, &mut self.schedstat, pid, *tid)?,
                 None => None,
             };
             out.push(t);
@@ -320,8 +328,13 @@ fn metadata_of(dom: &DomainRef) -> String {
     format!("<metadata> of {}", dom.name)
 }
 
-fn read_vcpu(root: &std::path::Path, pid: u32, tid: u32) -> Result<Option<VcpuTimes>, HostError> {
-    let Some((run_ns, wait_ns)) = pfs::schedstat(root, pid, tid)? else { return Ok(None) };
+fn read_vcpu(
+    root: &std::path::Path,
+    files: &mut SchedstatFiles,
+    pid: u32,
+    tid: u32,
+) -> Result<Option<VcpuTimes>, HostError> {
+    let Some((run_ns, wait_ns)) = files.read(pid, tid)? else { return Ok(None) };
     let Some(affinity_mask) = pfs::affinity(root, pid, tid) else { return Ok(None) };
     // Where a floating thread runs is needed to attribute its load; a pinned one runs on its pin.
     let last_cpu = match affinity_mask.as_single() {
@@ -644,6 +657,46 @@ mod tests {
         // A pin that does not parse: that thread is left out, not guessed at.
         let x = "<domain><vcpu>1</vcpu><memory>1</memory><cputune><emulatorpin cpuset='0-3,^2'/></cputune></domain>";
         assert!(parse_domain_xml(x, None).unwrap().threads.is_empty());
+    }
+
+    #[test]
+    fn vcpu_files_stay_open_while_their_domain_is_listed() {
+        // libvirt's in-process test driver for the listing; a thread of this process as vCPU.
+        let mut h = LibvirtHost::new("test:///default");
+        h.ensure_connected().unwrap();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let link = std::fs::read_link("/proc/thread-self").unwrap();
+            tid_tx.send(link.file_name().unwrap().to_str().unwrap().parse::<u32>().unwrap()).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        let desc = DomainDesc {
+            dom: DomainRef { name: "web".into(), uuid: String::new(), id: 1 },
+            vcpu_tids: vec![Some(tid), None],
+            pid: Some(std::process::id()),
+            max_kib: 0,
+            has_balloon: false,
+            stats_period_s: 0,
+            opt_out: OptOut::default(),
+            started_epoch_s: None,
+            default_affinity: None,
+            threads: vec![],
+        };
+        for _ in 0..3 {
+            h.list_domains().unwrap();
+            let t = h.vcpu_times(&desc).unwrap();
+            assert!(t[0].as_ref().is_some_and(|t| !t.affinity_mask.0.is_empty()) && t[1].is_none());
+            assert_eq!(h.schedstat.open_files(), 1, "one file, kept from quantum to quantum");
+        }
+        // The domain stopped: its vCPU is no longer read, and a quantum later its file is closed.
+        h.list_domains().unwrap();
+        assert_eq!(h.schedstat.open_files(), 1);
+        h.list_domains().unwrap();
+        assert_eq!(h.schedstat.open_files(), 0);
+        stop.send(()).unwrap();
+        thread.join().unwrap();
     }
 
     #[test]

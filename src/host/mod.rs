@@ -11,6 +11,7 @@ pub mod iothread;
 pub mod libvirt;
 pub mod procfs;
 pub mod record;
+pub mod schedstat;
 pub mod stats;
 
 pub use record::{AgentPin, ThreadPin};

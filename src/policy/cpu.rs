@@ -194,7 +194,7 @@ pub fn input_from(
             settling: touched_at.get(&id).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.settle_ns)),
         })
         .collect();
-    let mut vcpus = Vec::new();
+    let mut vcpus = Vec::with_capacity(snap.domains.iter().map(|d| d.vcpus.len()).sum());
     for d in &snap.domains {
         let moved = moved_at.get(&d.dom.name);
         let stuck = blocked.get(&d.dom.name);
@@ -273,10 +273,15 @@ impl Work {
     fn new(input: &CpuInput) -> Work {
         let n = input.cpus.len();
         let load: Vec<f64> = input.cpus.iter().map(|c| c.fixed).collect();
+        // Each cpu's list sized once (for its vCPUs and a few moves in): no regrowth.
+        let mut count = vec![0usize; n];
+        for c in input.vcpus.iter().filter_map(|v| v.cpu) {
+            count[c] += 1;
+        }
         let mut w = Work {
             peak_load: load.clone(),
             load,
-            on: vec![Vec::new(); n],
+            on: count.iter().map(|&k| Vec::with_capacity(k + 4)).collect(),
             free: input.vcpus.iter().map(|v| v.movable).collect(),
             settling: input.cpus.iter().map(|c| c.settling).collect(),
         };
@@ -501,10 +506,32 @@ fn place(input: &CpuInput, policy: &CpuPolicy, w: &Work, v: &VcpuSlot) -> usize 
 /// load.
 fn pair_gain(policy: &CpuPolicy, src: f64, tgt: f64, delta: f64) -> Option<f64> {
     let (ns, nt) = (src - delta, tgt + delta);
-    if nt > ns + policy.flip_margin + EPS {
-        return None;
+    // Computed either way: a select, not a branch, in the loops of `best_candidate`.
+    (nt <= ns + policy.flip_margin + EPS).then_some(src - ns.max(nt))
+}
+
+/// The candidates that may still win: those within `about_equal` of the best gain so far.
+/// The best only rises, so a candidate left out here would be left out at the end too; the
+/// kept ones stay in the order they came, as the final choice breaks no tie by position but
+/// the first.
+struct Shortlist {
+    cands: Vec<Candidate>,
+    /// The best gain of all candidates offered (kept or not: the best is always kept).
+    best: f64,
+    about_equal: f64,
+}
+
+impl Shortlist {
+    fn new(about_equal: f64) -> Self {
+        Shortlist { cands: Vec::new(), best: f64::NEG_INFINITY, about_equal }
     }
-    Some(src - ns.max(nt))
+
+    fn push(&mut self, c: Candidate) {
+        if c.gain >= self.best - self.about_equal - EPS {
+            self.best = self.best.max(c.gain);
+            self.cands.push(c);
+        }
+    }
 }
 
 fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repins_left: usize) -> Option<Candidate> {
@@ -514,13 +541,15 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
     // (the caller only plans for such a source) and the target stays under it, so the change
     // removes real delay and the target can never become a source that sends it back.
     let admissible = |gain: f64, tgt_after: f64| {
-        gain >= policy.min_gain - EPS || (tgt_after <= policy.high + EPS && gain >= RELIEF_MIN_GAIN)
+        // `|` and `&`, not `||` and `&&`: no branches to mispredict in the loops below.
+        (gain >= policy.min_gain - EPS) | ((tgt_after <= policy.high + EPS) & (gain >= RELIEF_MIN_GAIN))
     };
-    let movers: Vec<usize> = on[b].iter().copied().filter(|&v| free[v]).collect();
-    let mut cands: Vec<Candidate> = Vec::new();
+    // The free vCPUs of `b` with their demands, read once.
+    let movers: Vec<(usize, f64)> =
+        on[b].iter().copied().filter(|&v| free[v]).map(|v| (v, input.vcpus[v].demand)).collect();
+    let mut short = Shortlist::new(policy.about_equal);
     // Moves first.
-    for &v in &movers {
-        let dv = input.vcpus[v].demand;
+    for &(v, dv) in &movers {
         for t in 0..load.len() {
             if t == b || settling[t] {
                 continue;
@@ -529,7 +558,7 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
                 let tgt_after = load[t] + dv;
                 if admissible(gain, tgt_after) {
                     let same_node = input.cpus[t].node == node_b;
-                    cands.push(Candidate { v, w: None, target: t, gain, same_node });
+                    short.push(Candidate { v, w: None, target: t, gain, same_node });
                 }
             }
         }
@@ -537,44 +566,45 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
     // Swaps, only where one could matter: no change between b and t gains more than half
     // their gap, and a swap within `about_equal` of the best move loses to that move anyway.
     if repins_left >= 2 {
-        let best_move = cands.iter().map(|c| c.gain).fold(f64::NEG_INFINITY, f64::max);
+        let best_move = short.best;
+        // The free vCPUs of the target with their demands, gathered once per target.
+        let mut partners: Vec<(usize, f64)> = Vec::new();
         for t in 0..load.len() {
             if t == b || settling[t] || (load[b] - load[t]) / 2.0 <= best_move + policy.about_equal + EPS {
                 continue;
             }
             let same_node = input.cpus[t].node == node_b;
-            for &v in &movers {
-                let dv = input.vcpus[v].demand;
-                for &w in on[t].iter().filter(|&&w| free[w]) {
-                    let delta = dv - input.vcpus[w].demand;
-                    if delta <= EPS {
-                        continue;
-                    }
-                    if let Some(gain) = pair_gain(policy, load[b], load[t], delta) {
-                        let tgt_after = load[t] + delta;
-                        if admissible(gain, tgt_after) {
-                            cands.push(Candidate { v, w: Some(w), target: t, gain, same_node });
-                        }
+            partners.clear();
+            partners.extend(on[t].iter().copied().filter(|&w| free[w]).map(|w| (w, input.vcpus[w].demand)));
+            for &(v, dv) in &movers {
+                for &(w, dw) in &partners {
+                    let delta = dv - dw;
+                    // Tested together (`&`): most pairs pass, and a branch per test mispredicts.
+                    let gain = pair_gain(policy, load[b], load[t], delta);
+                    if let Some(gain) = gain.filter(|&g| (delta > EPS) & admissible(g, load[t] + delta)) {
+                        short.push(Candidate { v, w: Some(w), target: t, gain, same_node });
                     }
                 }
             }
         }
     }
-    let best_gain = cands.iter().map(|c| c.gain).fold(f64::NEG_INFINITY, f64::max);
-    cands.into_iter().filter(|c| c.gain >= best_gain - policy.about_equal - EPS).min_by(|x, y| {
-        // Peaks the target would hold after the change: within the limit first.
-        let peak_safe = |c: &Candidate| {
-            let back = c.w.map_or(0.0, |w| input.vcpus[w].peak);
-            peak_load[c.target] + input.vcpus[c.v].peak - back <= policy.peak_limit + EPS
-        };
-        let key = |c: &Candidate| (usize::from(c.w.is_some()), !peak_safe(c), !c.same_node);
-        key(x)
-            .cmp(&key(y))
-            .then(input.vcpus[x.v].demand.total_cmp(&input.vcpus[y.v].demand))
-            .then(load[x.target].total_cmp(&load[y.target]))
-            .then(x.target.cmp(&y.target))
-            .then(x.v.cmp(&y.v))
-    })
+    let Shortlist { cands, best: best_gain, .. } = short;
+    // Peaks the target would hold after the change: within the limit first.
+    let peak_safe = |c: &Candidate| {
+        let back = c.w.map_or(0.0, |w| input.vcpus[w].peak);
+        peak_load[c.target] + input.vcpus[c.v].peak - back <= policy.peak_limit + EPS
+    };
+    // Each candidate's sort key, computed once: (swap, not peak-safe, other node), then the
+    // lighter vCPU, the freer target, and the lower indices.
+    let keyed = cands.into_iter().filter(|c| c.gain >= best_gain - policy.about_equal - EPS).map(|c| {
+        let key = (usize::from(c.w.is_some()), !peak_safe(&c), !c.same_node);
+        (key, input.vcpus[c.v].demand, load[c.target], c)
+    });
+    keyed
+        .min_by(|(kx, dx, lx, x), (ky, dy, ly, y)| {
+            kx.cmp(ky).then(dx.total_cmp(dy)).then(lx.total_cmp(ly)).then(x.target.cmp(&y.target)).then(x.v.cmp(&y.v))
+        })
+        .map(|(.., c)| c)
 }
 
 #[cfg(test)]
