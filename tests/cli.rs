@@ -190,3 +190,24 @@ fn under_the_journal_lines_carry_a_priority_and_no_timestamp() {
     assert!(text.lines().all(|l| l.starts_with("[20")), "{text}");
     assert!(text.contains("WARN ] cannot reach the hypervisor"), "{text}");
 }
+
+#[test]
+fn the_configuration_document_names_every_flag() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md")).unwrap();
+    for sub in ["run", "diagnose", "release"] {
+        let help = vmb(&[sub, "--help"], &[]);
+        let help = String::from_utf8_lossy(&help.stdout);
+        let flags = help
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix("--"))
+            .map(|w| w.trim_end_matches([',', '.', ')', '=']).split(['=', '<', '[']).next().unwrap_or(""))
+            .filter(|f| !f.is_empty() && !["help", "version"].contains(f));
+        for f in flags {
+            let named = doc.match_indices(&format!("--{f}")).any(|(i, m)| {
+                !doc[i + m.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-')
+                    && doc[..i].ends_with(['`', ' '])
+            });
+            assert!(named, "docs/configuration.md does not describe --{f} of {sub}");
+        }
+    }
+}
