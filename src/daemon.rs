@@ -57,6 +57,7 @@ impl AgentConfig {
                 settle_ns: ns(c.smoothing).saturating_mul(2),
                 cooldown_ns: ns(c.cooldown),
                 peak_limit: c.peak_limit,
+                delay_margin: c.delay_margin,
                 ..CpuPolicy::default()
             }),
             mem: (!c.no_memory).then(|| MemConfig {
