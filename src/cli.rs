@@ -295,6 +295,11 @@ pub struct Common {
         env = "VM_BALANCER_EMULATOR_CPUS"
     )]
     pub emulator_cpus: EmulatorCpus,
+    /// A repin that leaves its source or target cpu above one core must lower their demand
+    /// above one core (the delay it predicts) by at least this many cores: on an overloaded
+    /// host, moves that only shift delay between cpus are not made. 0 to 1.
+    #[arg(long, default_value_t = crate::policy::cpu::DEFAULT_DELAY_MARGIN, value_parser = gain, env = "VM_BALANCER_DELAY_MARGIN")]
+    pub delay_margin: f64,
     /// Do not balance vCPUs.
     #[arg(long, env = "VM_BALANCER_NO_CPU")]
     pub no_cpu: bool,

@@ -63,6 +63,7 @@ impl AgentConfig {
                 settle_ns: ns(c.smoothing).saturating_mul(2),
                 cooldown_ns: ns(c.cooldown),
                 peak_limit: c.peak_limit,
+                delay_margin: c.delay_margin,
                 ..CpuPolicy::default()
             }),
             emulator: c.emulator_cpus.clone(),

@@ -21,6 +21,7 @@ fn bad_flags_exit_2_with_the_flag_named() {
         (vec!["run", "--quantum", "soon"], "--quantum"),
         (vec!["run", "--cpus", "3-1"], "--cpus"),
         (vec!["run", "--high", "1.5"], "--high"),
+        (vec!["run", "--delay-margin", "2"], "--delay-margin"),
         (vec!["run", "--max-repins=-1"], "--max-repins"),
         (vec!["run", "--max-repins", "99999"], "--max-repins"),
         (vec!["diagnose", "--guest-floor", "12"], "--guest-floor"),
@@ -69,6 +70,9 @@ fn environment_variables_are_read() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--emulator-cpus 4095: 4095 not among the host's online cpus")
     );
+    let out = vmb(&["run"], &[("VM_BALANCER_DELAY_MARGIN", "-0.1")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--delay-margin"));
 }
 
 #[test]

@@ -227,3 +227,20 @@ fn simulate_refuses_a_plot_it_cannot_write_before_running() {
     assert!(err.contains("--plot") && err.contains("/nonexistent/dir/run.svg"), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn an_overloaded_host_is_not_churned() {
+    // 48 trace guests on 8 cpus: demand exceeds the host most of the time (floating itself
+    // waits). A move between two cpus that both stay above one core only shifts delay, so
+    // `--delay-margin` refuses it: fewer repins than without the margin, and the delay stays
+    // within the 1.05x of floating.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitbrains-excerpt");
+    let args = ["--traces", dir, "--host-cpus", "8", "--guests", "48", "--duration", "1h", "--host-mem", "512GiB"];
+    let calm = run(&args);
+    let eager = run(&[&args[..], &["--delay-margin", "0"]].concat());
+    let (ours, float) = (get(&calm, Policy::Ours), get(&calm, Policy::Floating));
+    assert!(float.delay_core_seconds > 0.0, "the host must be overloaded: {calm:#?}");
+    assert!(ours.delay_core_seconds <= 1.05 * float.delay_core_seconds, "{calm:#?}");
+    let before = get(&eager, Policy::Ours).repins_per_vcpu_hour;
+    assert!(ours.repins_per_vcpu_hour < before / 2.0, "{} vs {before} without the margin", ours.repins_per_vcpu_hour);
+}

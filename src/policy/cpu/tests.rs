@@ -375,3 +375,84 @@ fn each_pin_carries_the_rule_that_chose_it() {
     assert_eq!(serde_json::to_value(PinKind::PeakSafety).unwrap(), "peak_safety");
     assert_eq!(PinKind::PeakSafety.to_string(), "peak_safety");
 }
+
+/// The lab's overloaded host: 2 cpus, many 10% vCPUs, cpu 0 at 265% and cpu 1 at 215%.
+fn overloaded_pair() -> CpuInput {
+    let mut v: Vec<VcpuSlot> = (0..26).map(|i| vcpu("a", i, 0.1, Some(0))).collect();
+    v.extend((0..21).map(|i| vcpu("b", i, 0.1, Some(1))));
+    let mut c = cpus(2);
+    c[0].fixed = 0.05;
+    c[1].fixed = 0.05;
+    CpuInput { cpus: c, vcpus: v }
+}
+
+#[test]
+fn an_overloaded_host_does_not_shift_delay_between_cpus() {
+    // Both cpus stay above one core whatever moves: a move takes delay from one and adds it
+    // to the other. The agent used to move 10% vCPUs back and forth here in the lab.
+    let input = overloaded_pair();
+    assert!(plan(&input, &CpuPolicy::default()).is_empty());
+    // Without the margin the same input is planned on (the churn this rule removes).
+    let eager = CpuPolicy { delay_margin: 0.0, ..CpuPolicy::default() };
+    assert!(!plan(&input, &eager).is_empty());
+}
+
+#[test]
+fn every_cpu_above_high_still_relieves_real_excess() {
+    // Both cpus are above high, but cpu 0 is above one core and cpu 1 has room below it:
+    // moving the 0.3 vCPU removes 0.22 cores of excess (cpu 0 to 1.00, cpu 1 to 1.08).
+    let mut c = cpus(2);
+    c[1].fixed = 0.78;
+    let input = CpuInput {
+        cpus: c,
+        vcpus: vec![vcpu("a", 0, 0.5, Some(0)), vcpu("a", 1, 0.5, Some(0)), vcpu("b", 0, 0.3, Some(0))],
+    };
+    let p = plan(&input, &CpuPolicy::default());
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert_eq!(p[0].domain(), "b");
+    // A margin above what the move removes refuses it.
+    let strict = CpuPolicy { delay_margin: 0.3, ..CpuPolicy::default() };
+    assert!(plan(&input, &strict).is_empty());
+}
+
+/// Σ over cpus of the load above one core.
+fn excess(loads: &[f64]) -> f64 {
+    loads.iter().map(|&l| (l - 1.0).max(0.0)).sum()
+}
+
+proptest! {
+    #[test]
+    fn balancing_changes_pay_for_themselves(input in arb_input(), margin in 0.0f64..0.5) {
+        // Replayed one change at a time: a move or swap that leaves either of its cpus above
+        // one core lowers the total excess over one core by at least the margin.
+        let pol = CpuPolicy { delay_margin: margin, ..CpuPolicy::default() };
+        let p = plan(&input, &pol);
+        let mut at: Vec<usize> = input.vcpus.iter().map(|v| v.cpu.unwrap()).collect();
+        let mut load = loads_after(&input, &[]);
+        let index = |a: &Action| {
+            let Action::Pin { domain, vcpu, to, kind, .. } = a else { panic!() };
+            let i = input.vcpus.iter().position(|v| *v.domain == **domain && v.vcpu == *vcpu).unwrap();
+            let c = input.cpus.iter().position(|c| Some(c.id) == to.as_single()).unwrap();
+            (i, c, *kind)
+        };
+        let mut k = 0;
+        while k < p.len() {
+            let (i, t, kind) = index(&p[k]);
+            let mut change = vec![(i, t)];
+            if kind == PinKind::Swap {
+                change.push((index(&p[k + 1]).0, index(&p[k + 1]).1));
+            }
+            let touched: Vec<usize> = change.iter().flat_map(|&(i, t)| [at[i], t]).collect();
+            let before = excess(&load);
+            for &(i, t) in &change {
+                load[at[i]] -= input.vcpus[i].demand;
+                load[t] += input.vcpus[i].demand;
+                at[i] = t;
+            }
+            if matches!(kind, PinKind::Move | PinKind::Swap) && touched.iter().any(|&c| load[c] > 1.0 + 1e-9) {
+                prop_assert!(before - excess(&load) >= margin - 1e-6, "{:#?}", &p[k]);
+            }
+            k += change.len();
+        }
+    }
+}
