@@ -210,7 +210,7 @@ pub fn topology(n: u32) -> Topology {
         .map(|cpu| {
             let core_index = cpu % cores;
             let package = (core_index / per_socket).min(sockets - 1);
-            CpuTopo { cpu, node: package, package, core: core_index % per_socket }
+            CpuTopo { cpu, node: package, package, core: core_index % per_socket, llc: package * per_socket }
         })
         .collect();
     Topology { cpus }
