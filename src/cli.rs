@@ -115,6 +115,17 @@ pub struct SimArgs {
     /// delay is driven by rare events, so one seed can mislead. 1 to 64.
     #[arg(long, default_value = "1", value_parser = seeds, env = "VM_BALANCER_SEEDS")]
     pub seeds: u64,
+    /// Layout of the simulated host's cpus: `smt` (2 sockets = 2 NUMA nodes, 2 threads a
+    /// core, Linux numbering) or `flat` (one node, one thread a core: no SMT or NUMA cost).
+    #[arg(long, value_enum, default_value_t = crate::sim::TopologyKind::default(), env = "VM_BALANCER_TOPOLOGY")]
+    pub topology: crate::sim::TopologyKind,
+    /// Work of a physical core with both threads busy, in cores (each thread then does its
+    /// share of it). 1.0 to 2.0.
+    #[arg(long, value_name = "CORES", default_value_t = crate::sim::host::topo::DEFAULT_SMT_YIELD, value_parser = smt_yield, env = "VM_BALANCER_SMT_YIELD")]
+    pub smt_yield: f64,
+    /// Fraction of its work a vCPU loses while it runs off its guest's home NUMA node. 0 to 0.9.
+    #[arg(long, value_name = "FRACTION", default_value_t = crate::sim::host::topo::DEFAULT_REMOTE_PENALTY, value_parser = remote_penalty, env = "VM_BALANCER_REMOTE_PENALTY")]
+    pub remote_penalty: f64,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -139,6 +150,12 @@ fn seeds(s: &str) -> Result<u64, String> {
 }
 fn host_cpus(s: &str) -> Result<u32, String> {
     whole_in(s, 1, 4096).map(|v| u32::try_from(v).unwrap_or(4096))
+}
+fn smt_yield(s: &str) -> Result<f64, String> {
+    units::parse_f64_in(s, 1.0, 2.0)
+}
+fn remote_penalty(s: &str) -> Result<f64, String> {
+    units::parse_f64_in(s, 0.0, 0.9)
 }
 fn guests(s: &str) -> Result<usize, String> {
     whole_in(s, 1, 100_000).map(|v| usize::try_from(v).unwrap_or(100_000))

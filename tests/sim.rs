@@ -99,6 +99,11 @@ fn simulate_bad_flags_exit_2_naming_the_flag() {
         (vec!["simulate", "--guests", "0"], "--guests"),
         (vec!["simulate", "--scenario", "chaos"], "--scenario"),
         (vec!["simulate", "--seed", "x"], "--seed"),
+        (vec!["simulate", "--smt-yield", "0.9"], "--smt-yield"),
+        (vec!["simulate", "--smt-yield", "2.5"], "--smt-yield"),
+        (vec!["simulate", "--remote-penalty=-0.1"], "--remote-penalty"),
+        (vec!["simulate", "--remote-penalty", "1"], "--remote-penalty"),
+        (vec!["simulate", "--topology", "torus"], "--topology"),
     ] {
         let out = vmb(&args);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -118,6 +123,9 @@ fn simulate_json_has_every_policy() {
         "busiest_over_bound_mean",
         "busiest_over_bound_p99",
         "delay_core_seconds",
+        "smt_lost_core_seconds",
+        "remote_core_seconds",
+        "remote_lost_core_seconds",
         "repins_per_vcpu_hour",
         "mem_reclaimed_fraction",
         "starvation_events",
@@ -243,4 +251,38 @@ fn an_overloaded_host_is_not_churned() {
     assert!(ours.delay_core_seconds <= 1.05 * float.delay_core_seconds, "{calm:#?}");
     let before = get(&eager, Policy::Ours).repins_per_vcpu_hour;
     assert!(ours.repins_per_vcpu_hour < before / 2.0, "{} vs {before} without the margin", ours.repins_per_vcpu_hour);
+}
+
+fn json_of(args: &[&str], envs: &[(&str, &str)]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args).envs(envs.iter().copied()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn figure(v: &serde_json::Value, policy: &str, key: &str) -> f64 {
+    let p = v["policies"].as_array().unwrap().iter().find(|p| p["name"] == policy).unwrap();
+    p[key].as_f64().unwrap()
+}
+
+#[test]
+fn smt_and_numa_costs_follow_their_flags_and_vanish_on_a_flat_host() {
+    let base = ["simulate", "--scenario", "steady", "--host-cpus", "16", "--duration", "5m", "--json"];
+    let smt = json_of(&base, &[]);
+    // The steady scenario asks for about 12 cores of 8 physical ones: some cores must share.
+    assert!(figure(&smt, "floating", "smt_lost_core_seconds") > 0.0);
+    let full_yield = json_of(&[&base[..], &["--smt-yield", "2"]].concat(), &[]);
+    let flat = json_of(&base, &[("VM_BALANCER_TOPOLOGY", "flat")]);
+    let no_penalty = json_of(&base, &[("VM_BALANCER_REMOTE_PENALTY", "0"), ("VM_BALANCER_SMT_YIELD", "1.5")]);
+    for p in ["vm-balancer", "baseline", "static", "floating"] {
+        assert_eq!(figure(&full_yield, p, "smt_lost_core_seconds"), 0.0, "{p}: a core that does 2 cores loses none");
+        assert!(figure(&no_penalty, p, "smt_lost_core_seconds") <= figure(&smt, p, "smt_lost_core_seconds"), "{p}");
+        assert_eq!(figure(&no_penalty, p, "remote_lost_core_seconds"), 0.0, "{p}");
+        for key in ["smt_lost_core_seconds", "remote_core_seconds", "remote_lost_core_seconds"] {
+            assert_eq!(figure(&flat, p, key), 0.0, "{p} {key} on a flat host");
+        }
+        let remote = figure(&smt, p, "remote_core_seconds");
+        let lost = figure(&smt, p, "remote_lost_core_seconds");
+        let penalty = vm_balancer::sim::host::topo::DEFAULT_REMOTE_PENALTY;
+        assert!((lost - remote * penalty).abs() <= 1e-6 * remote.max(1.0), "{p}: {lost} vs {remote}");
+    }
 }

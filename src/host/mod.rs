@@ -274,6 +274,9 @@ pub struct CpuTopo {
     pub node: u32,
     pub package: u32,
     pub core: u32,
+    /// Last-level-cache domain: the lowest cpu id sharing this cpu's last-level cache (the
+    /// package's first cpu where sysfs does not say).
+    pub llc: u32,
 }
 
 /// The host's online cpus and their topology, sorted by cpu id.
@@ -283,9 +286,9 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// A flat topology: one node, one package, one core per cpu.
+    /// A flat topology: one node, one package, one LLC, one core per cpu.
     pub fn flat(n: u32) -> Self {
-        Topology { cpus: (0..n).map(|cpu| CpuTopo { cpu, node: 0, package: 0, core: cpu }).collect() }
+        Topology { cpus: (0..n).map(|cpu| CpuTopo { cpu, node: 0, package: 0, core: cpu, llc: 0 }).collect() }
     }
     pub fn get(&self, cpu: u32) -> Option<&CpuTopo> {
         self.cpus.binary_search_by_key(&cpu, |c| c.cpu).ok().map(|i| &self.cpus[i])

@@ -35,13 +35,18 @@ pub fn online_cpus(root: &Path) -> Result<Vec<u32>, HostError> {
     cpulist::parse(&s).map_err(|e| HostError::Parse { what: p.display().to_string(), detail: e.to_string() })
 }
 
-/// Each online cpu's NUMA node, package and core id from sysfs. Missing entries (containers,
-/// odd kernels) fall back to node 0 and the cpu's own id as its core.
+/// Each online cpu's NUMA node, package, core and last-level cache from sysfs. Missing entries
+/// (containers, odd kernels) fall back to node 0, package 0, and for the core to the lowest
+/// cpu of `topology/thread_siblings_list` (else the cpu's own id). The LLC domain is the lowest
+/// cpu of `cache/index3/shared_cpu_list` (the level-3 cache), else the package's lowest cpu.
 pub fn topology(root: &Path) -> Result<Topology, HostError> {
     let mut cpus = Vec::new();
     for cpu in online_cpus(root)? {
         let dir = root.join(format!("sys/devices/system/cpu/cpu{cpu}"));
         let num = |f: &str| read_trim(&dir.join(f)).ok().and_then(|s| s.parse::<u32>().ok());
+        let first_of = |f: &str| {
+            read_trim(&dir.join(f)).ok().and_then(|s| cpulist::parse(&s).ok()).and_then(|l| l.first().copied())
+        };
         let node = std::fs::read_dir(&dir)
             .ok()
             .and_then(|rd| {
@@ -50,12 +55,16 @@ pub fn topology(root: &Path) -> Result<Topology, HostError> {
                     .next()
             })
             .unwrap_or(0);
-        cpus.push(CpuTopo {
-            cpu,
-            node,
-            package: num("topology/physical_package_id").unwrap_or(0),
-            core: num("topology/core_id").unwrap_or(cpu),
-        });
+        let core = num("topology/core_id").or_else(|| first_of("topology/thread_siblings_list")).unwrap_or(cpu);
+        let llc = first_of("cache/index3/shared_cpu_list").unwrap_or(u32::MAX);
+        cpus.push(CpuTopo { cpu, node, package: num("topology/physical_package_id").unwrap_or(0), core, llc });
+    }
+    // No level-3 cache described: the package is the LLC domain (its lowest cpu names it).
+    let first_of_package = |p: u32| cpus.iter().filter(|c| c.package == p).map(|c| c.cpu).min().unwrap_or(0);
+    let llcs: Vec<u32> =
+        cpus.iter().map(|c| if c.llc == u32::MAX { first_of_package(c.package) } else { c.llc }).collect();
+    for (c, llc) in cpus.iter_mut().zip(llcs) {
+        c.llc = llc;
     }
     Ok(Topology { cpus })
 }
@@ -258,6 +267,7 @@ mod tests {
         let topo = topology(r).unwrap();
         assert_eq!(topo.cpus.len(), 2);
         assert_eq!(topo.cpus[1].core, 1);
+        assert_eq!(topo.cpus[1].llc, 0, "no level-3 cache described: the package is the LLC domain");
         let hs = host_sample(r).unwrap();
         assert_eq!(hs.cpu_ids, vec![0, 1]);
         let tps = procfs::ticks_per_second();
@@ -269,5 +279,53 @@ mod tests {
         assert_eq!(schedstat(r, 42, 43).unwrap(), Some((7521520270, 91560117)));
         assert_eq!(schedstat(r, 42, 99).unwrap(), None, "a vanished thread is not an error");
         assert_eq!(affinity(r, 42, 43), Some(CpuSet(vec![1])));
+    }
+
+    /// A machine of `tests/fixtures/sysfs/` (written by its `generate.sh`).
+    pub(crate) fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sysfs").join(name)
+    }
+
+    #[test]
+    fn two_socket_xeon_has_a_node_and_an_llc_per_socket_and_smt_pairs() {
+        let t = topology(&fixture("xeon-2s16c2t")).unwrap();
+        assert_eq!(t.cpus.len(), 64);
+        for c in &t.cpus {
+            let socket = (c.cpu % 32) / 16;
+            assert_eq!((c.node, c.package), (socket, socket), "cpu {}", c.cpu);
+            assert_eq!(c.llc, socket * 16, "cpu {}: the LLC is named by the socket's lowest cpu", c.cpu);
+            assert_eq!(c.core, c.cpu % 16, "cpu {}", c.cpu);
+            assert_eq!(t.siblings(c.cpu), vec![c.cpu % 32, c.cpu % 32 + 32], "cpu {}", c.cpu);
+        }
+    }
+
+    #[test]
+    fn chiplet_has_an_llc_per_ccx_inside_one_node() {
+        let t = topology(&fixture("epyc-1s4ccx")).unwrap();
+        assert_eq!(t.cpus.len(), 32);
+        for c in &t.cpus {
+            assert_eq!((c.node, c.package), (0, 0), "cpu {}", c.cpu);
+            assert_eq!(c.llc, (c.cpu % 16) / 4 * 4, "cpu {}", c.cpu);
+            assert_eq!(t.siblings(c.cpu), vec![c.cpu % 16, c.cpu % 16 + 16], "cpu {}", c.cpu);
+        }
+        let llcs: std::collections::BTreeSet<u32> = t.cpus.iter().map(|c| c.llc).collect();
+        assert_eq!(llcs.into_iter().collect::<Vec<_>>(), vec![0, 4, 8, 12]);
+    }
+
+    #[test]
+    fn siblings_come_from_thread_siblings_list_when_core_id_is_missing() {
+        let d = tempfile::tempdir().unwrap();
+        let w = |p: &str, s: &str| {
+            let path = d.path().join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, s).unwrap();
+        };
+        w("sys/devices/system/cpu/online", "0-3\n");
+        for (cpu, sib) in [(0, "0,2"), (1, "1,3"), (2, "0,2"), (3, "1,3")] {
+            w(&format!("sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"), sib);
+        }
+        let t = topology(d.path()).unwrap();
+        assert_eq!(t.siblings(2), vec![0, 2]);
+        assert_eq!(t.siblings(1), vec![1, 3]);
     }
 }

@@ -107,6 +107,8 @@ pub struct CpuSlot {
     pub fixed: f64,
     /// A repin touched it recently: neither source nor target of balancing moves.
     pub settling: bool,
+    /// Index of its SMT sibling thread among the allowed cpus ([`topo`]).
+    pub sibling: Option<usize>,
 }
 
 /// One vCPU the planner knows the demand of.
@@ -207,8 +209,13 @@ pub fn input_from(
             node: snap.host.topology.get(id).map_or(0, |t| t.node),
             fixed: busy,
             settling: touched_at.get(&id).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.settle_ns)),
+            sibling: None,
         })
         .collect();
+    let ids: Vec<u32> = cpus.iter().map(|c| c.id).collect();
+    for (c, s) in cpus.iter_mut().zip(topo::sibling_indices(&ids, |id| snap.host.topology.siblings(id), index_of)) {
+        c.sibling = s;
+    }
     let mut vcpus = Vec::with_capacity(snap.domains.iter().map(|d| d.vcpus.len()).sum());
     for d in &snap.domains {
         let moved = moved_at.get(&d.dom.name);
@@ -496,8 +503,8 @@ fn argmax(load: &[f64], settling: &[bool]) -> Option<usize> {
 
 /// Where a floating vCPU goes: among the cpus within `about_equal` of the least loaded, the
 /// one holding the fewest vCPUs of the same domain (siblings tend to get busy together: a
-/// guest that wakes up wakes all its vCPUs), then the lowest recent peaks, then the fewest
-/// vCPUs.
+/// guest that wakes up wakes all its vCPUs), then one on an idle physical core (its SMT
+/// sibling thread idle), then the lowest recent peaks, then the fewest vCPUs.
 fn place(input: &CpuInput, policy: &CpuPolicy, w: &Work, v: &VcpuSlot) -> usize {
     let Work { load, peak_load, on, .. } = w;
     let least = load.iter().copied().fold(f64::INFINITY, f64::min);
@@ -507,6 +514,7 @@ fn place(input: &CpuInput, policy: &CpuPolicy, w: &Work, v: &VcpuSlot) -> usize 
         .min_by(|&a, &b| {
             siblings(a)
                 .cmp(&siblings(b))
+                .then(topo::on_busy_core(input, load, a).cmp(&topo::on_busy_core(input, load, b)))
                 .then(peak_load[a].total_cmp(&peak_load[b]))
                 .then(on[a].len().cmp(&on[b].len()))
                 .then(a.cmp(&b))
@@ -634,10 +642,10 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
         let back = c.w.map_or(0.0, |w| input.vcpus[w].peak);
         peak_load[c.target] + input.vcpus[c.v].peak - back <= policy.peak_limit + EPS
     };
-    // Each candidate's sort key, computed once: (swap, not peak-safe, other node), then the
-    // lighter vCPU, the freer target, and the lower indices.
+    // Each candidate's sort key, computed once: (swap, not peak-safe, other node, target on a
+    // busy physical core), then the lighter vCPU, the freer target, and the lower indices.
     let keyed = cands.into_iter().filter(|c| c.gain >= best_gain - policy.about_equal - EPS).map(|c| {
-        let key = (usize::from(c.w.is_some()), !peak_safe(&c), !c.same_node);
+        let key = (usize::from(c.w.is_some()), !peak_safe(&c), !c.same_node, topo::on_busy_core(input, load, c.target));
         (key, input.vcpus[c.v].demand, load[c.target], c)
     });
     keyed
@@ -649,3 +657,4 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
 
 #[cfg(test)]
 mod tests;
+mod topo;

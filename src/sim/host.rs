@@ -43,9 +43,12 @@
 use std::collections::HashMap;
 
 use crate::host::{
-    AgentPin, BalloonStats, CpuSet, CpuTopo, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut,
-    QemuThread, ThreadDesc, ThreadPin, Topology, VcpuTimes,
+    AgentPin, BalloonStats, CpuSet, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut, QemuThread,
+    ThreadDesc, ThreadPin, Topology, VcpuTimes,
 };
+
+use topo::Layout;
+pub use topo::TopologyKind;
 
 /// Share of a guest's memory deficit paged in per second while it swaps.
 const SWAP_IN_PER_S: f64 = 0.1;
@@ -88,12 +91,18 @@ pub struct SimConfig {
     pub guest_min_kib: u64,
     /// Virtual epoch seconds at virtual time 0.
     pub epoch0_s: u64,
+    /// Layout of the cpus ([`topo`]).
+    pub topology: TopologyKind,
+    /// Work of a physical core with both threads busy, cores (1 to 2).
+    pub smt_yield: f64,
+    /// Fraction of work lost by a vCPU running off its guest's home node.
+    pub remote_penalty: f64,
 }
 
 impl SimConfig {
     /// Defaults for a host of `cpus` cpus and `mem_total_kib` memory: overhead 1/64 of the
     /// memory but at least 1 GiB (capped at half the memory), balloons moving 512 MiB/s,
-    /// guests never below 128 MiB.
+    /// guests never below 128 MiB; the `smt` layout with its SMT and NUMA costs.
     pub fn new(cpus: u32, mem_total_kib: u64, reserve_kib: u64) -> Self {
         SimConfig {
             cpus,
@@ -103,6 +112,9 @@ impl SimConfig {
             balloon_rate_kib_s: 512 << 10,
             guest_min_kib: 128 << 10,
             epoch0_s: 1_700_000_000,
+            topology: TopologyKind::default(),
+            smt_yield: topo::DEFAULT_SMT_YIELD,
+            remote_penalty: topo::DEFAULT_REMOTE_PENALTY,
         }
     }
 }
@@ -148,6 +160,8 @@ struct SimGuest {
     emulator_pin: Option<CpuSet>,
     /// The thread entries of the agent's pin record.
     agent_threads: Vec<ThreadPin>,
+    /// The node its memory is on, fixed when its vCPUs are first pinned ([`topo`]).
+    home: Option<u32>,
 }
 
 /// Figures of the last interval, for the simulation's report.
@@ -170,6 +184,12 @@ pub struct IntervalStats {
     pub reclaimed_kib: u64,
     /// Σ over guests of max − max(need, min): what perfect balloons could free.
     pub reclaimable_kib: u64,
+    /// Work lost to SMT sharing, cores.
+    pub smt_lost: f64,
+    /// Busy time of vCPUs off their guest's home node, cores.
+    pub remote: f64,
+    /// Work lost to remote memory (`remote` × the penalty), cores.
+    pub remote_lost: f64,
 }
 
 /// Action counters since the last [`SimHost::take_actions`].
@@ -188,6 +208,8 @@ pub struct ActionCounts {
 pub struct SimHost {
     cfg: SimConfig,
     topo: Topology,
+    /// Siblings and nodes of every cpu (offline ones included), for the cost model.
+    layout: Layout,
     /// Cpus taken offline ([`SimHost::set_cpu_online`]).
     offline: Vec<bool>,
     t_ns: u64,
@@ -198,23 +220,8 @@ pub struct SimHost {
     last: IntervalStats,
 }
 
-/// Topology of `n` cpus: 2 sockets (= NUMA nodes) when `n ≥ 4` and even, 2 SMT threads per
-/// core when each socket has an even count. Numbered like Linux: the first threads of all cores
-/// come first, their siblings after (cpu `i` and `i + n/2` share a core).
-pub fn topology(n: u32) -> Topology {
-    let sockets = if n >= 4 && n.is_multiple_of(2) { 2 } else { 1 };
-    let smt = if n.is_multiple_of(2 * sockets) && n >= 2 * sockets { 2 } else { 1 };
-    let cores = n / smt;
-    let per_socket = (cores / sockets).max(1);
-    let cpus = (0..n)
-        .map(|cpu| {
-            let core_index = cpu % cores;
-            let package = (core_index / per_socket).min(sockets - 1);
-            CpuTopo { cpu, node: package, package, core: core_index % per_socket }
-        })
-        .collect();
-    Topology { cpus }
-}
+/// Topology of `n` cpus in the default layout ([`topo::smt_topology`]).
+pub use topo::smt_topology as topology;
 
 #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn scale_kib(kib: u64, f: f64) -> u64 {
@@ -285,10 +292,13 @@ impl SimHost {
                 agent_pins: Vec::new(),
                 emulator_pin: None,
                 agent_threads: Vec::new(),
+                home: None,
             });
         }
+        let topo = topo::topology_of(cfg.cpus, cfg.topology);
         Ok(SimHost {
-            topo: topology(cfg.cpus),
+            layout: Layout::new(&topo, cfg.cpus as usize),
+            topo,
             offline: vec![false; cfg.cpus as usize],
             cpu_busy_ns: vec![0.0; cfg.cpus as usize],
             cfg,
@@ -347,13 +357,16 @@ impl SimHost {
         }
         self.offline[i] = !online;
         let up: Vec<u32> = (0..self.cfg.cpus).filter(|&c| !self.offline[c as usize]).collect();
-        self.topo =
-            Topology { cpus: topology(self.cfg.cpus).cpus.into_iter().filter(|t| up.contains(&t.cpu)).collect() };
+        self.topo = Topology { cpus: self.full_topology().cpus.into_iter().filter(|t| up.contains(&t.cpu)).collect() };
         for v in self.guests.iter_mut().flat_map(|g| g.vcpus.iter_mut()) {
             if v.affinity.0.iter().all(|&c| self.offline.get(c as usize).copied().unwrap_or(true)) {
                 v.affinity = CpuSet(up.clone());
             }
         }
+    }
+
+    fn full_topology(&self) -> Topology {
+        topo::topology_of(self.cfg.cpus, self.cfg.topology)
     }
 
     fn is_online(&self, cpu: u32) -> bool {
@@ -472,7 +485,9 @@ impl SimHost {
         }
         let mut spare: Vec<f64> = pinned.iter().map(|&d| (1.0 - d).max(0.0)).collect();
         let mut busy: Vec<f64> = pinned.iter().map(|&d| d.min(1.0)).collect();
+        let mut busy_before = busy.clone();
         let mut load = pinned.clone();
+        self.fix_homes();
         // Pinned service.
         for g in &mut self.guests {
             for v in &mut g.vcpus {
@@ -485,6 +500,7 @@ impl SimHost {
         // Floating service: most constrained groups first.
         let mut order: Vec<_> = groups.into_iter().collect();
         order.sort_by(|a: &(Vec<u32>, _), b| a.0.len().cmp(&b.0.len()).then(a.0.cmp(&b.0)));
+        let mut remote_share = HashMap::new();
         for (set, members) in order {
             let set: Vec<usize> = set.iter().map(|&c| c as usize).filter(|&c| c < n && !self.offline[c]).collect();
             let demands: Vec<f64> = members.iter().map(|&(g, v)| self.guests[g].vcpus[v].demand).collect();
@@ -497,37 +513,47 @@ impl SimHost {
             }
             let cap: f64 = set.iter().map(|&c| spare[c]).sum();
             let level = water_level(&demands, cap);
-            let served: Vec<f64> = demands.iter().map(|&d| d.min(level)).collect();
-            let used: f64 = served.iter().sum();
-            // Spread load and busy time over the set in proportion to spare capacity.
-            let share: Vec<f64> = if cap > 1e-12 {
-                set.iter().map(|&c| spare[c] / cap).collect()
-            } else {
-                #[allow(clippy::cast_precision_loss)]
-                let e = 1.0 / set.len() as f64;
-                vec![e; set.len()]
-            };
-            let add: Vec<f64> = share.iter().map(|s| s * used).collect();
-            for (k, &c) in set.iter().enumerate() {
-                load[c] += share[k] * want;
-                busy[c] += add[k];
-            }
-            // last_cpu by wrap-around over the added busy time (McNaughton).
-            let (mut k, mut room) = (0usize, add.first().copied().unwrap_or(0.0));
-            for (&(g, v), &s) in members.iter().zip(&served) {
-                while room <= 1e-12 && k + 1 < set.len() {
-                    k += 1;
-                    room = add[k];
+            let mut used_all = 0.0;
+            // Each home node's members in turn: its work goes to its own node first.
+            let mut homes: Vec<u32> = members.iter().map(|&(g, _)| self.home_or_default(g)).collect();
+            homes.sort_unstable();
+            homes.dedup();
+            for home in homes {
+                let mine: Vec<(usize, usize)> =
+                    members.iter().copied().filter(|&(g, _)| self.home_or_default(g) == home).collect();
+                let served: Vec<f64> = mine.iter().map(|&(g, v)| self.guests[g].vcpus[v].demand.min(level)).collect();
+                let used: f64 = served.iter().sum();
+                used_all += used;
+                let add = topo::spread(used, &set, &spare, &mut busy, &self.layout, Some(home));
+                let off: f64 =
+                    set.iter().zip(&add).filter(|&(&c, _)| self.layout.node[c] != home).map(|(_, x)| x).sum();
+                for (k, &c) in set.iter().enumerate() {
+                    spare[c] = (spare[c] - add[k]).max(0.0);
                 }
-                let x = &mut self.guests[g].vcpus[v];
-                x.served = s;
-                x.last_cpu = u32::try_from(set[k]).unwrap_or(0);
-                room -= s;
+                // last_cpu by wrap-around over the added busy time (McNaughton).
+                let (mut k, mut room) = (0usize, add.first().copied().unwrap_or(0.0));
+                for (&(g, v), &s) in mine.iter().zip(&served) {
+                    while room <= 1e-12 && k + 1 < set.len() {
+                        k += 1;
+                        room = add[k];
+                    }
+                    let x = &mut self.guests[g].vcpus[v];
+                    x.served = s;
+                    x.last_cpu = u32::try_from(set[k]).unwrap_or(0);
+                    room -= s;
+                    remote_share.insert((g, v), if used > 1e-12 { off / used } else { 0.0 });
+                }
             }
-            for (k, &c) in set.iter().enumerate() {
-                spare[c] = (spare[c] - add[k]).max(0.0);
+            // Load: the group's demand spread like its service (evenly when it got none).
+            for &c in &set {
+                #[allow(clippy::cast_precision_loss)]
+                let even = 1.0 / set.len() as f64;
+                let part = if used_all > 1e-12 { (busy[c] - busy_before[c]) / used_all } else { even };
+                load[c] += part * want;
             }
+            busy_before.clone_from(&busy);
         }
+        self.account_costs(&busy, &remote_share, stats);
         // Accumulate.
         let dt_ns = dt_s * 1e9;
         for g in &mut self.guests {
@@ -551,6 +577,49 @@ impl SimHost {
         #[allow(clippy::cast_precision_loss)]
         let per_cpu = total / self.offline.iter().filter(|&&o| !o).count().max(1) as f64;
         stats.bound = per_cpu.max(max_demand).min(1.0);
+    }
+
+    /// Fixes the home node of each guest pinned for the first time: where most of its pinned
+    /// vCPUs are (their memory is touched there first).
+    fn fix_homes(&mut self) {
+        let n = self.cfg.cpus as usize;
+        for g in self.guests.iter_mut().filter(|g| g.home.is_none()) {
+            let nodes: Vec<u32> = g
+                .vcpus
+                .iter()
+                .filter_map(|v| v.affinity.as_single())
+                .filter(|&c| (c as usize) < n)
+                .map(|c| self.layout.node[c as usize])
+                .collect();
+            g.home = topo::home_of(&nodes);
+        }
+    }
+
+    /// A guest's home node; while it was never pinned, guest index mod nodes.
+    fn home_or_default(&self, g: usize) -> u32 {
+        self.guests[g].home.unwrap_or_else(|| u32::try_from(g).unwrap_or(0) % self.layout.nodes.max(1))
+    }
+
+    /// SMT loss from the busy time of each cpu, and the time vCPUs ran off their home node
+    /// (`remote_share`: the off-home fraction of each floating vCPU's service).
+    fn account_costs(&self, busy: &[f64], remote_share: &HashMap<(usize, usize), f64>, stats: &mut IntervalStats) {
+        let (_, lost) = topo::smt_factors(busy, &self.layout, self.cfg.smt_yield);
+        stats.smt_lost = lost;
+        let n = self.cfg.cpus as usize;
+        let mut remote = 0.0;
+        for (gi, g) in self.guests.iter().enumerate() {
+            let home = self.home_or_default(gi);
+            for (vi, v) in g.vcpus.iter().enumerate() {
+                let served = v.served.min(v.demand).max(0.0);
+                remote += match v.affinity.as_single().filter(|&c| (c as usize) < n) {
+                    Some(c) if self.layout.node[c as usize] != home => served,
+                    Some(_) => 0.0,
+                    None => served * remote_share.get(&(gi, vi)).copied().unwrap_or(0.0),
+                };
+            }
+        }
+        stats.remote = remote;
+        stats.remote_lost = remote * self.cfg.remote_penalty;
     }
 
     #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -641,3 +710,4 @@ fn water_level(demands: &[f64], cap: f64) -> f64 {
 mod host_impl;
 #[cfg(test)]
 mod tests;
+pub mod topo;

@@ -12,7 +12,7 @@ pub mod run;
 pub mod traces;
 pub mod workload;
 
-pub use host::{ActionCounts, GuestSpec, IntervalStats, SimConfig, SimError, SimHost};
+pub use host::{ActionCounts, GuestSpec, IntervalStats, SimConfig, SimError, SimHost, TopologyKind};
 pub use run::{Policy, PolicyReport, Report, RunSpec};
 pub use workload::{Scenario, Workload};
 
@@ -40,7 +40,12 @@ pub fn build(common: &Common, args: &SimArgs) -> Result<(RunSpec, Workload), Sim
         None => Workload::generated(args.scenario, guests, cpus, args.seed),
     };
     let mem = args.host_mem.unwrap_or_else(|| default_host_mem_kib(cpus));
-    let host = SimConfig::new(cpus, mem, common.host_reserve);
+    let host = SimConfig {
+        topology: args.topology,
+        smt_yield: args.smt_yield,
+        remote_penalty: args.remote_penalty,
+        ..SimConfig::new(cpus, mem, common.host_reserve)
+    };
     let q = common.quantum.as_nanos().max(1);
     let quanta = u64::try_from(args.duration.as_nanos() / q).unwrap_or(u64::MAX).max(1);
     let baseline = baseline::BaselineConfig {

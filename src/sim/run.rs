@@ -59,6 +59,13 @@ pub struct PolicyReport {
     pub busiest_over_bound_mean_converged: f64,
     /// Core-seconds of unmet vCPU demand.
     pub delay_core_seconds: f64,
+    /// Core-seconds of work lost to SMT sharing (cores whose two threads' busy time exceeded
+    /// `--smt-yield`).
+    pub smt_lost_core_seconds: f64,
+    /// Core-seconds vCPUs ran off their guest's home NUMA node.
+    pub remote_core_seconds: f64,
+    /// Core-seconds of work lost to that (`remote_core_seconds` × `--remote-penalty`).
+    pub remote_lost_core_seconds: f64,
     /// Pin changes of already pinned vCPUs per vCPU-hour (initial placements not counted).
     pub repins_per_vcpu_hour: f64,
     /// Pins of floating vCPUs (initial placement).
@@ -120,6 +127,9 @@ impl Report {
                     busiest_over_bound_p99: m(|p| p.busiest_over_bound_p99),
                     busiest_over_bound_mean_converged: m(|p| p.busiest_over_bound_mean_converged),
                     delay_core_seconds: m(|p| p.delay_core_seconds),
+                    smt_lost_core_seconds: m(|p| p.smt_lost_core_seconds),
+                    remote_core_seconds: m(|p| p.remote_core_seconds),
+                    remote_lost_core_seconds: m(|p| p.remote_lost_core_seconds),
                     repins_per_vcpu_hour: m(|p| p.repins_per_vcpu_hour),
                     placements: mu(|p| p.placements),
                     mem_reclaimed_fraction: m(|p| p.mem_reclaimed_fraction),
@@ -219,6 +229,7 @@ fn run_with(
     let converged_from = spec.quanta / 10;
     let (mut ratios, mut ratios_conv) = (Vec::new(), Vec::new());
     let (mut delay, mut reclaimed, mut reclaimable) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut smt_lost, mut remote, mut remote_lost) = (0.0f64, 0.0f64, 0.0f64);
     let (mut starving, mut violations, mut repins, mut placements, mut cpu_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut series = Recorder::new(spec.quanta, spec.quantum.as_secs_f64());
     let mut advised = 0u64;
@@ -233,6 +244,9 @@ fn run_with(
         }
         let s = host.advance(quantum_ns).clone();
         delay += s.delay * s.dt_s;
+        smt_lost += s.smt_lost * s.dt_s;
+        remote += s.remote * s.dt_s;
+        remote_lost += s.remote_lost * s.dt_s;
         reclaimed += s.reclaimed_kib as f64;
         reclaimable += s.reclaimable_kib as f64;
         starving += s.swapping_guests as u64;
@@ -264,6 +278,9 @@ fn run_with(
         busiest_over_bound_p99: percentile(&sorted, 0.99),
         busiest_over_bound_mean_converged: mean(&ratios_conv),
         delay_core_seconds: delay,
+        smt_lost_core_seconds: smt_lost,
+        remote_core_seconds: remote,
+        remote_lost_core_seconds: remote_lost,
         repins_per_vcpu_hour: if hours > 0.0 && total_vcpus > 0 {
             repins as f64 / (total_vcpus as f64 * hours)
         } else {
@@ -317,11 +334,14 @@ fn ratio(a: f64, b: f64) -> String {
 pub fn render_table(r: &Report) -> String {
     use std::fmt::Write as _;
     type Row = (&'static str, fn(&PolicyReport) -> f64);
-    let rows: [Row; 10] = [
+    let rows: [Row; 13] = [
         ("busiest/bound mean", |p| p.busiest_over_bound_mean),
         ("busiest/bound mean converged", |p| p.busiest_over_bound_mean_converged),
         ("busiest/bound p99", |p| p.busiest_over_bound_p99),
         ("vCPU delay (core-s)", |p| p.delay_core_seconds),
+        ("SMT lost work (core-s)", |p| p.smt_lost_core_seconds),
+        ("off home node (core-s)", |p| p.remote_core_seconds),
+        ("remote lost work (core-s)", |p| p.remote_lost_core_seconds),
         ("repins per vCPU-hour", |p| p.repins_per_vcpu_hour),
         ("initial placements", |p| p.placements as f64),
         ("memory reclaimed fraction", |p| p.mem_reclaimed_fraction),

@@ -2,7 +2,7 @@ use super::*;
 use proptest::prelude::*;
 
 fn cpus(n: u32) -> Vec<CpuSlot> {
-    (0..n).map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false }).collect()
+    (0..n).map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false, sibling: None }).collect()
 }
 
 fn vcpu(dom: &str, n: u32, demand: f64, cpu: Option<usize>) -> VcpuSlot {

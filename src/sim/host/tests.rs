@@ -221,3 +221,50 @@ fn unknown_domain_is_gone() {
     assert!(h.pin_vcpu(&d, 0, 5).is_err());
     assert!(h.pin_vcpu(&d, 3, 0).is_err());
 }
+
+#[test]
+fn both_threads_of_a_core_busy_lose_work_and_separate_cores_do_not() {
+    // smt_topology(4): cpus 0 and 2 share a core on node 0, cpus 1 and 3 on node 1.
+    let mut h = host(4, 8, &[spec("a", 2, 1)]);
+    let d = dom(&mut h, 0);
+    h.pin_vcpu(&d, 0, 0).unwrap();
+    h.pin_vcpu(&d, 1, 2).unwrap();
+    h.set_demand(0, 0, 1.0);
+    h.set_demand(0, 1, 1.0);
+    h.advance(1_000_000_000);
+    let y = h.config().smt_yield;
+    assert!((h.last_interval().smt_lost - (2.0 - y)).abs() < 1e-9, "{:?}", h.last_interval());
+    assert!(h.last_interval().remote < 1e-12, "first pinned on node 0: home is node 0");
+    check_conservation(&h);
+    h.pin_vcpu(&d, 1, 1).unwrap();
+    h.advance(1_000_000_000);
+    let s = h.last_interval();
+    assert!(s.smt_lost < 1e-12, "{s:?}");
+    assert!((s.remote - 1.0).abs() < 1e-9, "vCPU 1 now runs on node 1: {s:?}");
+    assert!((s.remote_lost - h.config().remote_penalty).abs() < 1e-9, "{s:?}");
+}
+
+#[test]
+fn floating_vcpus_take_idle_cores_first_and_a_flat_host_has_no_costs() {
+    for kind in [TopologyKind::Smt, TopologyKind::Flat] {
+        let cfg = SimConfig { topology: kind, ..SimConfig::new(8, 8 * GIB, GIB) };
+        let mut h = SimHost::new(cfg, &[spec("a", 4, 1)]).unwrap();
+        for v in 0..4 {
+            h.set_demand(0, v, 1.0);
+        }
+        h.advance(1_000_000_000);
+        // Four busy vCPUs on 4 physical cores (8 threads): no core need share.
+        assert!(h.last_interval().smt_lost < 1e-9, "{kind:?}: {:?}", h.last_interval());
+        check_conservation(&h);
+    }
+    // Six busy vCPUs on 4 physical cores: two cores share, losing 2 − yield each.
+    let mut h = host(8, 8, &[spec("a", 6, 1)]);
+    for v in 0..6 {
+        h.set_demand(0, v, 1.0);
+    }
+    h.advance(1_000_000_000);
+    let y = h.config().smt_yield;
+    assert!((h.last_interval().smt_lost - 2.0 * (2.0 - y)).abs() < 1e-9, "{:?}", h.last_interval());
+    // Home node 0 (guest 0) has 2 cores: the other node's 2 idle cores come before its siblings.
+    assert!((h.last_interval().remote - 2.0).abs() < 1e-9, "{:?}", h.last_interval());
+}
