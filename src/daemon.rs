@@ -20,6 +20,7 @@ use crate::model::{ModelConfig, Snapshot, Tracker};
 use crate::policy::cpu::{self, CpuPolicy};
 use crate::policy::mem::{self, MemPolicy, State, Verdict};
 use crate::policy::{Action, Plan};
+use crate::repacker::{RepackConfig, RepackStats, Repacker};
 
 /// Everything the agent is told by its flags.
 #[derive(Debug, Clone)]
@@ -39,6 +40,8 @@ pub struct AgentConfig {
     pub keep_pins_on_exit: bool,
     /// The capacity advice (made whether or not the balancers are on).
     pub advice: AdviceConfig,
+    /// The scheduled re-pack (with the CPU balancer only).
+    pub repack: RepackConfig,
 }
 
 impl AgentConfig {
@@ -95,6 +98,7 @@ impl AgentConfig {
                 host_reserve_kib: c.host_reserve,
                 host_psi_limit: MemPolicy::default().host_psi_limit,
             },
+            repack: RepackConfig { schedule: c.repack_schedule.clone(), min_gain: c.repack_min_gain },
         }
     }
 }
@@ -200,6 +204,8 @@ pub struct Agent<H: Host> {
     ever_allowed: HashSet<u32>,
     /// The capacity advice's window and memory.
     advisor: Advisor,
+    /// The scheduled re-pack and the safeguard.
+    repacker: Repacker,
 }
 
 /// CPU time (user + system) of the calling thread, µs: what one `Agent::step` costs, even
@@ -233,6 +239,7 @@ impl<H: Host> Agent<H> {
             failures: Failures::new(),
             ever_allowed: HashSet::new(),
             advisor: Advisor::default(),
+            repacker: Repacker::default(),
         }
     }
 
@@ -252,7 +259,7 @@ impl<H: Host> Agent<H> {
                 }
             )*};
         }
-        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, mem, dry_run, advice);
+        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, mem, dry_run, advice, repack);
         if changed.is_empty() {
             info!("settings reloaded: nothing changed");
             return 0;
@@ -294,6 +301,25 @@ impl<H: Host> Agent<H> {
             // Mid-hotplug the lists can disagree for a moment: the next quantum tries again.
             Err(e) => debug!("online cpus changed, topology not readable yet: {e}"),
         }
+    }
+
+    /// Cpus allowed earlier in the run but not now: vCPUs pinned there are placed again.
+    fn retired(&self, snap: &Snapshot) -> HashSet<u32> {
+        self.ever_allowed.iter().copied().filter(|c| !snap.host.cpus.contains(c)).collect()
+    }
+
+    /// The re-pack planned now on `snap` (`diagnose --repack`), cooldowns ignored; `None` with
+    /// the CPU balancer off.
+    pub fn repack_plan(&self, snap: &Snapshot) -> Option<crate::policy::repack::RepackPlan> {
+        let pol = self.cfg.cpu.as_ref()?;
+        let blocked = self.failures.blocked_pins(snap.t_ns);
+        let input = cpu::input_from(snap, &cpu::MovedAt::new(), &HashMap::new(), &blocked, &self.retired(snap), pol);
+        Some(crate::repacker::plan_now(&input, pol, &self.cfg.repack))
+    }
+
+    /// What the scheduled re-pack and the safeguard did since the start.
+    pub fn repack_stats(&self) -> RepackStats {
+        self.repacker.stats()
     }
 
     /// True once connected and until the connection is lost.
@@ -346,6 +372,7 @@ impl<H: Host> Agent<H> {
         self.tracker = None;
         self.collector.reset();
         self.advisor.reset();
+        self.repacker.reset();
     }
 
     /// Turns on the balloon statistics period (live) of guests that have a balloon without one.
@@ -424,15 +451,20 @@ impl<H: Host> Agent<H> {
             };
             let blocked = self.failures.blocked_pins(snap.t_ns);
             self.ever_allowed.extend(snap.host.cpus.iter().copied());
-            let retired: HashSet<u32> =
-                self.ever_allowed.iter().copied().filter(|c| !snap.host.cpus.contains(c)).collect();
+            let retired = self.retired(&snap);
             let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, &retired, pol);
             report.cpu_loads = cpu::loads(&input);
             if self.cfg.cpu.is_some() {
                 if log::log_enabled!(log::Level::Debug) {
                     debug!("cpu loads (fixed + vCPU demand): {}", cpu::describe_loads(&input));
                 }
-                plan.extend(cpu::plan(&input, pol));
+                // A re-pack from scratch ignores cooldowns and settling cpus.
+                let fresh = || cpu::input_from(&snap, &cpu::MovedAt::new(), &HashMap::new(), &blocked, &retired, pol);
+                // A re-pack's or a rollback's step, when one is due, takes the balancer's turn.
+                match self.repacker.turn(&snap, &input, &fresh, &self.cfg.repack, pol) {
+                    Some(step) => plan.extend(step),
+                    None => plan.extend(cpu::plan(&input, pol)),
+                }
             }
             input
         };
@@ -496,6 +528,14 @@ impl<H: Host> Agent<H> {
                     }
                 }
                 Err(e) => self.disconnect(&e),
+            }
+        }
+        if self.cfg.cpu.is_some() {
+            self.repacker.acted(&plan, &report.was_applied, snap.t_ns, self.cfg.dry_run);
+            // Moves that did not pay off: their vCPUs cool down longer (the safeguard's back-off).
+            for (d, v, until) in self.repacker.take_backoffs() {
+                let t = self.moved_at.entry(d).or_default().entry(v).or_insert(until);
+                *t = (*t).max(until);
             }
         }
         // Forget cooldowns of vCPUs that no longer exist.
@@ -713,3 +753,6 @@ pub fn run<H: Host>(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod repack_tests;
