@@ -17,7 +17,7 @@ use crate::model::Snapshot;
 use crate::policy::cpu::{CpuInput, CpuPolicy};
 use crate::policy::repack::{self, RepackPlan, RepackPolicy};
 use crate::policy::{Action, PinKind, Plan};
-use crate::safeguard::{Moved, Origin, Safeguard, SafeguardConfig, names};
+use crate::safeguard::{Figure, Moved, Origin, Safeguard, SafeguardConfig, names};
 use crate::schedule::{Schedule, Timer};
 
 /// The re-pack's settings, from the flags.
@@ -49,6 +49,25 @@ pub struct RepackStats {
     /// Pins applied by re-packs, and by rollbacks.
     pub repack_pins: u64,
     pub rollback_pins: u64,
+}
+
+impl RepackStats {
+    /// The sum of several runs' (the simulator's seeds).
+    pub fn sum(all: impl Iterator<Item = RepackStats>) -> RepackStats {
+        all.fold(RepackStats::default(), |a, b| RepackStats {
+            scheduled: a.scheduled + b.scheduled,
+            below_gain: a.below_gain + b.below_gain,
+            started: a.started + b.started,
+            completed: a.completed + b.completed,
+            dropped: a.dropped + b.dropped,
+            repack_kept: a.repack_kept + b.repack_kept,
+            repack_rolled_back: a.repack_rolled_back + b.repack_rolled_back,
+            balancing_judged: a.balancing_judged + b.balancing_judged,
+            balancing_rolled_back: a.balancing_rolled_back + b.balancing_rolled_back,
+            repack_pins: a.repack_pins + b.repack_pins,
+            rollback_pins: a.rollback_pins + b.rollback_pins,
+        })
+    }
 }
 
 /// A re-pack or a rollback on its way.
@@ -191,9 +210,10 @@ impl Repacker {
                 }
             }
             let line = format!(
-                "the {} of {} left the cost (load above --high, peaks above --peak-limit) {:.2} cores {} than the old pins would on the same demand",
+                "the {} of {} left the {} {:.2} cores {} than the old pins would on the same demand",
                 v.origin,
                 names(&v.moves),
+                v.figure,
                 v.worse_by.abs(),
                 if v.worse_by > 0.0 { "higher" } else { "lower" }
             );
@@ -278,22 +298,26 @@ impl Repacker {
                 if run.kind == PinKind::Repack {
                     self.stats.completed += 1;
                     info!("re-pack done: {} vCPUs moved; the safeguard watches it", run.moved.len());
-                    self.guard.watch(Origin::Repack, run.moved, t_ns);
+                    self.guard.watch(Origin::Repack, Figure::Cost, run.moved, t_ns);
                 } else {
                     info!("rollback done: {} vCPUs back on their old cpus", run.moved.len());
                 }
             }
             return;
         }
-        let moves: Vec<Moved> = plan
-            .iter()
-            .zip(applied)
-            .filter(|(a, ok)| {
-                **ok && matches!(a, Action::Pin { kind: PinKind::Move | PinKind::Swap | PinKind::PeakSafety, .. })
-            })
-            .filter_map(|(a, _)| moved_of(a))
-            .collect();
-        self.guard.watch(Origin::Balancing, moves, t_ns);
+        // Balancing moves and swaps promised a less busy cpu; peak-safety moves, lower peaks.
+        for (figure, kinds) in [
+            (Figure::BusiestLoad, &[PinKind::Move, PinKind::Swap][..]),
+            (Figure::PeakExcess, &[PinKind::PeakSafety][..]),
+        ] {
+            let moves: Vec<Moved> = plan
+                .iter()
+                .zip(applied)
+                .filter(|(a, ok)| **ok && matches!(a, Action::Pin { kind, .. } if kinds.contains(kind)))
+                .filter_map(|(a, _)| moved_of(a))
+                .collect();
+            self.guard.watch(Origin::Balancing, figure, moves, t_ns);
+        }
     }
 
     /// Sets of moves being watched.

@@ -1,9 +1,11 @@
 //! The safeguard: after a re-pack, and after each quantum's set of balancing moves, check that
 //! the placement they made pays off; if it does not, give the old pins back, once.
 //!
-//! Each applied set of moves is *watched*. Its figure is the re-pack's cost
-//! ([`crate::policy::repack::cost`]: load above `--high` plus peaks above `--peak-limit`, in
-//! cores), compared on **the same fresh demand** for the placement now and for the placement
+//! Each applied set of moves is *watched* on the figure it promised to improve ([`Figure`]):
+//! a re-pack its cost ([`crate::policy::repack::cost`]: load above `--high` plus peaks above
+//! `--peak-limit`, over all cpus), balancing moves and swaps the load of the busiest cpu they
+//! touched, peak-safety moves the peaks above `--peak-limit` on the cpus they touched. The
+//! figure is compared on **the same fresh demand** for the placement now and for the placement
 //! with the watched vCPUs back where they were: the demand of a host moves on its own, and only
 //! this comparison says what the moves did. The watch waits one settle time (two smoothing time
 //! constants: the averages have absorbed the change), then averages the difference over the
@@ -11,7 +13,7 @@
 //! - worse by more than the margin (`--min-gain`): **roll back**: the caller restores exactly
 //!   the pins the set replaced (for the vCPUs still where the set put them). A rollback is not
 //!   watched itself, so a placement and its rollback never alternate;
-//! - a balancing set that made the figure worse at all is a **strike** against each of its
+//! - a balancing set that made its figure worse at all is a **strike** against each of its
 //!   vCPUs: their next cooldown is `cooldown × (2^strikes − 1)` longer (at most
 //!   [`MAX_STRIKES`]), so a move that keeps failing to pay off backs off; one that pays off
 //!   clears its vCPU's strikes.
@@ -25,7 +27,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::policy::cpu::CpuInput;
-use crate::policy::repack::{cost, current};
+use crate::policy::repack::{cost, current, loads};
 
 /// The most strikes counted against one vCPU: its cooldown then is 2^5 − 1 = 31 cooldowns longer.
 pub const MAX_STRIKES: u32 = 5;
@@ -61,6 +63,45 @@ impl std::fmt::Display for Origin {
     }
 }
 
+/// What a watched set promised to lower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Figure {
+    /// The re-pack's cost over all cpus.
+    Cost,
+    /// The load of the busiest cpu the set touched (balancing moves and swaps).
+    BusiestLoad,
+    /// The peaks above `--peak-limit` on the cpus the set touched (peak-safety moves).
+    PeakExcess,
+}
+
+impl std::fmt::Display for Figure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Figure::Cost => "cost (load above --high, peaks above --peak-limit)",
+            Figure::BusiestLoad => "load of the busiest cpu it touched",
+            Figure::PeakExcess => "peaks above --peak-limit on the cpus it touched",
+        })
+    }
+}
+
+impl Figure {
+    /// The figure of placement `at` (cpu indices), over `touched` (cpu indices) where it is local.
+    fn of(self, input: &CpuInput, at: &[Option<usize>], touched: &[usize], cfg: &SafeguardConfig) -> f64 {
+        match self {
+            Figure::Cost => cost(input, at, cfg.high, cfg.peak_limit),
+            Figure::BusiestLoad => {
+                let (load, _) = loads(input, at);
+                touched.iter().map(|&c| load[c]).fold(0.0, f64::max)
+            }
+            Figure::PeakExcess => {
+                let (_, peak) = loads(input, at);
+                touched.iter().map(|&c| (peak[c] - cfg.peak_limit).max(0.0)).sum()
+            }
+        }
+    }
+}
+
 /// One vCPU a watched set moved: from cpu `before` to cpu `after` (cpu ids).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Moved {
@@ -74,6 +115,7 @@ pub struct Moved {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     pub origin: Origin,
+    pub figure: Figure,
     pub moves: Vec<Moved>,
     /// Mean over the judging window of (figure now − figure without the moves), cores:
     /// negative when the moves paid off.
@@ -85,6 +127,7 @@ pub struct Verdict {
 #[derive(Debug, Clone)]
 struct Watch {
     origin: Origin,
+    figure: Figure,
     since_ns: u64,
     moves: Vec<Moved>,
     sum: f64,
@@ -99,10 +142,10 @@ pub struct Safeguard {
 }
 
 impl Safeguard {
-    /// Starts watching a set of moves applied at `t_ns`.
-    pub fn watch(&mut self, origin: Origin, moves: Vec<Moved>, t_ns: u64) {
+    /// Starts watching a set of moves applied at `t_ns`, on the figure it promised to lower.
+    pub fn watch(&mut self, origin: Origin, figure: Figure, moves: Vec<Moved>, t_ns: u64) {
         if !moves.is_empty() {
-            self.watches.push(Watch { origin, since_ns: t_ns, moves, sum: 0.0, n: 0 });
+            self.watches.push(Watch { origin, figure, since_ns: t_ns, moves, sum: 0.0, n: 0 });
         }
     }
 
@@ -137,7 +180,6 @@ impl Safeguard {
             input.vcpus.iter().enumerate().map(|(i, v)| ((&*v.domain, v.vcpu), i)).collect();
         let cpu: HashMap<u32, usize> = input.cpus.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
         let now = current(input);
-        let now_cost = cost(input, &now, cfg.high, cfg.peak_limit);
         let mut verdicts = Vec::new();
         let mut keep = Vec::with_capacity(self.watches.len());
         for mut w in std::mem::take(&mut self.watches) {
@@ -165,10 +207,15 @@ impl Safeguard {
                 continue;
             }
             let mut old = now.clone();
+            let mut touched: Vec<usize> = Vec::with_capacity(undo.len() * 2);
             for &(i, c) in &undo {
+                touched.extend(now[i]);
+                touched.push(c);
                 old[i] = Some(c);
             }
-            w.sum += now_cost - cost(input, &old, cfg.high, cfg.peak_limit);
+            touched.sort_unstable();
+            touched.dedup();
+            w.sum += w.figure.of(input, &now, &touched, cfg) - w.figure.of(input, &old, &touched, cfg);
             w.n += 1;
             if t_ns < w.since_ns.saturating_add(cfg.settle_ns.saturating_mul(2)) {
                 keep.push(w);
@@ -188,6 +235,7 @@ impl Safeguard {
             }
             verdicts.push(Verdict {
                 origin: w.origin,
+                figure: w.figure,
                 moves: w.moves,
                 worse_by,
                 roll_back: worse_by > cfg.margin + EPS,

@@ -91,7 +91,7 @@ fn excess(x: f64, limit: f64) -> f64 {
 }
 
 /// Loads and peak loads of each cpu with vCPU `i` on `at[i]`.
-fn loads(input: &CpuInput, at: &[Option<usize>]) -> (Vec<f64>, Vec<f64>) {
+pub fn loads(input: &CpuInput, at: &[Option<usize>]) -> (Vec<f64>, Vec<f64>) {
     let mut load: Vec<f64> = input.cpus.iter().map(|c| c.fixed).collect();
     let mut peak = load.clone();
     for (v, c) in input.vcpus.iter().zip(at) {
