@@ -47,6 +47,7 @@ fn diagnose_repack_apply_separates_two_busy_guests_piled_on_one_cpu() {
     );
     assert!(gain >= min_gain && after < before, "{r:#}");
     assert!((gain - (before - after)).abs() < 1e-9, "{r:#}");
+    eprintln!("re-pack: cost {before:.2} -> {after:.2} cores; moves: {:#}", r["moves"]);
     let plan = doc["plan"].as_array().unwrap();
     assert!(!plan.is_empty() && plan.iter().all(|p| p["kind"] == "repack"), "{:#}", doc["plan"]);
     let ours = [a.name.as_str(), b.name.as_str()];
