@@ -1,3 +1,6 @@
+//! The safeguard on synthetic quanta: when it judges, on which figure, what it rolls back
+//! (exactly the old pins, once), and how strikes lengthen the back-off.
+
 use super::*;
 use crate::host::CpuSet;
 use crate::policy::cpu::{CpuSlot, VcpuSlot};

@@ -1,3 +1,7 @@
+//! The re-pack planner on plain inputs: its gain is what applying its steps gives, it is never
+//! worse than the placement now, nothing applies below the threshold, and its steps keep each
+//! cpu within its bound.
+
 use super::*;
 use crate::policy::cpu::{CpuSlot, VcpuSlot};
 use proptest::prelude::*;
