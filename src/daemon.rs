@@ -460,10 +460,17 @@ impl<H: Host> Agent<H> {
                 }
                 // A re-pack from scratch ignores cooldowns and settling cpus.
                 let fresh = || cpu::input_from(&snap, &cpu::MovedAt::new(), &HashMap::new(), &blocked, &retired, pol);
-                // A re-pack's or a rollback's step, when one is due, takes the balancer's turn.
-                match self.repacker.turn(&snap, &input, &fresh, &self.cfg.repack, pol) {
-                    Some(step) => plan.extend(step),
-                    None => plan.extend(cpu::plan(&input, pol)),
+                // While a re-pack or a rollback is on its way, the balancer goes first, with the
+                // run's vCPUs held; the run's next step waits for a quantum it has nothing to do.
+                let held = self.repacker.held();
+                let first = if held.is_empty() { Vec::new() } else { cpu::plan(&hold(&input, &held), pol) };
+                if !first.is_empty() {
+                    plan.extend(first);
+                } else {
+                    match self.repacker.turn(&snap, &input, &fresh, &self.cfg.repack, pol) {
+                        Some(step) => plan.extend(step),
+                        None => plan.extend(cpu::plan(&input, pol)),
+                    }
                 }
             }
             input
@@ -544,6 +551,18 @@ impl<H: Host> Agent<H> {
         report.snapshot = Some(snap);
         report
     }
+}
+
+/// `input` with the vCPUs `held` (domain, vCPU) not movable.
+fn hold(input: &cpu::CpuInput, held: &[(String, u32)]) -> cpu::CpuInput {
+    let held: HashSet<(&str, u32)> = held.iter().map(|(d, n)| (d.as_str(), *n)).collect();
+    let mut out = input.clone();
+    for v in &mut out.vcpus {
+        if held.contains(&(&*v.domain, v.vcpu)) {
+            v.movable = false;
+        }
+    }
+    out
 }
 
 /// How long a stop may wait for the quantum in progress (a libvirt call to a frozen libvirtd

@@ -2,8 +2,10 @@
 //! plan a re-pack ([`crate::policy::repack`]) and apply it a step per quantum; watch it, and
 //! every balancing move set, with the [`Safeguard`]; roll back what did not pay off.
 //!
-//! A run (a re-pack's or a rollback's steps) takes the CPU balancer's turn while it lasts: the
-//! balancer does not plan in those quanta, so the two never pull the same vCPU two ways. A run
+//! A run (a re-pack's or a rollback's steps) moves a step per quantum while the balancer has
+//! nothing to do: in a quantum where the balancer, with the run's vCPUs held where they are,
+//! has moves to make (an overload came up), those go first and the run waits. So the two never
+//! pull the same vCPU two ways, and the balancer stays as quick as without a run. A run
 //! is dropped, with a warning, when the set of domains changes, when a vCPU is no longer where
 //! its next step expects it, or when a step fails. Kept in the agent between quanta; the
 //! decisions are the pure planner's and the safeguard's.
@@ -325,9 +327,17 @@ impl Repacker {
         self.guard.watching()
     }
 
-    /// True while a re-pack or a rollback is on its way.
-    pub fn running(&self) -> bool {
-        self.run.is_some()
+    /// The vCPUs (domain, vCPU) a run on its way still has to move: the balancer holds them.
+    pub fn held(&self) -> Vec<(String, u32)> {
+        let Some(run) = &self.run else { return Vec::new() };
+        run.steps
+            .iter()
+            .flatten()
+            .filter_map(|a| match a {
+                Action::Pin { domain, vcpu, .. } => Some((domain.clone(), *vcpu)),
+                Action::Balloon { .. } => None,
+            })
+            .collect()
     }
 }
 

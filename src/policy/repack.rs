@@ -13,8 +13,8 @@
 //!   applied only when the gain reaches `--repack-min-gain`.
 //! - **Target**: longest processing time first: movable vCPUs by demand (then peak), each onto
 //!   the cpu where it adds the least cost, among those the least loaded (within `about_equal`):
-//!   the one holding the fewest vCPUs of its guest (siblings get busy together), the vCPU's own
-//!   cpu (no move), one in its NUMA node, the lowest peaks. Then single moves that lower the
+//!   the vCPU's own cpu (no move), the one holding the fewest vCPUs of its guest (siblings get
+//!   busy together), one in its NUMA node, the lowest peaks. Then single moves that lower the
 //!   cost, and every move that the cost does not need is undone (fewest repins). If the result
 //!   is not cheaper than the placement now, the placement now is the target: a re-pack is never
 //!   worse by its own measure.
@@ -177,7 +177,7 @@ fn target(input: &CpuInput, pol: &RepackPolicy) -> Vec<Option<usize>> {
             .copied()
             .filter(|&c| load[c] <= least + pol.about_equal + EPS)
             .min_by(|&a, &b| {
-                let key = |c: usize| (siblings(c), c != home, input.cpus[c].node != input.cpus[home].node);
+                let key = |c: usize| (c != home, siblings(c), input.cpus[c].node != input.cpus[home].node);
                 key(a).cmp(&key(b)).then(peak[a].total_cmp(&peak[b])).then(load[a].total_cmp(&load[b])).then(a.cmp(&b))
             })
             .unwrap_or(home);
@@ -209,23 +209,29 @@ fn target(input: &CpuInput, pol: &RepackPolicy) -> Vec<Option<usize>> {
             break;
         }
     }
-    // Undo every move the cost does not need, heaviest first (a heavy vCPU keeps its cache).
-    for &i in &order {
-        let (Some(home), Some(c)) = (now[i], at[i]) else { continue };
-        if home == c {
-            continue;
+    // Undo every move the cost does not need, heaviest first (a heavy vCPU keeps its cache),
+    // again while one undo makes room for another.
+    for _ in 0..IMPROVE_PASSES {
+        let mut undone = false;
+        for &i in &order {
+            let (Some(home), Some(c)) = (now[i], at[i]) else { continue };
+            if home == c {
+                continue;
+            }
+            let v = &input.vcpus[i];
+            // `home` is another cpu than `c`: the two changes add up.
+            let delta = added(&load, &peak, c, -v.demand, -v.peak) + added(&load, &peak, home, v.demand, v.peak);
+            if delta <= EPS {
+                load[c] -= v.demand;
+                peak[c] -= v.peak;
+                load[home] += v.demand;
+                peak[home] += v.peak;
+                at[i] = Some(home);
+                undone = true;
+            }
         }
-        let v = &input.vcpus[i];
-        let delta = added(&load, &peak, c, -v.demand, -v.peak) + {
-            // Evaluated as if `i` had already left `c`: `home` is another cpu.
-            added(&load, &peak, home, v.demand, v.peak)
-        };
-        if delta <= EPS {
-            load[c] -= v.demand;
-            peak[c] -= v.peak;
-            load[home] += v.demand;
-            peak[home] += v.peak;
-            at[i] = Some(home);
+        if !undone {
+            break;
         }
     }
     at
