@@ -327,6 +327,11 @@ impl Repacker {
         self.guard.watching()
     }
 
+    /// True while a re-pack or a rollback is on its way.
+    pub fn running(&self) -> bool {
+        self.run.is_some()
+    }
+
     /// The vCPUs (domain, vCPU) a run on its way still has to move: the balancer holds them.
     pub fn held(&self) -> Vec<(String, u32)> {
         let Some(run) = &self.run else { return Vec::new() };

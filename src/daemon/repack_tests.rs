@@ -142,3 +142,60 @@ fn a_repack_that_stops_paying_off_is_rolled_back_to_exactly_the_old_pins_once() 
     assert_eq!(pins(&a), piled);
     assert_eq!(a.repack_stats().rollback_pins, s.rollback_pins);
 }
+
+#[test]
+fn during_a_repack_the_balancer_goes_first_and_the_run_waits() {
+    // 4 cpus: three busy guests piled on cpu 0 (held by their cooldown), two idle ones on
+    // cpu 1. One pin per quantum, so the re-pack takes two steps.
+    let names = ["a", "b", "g", "e", "f"];
+    let guests: Vec<(&str, u32)> = names.iter().map(|n| (*n, 1)).collect();
+    let mut h = Faulty::new(4, &guests);
+    for (g, d) in [0.6, 0.6, 0.6, 0.0, 0.0].into_iter().enumerate() {
+        h.sim.set_demand(g, 0, d);
+    }
+    let (cron, _) = two_minutes_on(&h);
+    let mut c = Common::defaults().unwrap();
+    c.quantum = Duration::from_nanos(Q);
+    c.smoothing = Duration::from_millis(500);
+    c.no_memory = true;
+    c.cooldown = Duration::from_secs(86_400);
+    c.max_repins = 1;
+    c.repack_schedule = Some(Schedule::parse(&cron).unwrap());
+    c.repack_min_gain = 0.1;
+    let mut a = Agent::new(h, AgentConfig::from_flags(&c, false));
+    for _ in 0..10 {
+        step(&mut a);
+    }
+    let doms = a.host.sim.list_domains().unwrap();
+    for (name, cpu) in names.iter().zip([0, 0, 0, 1, 1]) {
+        let d = doms.iter().find(|d| d.name == *name).unwrap();
+        a.host.sim.pin_vcpu(d, 0, cpu).unwrap();
+        if cpu == 0 {
+            a.moved_at.entry(d.name.clone()).or_default().insert(0, a.host.now_ns());
+        }
+    }
+    // Run until the re-pack's first pin; then the idle guests get busy: cpu 1 is overloaded.
+    for _ in 0..600 {
+        step(&mut a);
+        if a.repack_stats().repack_pins == 1 {
+            break;
+        }
+    }
+    assert_eq!(a.repack_stats().repack_pins, 1, "{:?}", a.repack_stats());
+    a.host.sim.set_demand(3, 0, 0.6);
+    a.host.sim.set_demand(4, 0, 0.6);
+    let mut balanced_during_run = false;
+    for _ in 0..40 {
+        let r = step(&mut a);
+        let running = a.repacker.running();
+        let moved_idle = r.plan.iter().zip(&r.was_applied).any(|(x, ok)| {
+            *ok && matches!(x, Action::Pin { domain, kind: crate::policy::PinKind::Move | crate::policy::PinKind::Swap, .. } if domain == "e" || domain == "f")
+        });
+        if moved_idle && running {
+            balanced_during_run = true;
+        }
+    }
+    assert!(balanced_during_run, "the balancer moved e or f while the re-pack waited");
+    let s = a.repack_stats();
+    assert_eq!((s.completed, s.dropped, s.repack_pins), (1, 0, 2), "the run finished afterwards: {s:?}");
+}
