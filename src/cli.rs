@@ -44,6 +44,10 @@ pub enum Command {
         /// Apply the plan once.
         #[arg(long)]
         apply: bool,
+        /// Show (with --apply: apply) the re-pack the schedule would make now, and its gain,
+        /// instead of the balancer's plan.
+        #[arg(long)]
+        repack: bool,
     },
     /// Run the balancer and reference policies over a simulated host in virtual time and
     /// report balance quality and cost side by side.
@@ -182,6 +186,12 @@ fn peak_limit(s: &str) -> Result<f64, String> {
 fn gain(s: &str) -> Result<f64, String> {
     units::parse_f64_in(s, 0.0, 1.0)
 }
+fn repack_gain(s: &str) -> Result<f64, String> {
+    units::parse_f64_in(s, 0.0, 64.0)
+}
+fn repack_schedule(s: &str) -> Result<crate::schedule::Schedule, String> {
+    crate::schedule::Schedule::parse(s).map_err(|e| crate::host::chain(&e))
+}
 fn fraction(s: &str) -> Result<f64, String> {
     units::parse_f64_in(s, 0.0, 0.95)
 }
@@ -317,6 +327,15 @@ pub struct Common {
     /// host, moves that only shift delay between cpus are not made. 0 to 1.
     #[arg(long, default_value_t = crate::policy::cpu::DEFAULT_DELAY_MARGIN, value_parser = gain, env = "VM_BALANCER_DELAY_MARGIN")]
     pub delay_margin: f64,
+    /// Re-pack every movable vCPU from scratch at these times: cron syntax (minute hour
+    /// day-of-month month day-of-week), in UTC unless preceded by `TZ=Zone`, e.g.
+    /// `TZ=Europe/Amsterdam 0 3 * * 1-5` (default: never).
+    #[arg(long, value_name = "CRON", value_parser = repack_schedule, env = "VM_BALANCER_REPACK_SCHEDULE")]
+    pub repack_schedule: Option<crate::schedule::Schedule>,
+    /// A re-pack is applied only when it lowers the cost (load above --high plus peaks above
+    /// --peak-limit, summed over the cpus) by at least this many cores. 0 to 64.
+    #[arg(long, default_value = "0.2", value_parser = repack_gain, env = "VM_BALANCER_REPACK_MIN_GAIN")]
+    pub repack_min_gain: f64,
     /// Do not balance vCPUs.
     #[arg(long, env = "VM_BALANCER_NO_CPU")]
     pub no_cpu: bool,

@@ -21,6 +21,7 @@ use crate::policy::cpu::{self, CpuPolicy};
 use crate::policy::emulator::{self, EmulatorCpus, ThreadsSet};
 use crate::policy::mem::{self, MemPolicy, State, Verdict};
 use crate::policy::{Action, Plan};
+use crate::repacker::{RepackConfig, RepackStats, Repacker};
 
 /// Everything the agent is told by its flags.
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub struct AgentConfig {
     pub keep_pins_on_exit: bool,
     /// The capacity advice (made whether or not the balancers are on).
     pub advice: AdviceConfig,
+    /// The scheduled re-pack (with the CPU balancer only).
+    pub repack: RepackConfig,
 }
 
 impl AgentConfig {
@@ -100,6 +103,7 @@ impl AgentConfig {
                 host_reserve_kib: c.host_reserve,
                 host_psi_limit: MemPolicy::default().host_psi_limit,
             },
+            repack: RepackConfig { schedule: c.repack_schedule.clone(), min_gain: c.repack_min_gain },
         }
     }
 }
@@ -208,6 +212,8 @@ pub struct Agent<H: Host> {
     ever_allowed: HashSet<u32>,
     /// The capacity advice's window and memory.
     advisor: Advisor,
+    /// The scheduled re-pack and the safeguard.
+    repacker: Repacker,
 }
 
 /// CPU time (user + system) of the calling thread, µs: what one `Agent::step` costs, even
@@ -242,6 +248,7 @@ impl<H: Host> Agent<H> {
             threads_set: HashMap::new(),
             ever_allowed: HashSet::new(),
             advisor: Advisor::default(),
+            repacker: Repacker::default(),
         }
     }
 
@@ -261,7 +268,7 @@ impl<H: Host> Agent<H> {
                 }
             )*};
         }
-        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, emulator, mem, dry_run, advice);
+        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, emulator, mem, dry_run, advice, repack);
         if changed.is_empty() {
             info!("settings reloaded: nothing changed");
             return 0;
@@ -303,6 +310,25 @@ impl<H: Host> Agent<H> {
             // Mid-hotplug the lists can disagree for a moment: the next quantum tries again.
             Err(e) => debug!("online cpus changed, topology not readable yet: {e}"),
         }
+    }
+
+    /// Cpus allowed earlier in the run but not now: vCPUs pinned there are placed again.
+    fn retired(&self, snap: &Snapshot) -> HashSet<u32> {
+        self.ever_allowed.iter().copied().filter(|c| !snap.host.cpus.contains(c)).collect()
+    }
+
+    /// The re-pack planned now on `snap` (`diagnose --repack`), cooldowns ignored; `None` with
+    /// the CPU balancer off.
+    pub fn repack_plan(&self, snap: &Snapshot) -> Option<crate::policy::repack::RepackPlan> {
+        let pol = self.cfg.cpu.as_ref()?;
+        let blocked = self.failures.blocked_pins(snap.t_ns);
+        let input = cpu::input_from(snap, &cpu::MovedAt::new(), &HashMap::new(), &blocked, &self.retired(snap), pol);
+        Some(crate::repacker::plan_now(&input, pol, &self.cfg.repack))
+    }
+
+    /// What the scheduled re-pack and the safeguard did since the start.
+    pub fn repack_stats(&self) -> RepackStats {
+        self.repacker.stats()
     }
 
     /// True once connected and until the connection is lost.
@@ -355,6 +381,7 @@ impl<H: Host> Agent<H> {
         self.tracker = None;
         self.collector.reset();
         self.advisor.reset();
+        self.repacker.reset();
     }
 
     /// Turns on the balloon statistics period (live) of guests that have a balloon without one.
@@ -433,15 +460,27 @@ impl<H: Host> Agent<H> {
             };
             let blocked = self.failures.blocked_pins(snap.t_ns);
             self.ever_allowed.extend(snap.host.cpus.iter().copied());
-            let retired: HashSet<u32> =
-                self.ever_allowed.iter().copied().filter(|c| !snap.host.cpus.contains(c)).collect();
+            let retired = self.retired(&snap);
             let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, &retired, pol);
             report.cpu_loads = cpu::loads(&input);
             if self.cfg.cpu.is_some() {
                 if log::log_enabled!(log::Level::Debug) {
                     debug!("cpu loads (fixed + vCPU demand): {}", cpu::describe_loads(&input));
                 }
-                plan.extend(cpu::plan(&input, pol));
+                // A re-pack from scratch ignores cooldowns and settling cpus.
+                let fresh = || cpu::input_from(&snap, &cpu::MovedAt::new(), &HashMap::new(), &blocked, &retired, pol);
+                // While a re-pack or a rollback is on its way, the balancer goes first, with the
+                // run's vCPUs held; the run's next step waits for a quantum it has nothing to do.
+                let held = self.repacker.held();
+                let first = if held.is_empty() { Vec::new() } else { cpu::plan(&hold(&input, &held), pol) };
+                if !first.is_empty() {
+                    plan.extend(first);
+                } else {
+                    match self.repacker.turn(&snap, &input, &fresh, &self.cfg.repack, pol) {
+                        Some(step) => plan.extend(step),
+                        None => plan.extend(cpu::plan(&input, pol)),
+                    }
+                }
             }
             input
         };
@@ -523,12 +562,32 @@ impl<H: Host> Agent<H> {
                 Err(e) => self.disconnect(&e),
             }
         }
+        if self.cfg.cpu.is_some() {
+            self.repacker.acted(&plan, &report.was_applied, snap.t_ns, self.cfg.dry_run);
+            // Moves that did not pay off: their vCPUs cool down longer (the safeguard's back-off).
+            for (d, v, until) in self.repacker.take_backoffs() {
+                let t = self.moved_at.entry(d).or_default().entry(v).or_insert(until);
+                *t = (*t).max(until);
+            }
+        }
         // Forget cooldowns of vCPUs that no longer exist.
         self.moved_at.retain(|d, _| snap.domains.iter().any(|x| &x.dom.name == d));
         report.plan = plan;
         report.snapshot = Some(snap);
         report
     }
+}
+
+/// `input` with the vCPUs `held` (domain, vCPU) not movable.
+fn hold(input: &cpu::CpuInput, held: &[(String, u32)]) -> cpu::CpuInput {
+    let held: HashSet<(&str, u32)> = held.iter().map(|(d, n)| (d.as_str(), *n)).collect();
+    let mut out = input.clone();
+    for v in &mut out.vcpus {
+        if held.contains(&(&*v.domain, v.vcpu)) {
+            v.movable = false;
+        }
+    }
+    out
 }
 
 /// How long a stop may wait for the quantum in progress (a libvirt call to a frozen libvirtd
@@ -738,3 +797,6 @@ pub fn run<H: Host>(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod repack_tests;

@@ -23,6 +23,45 @@ pub struct Report {
     pub advice: Vec<crate::policy::advice::Advice>,
     /// What this host could still take: `cpu_cores`, `mem_kib`.
     pub spare: crate::policy::advice::Spare,
+    /// With `--repack`: the re-pack planned now (`plan` then holds its pins when it applies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repack: Option<RepackOut>,
+}
+
+/// The re-pack of `diagnose --repack`.
+#[derive(Debug, Serialize)]
+pub struct RepackOut {
+    /// Load above --high plus peaks above --peak-limit, summed over cpus, now (cores).
+    pub cost_before: f64,
+    /// The same after the re-pack.
+    pub cost_after: f64,
+    pub gain: f64,
+    pub min_gain: f64,
+    /// True when the gain reaches --repack-min-gain: the pins are in `plan`.
+    pub applies: bool,
+    /// Quanta the daemon would spread the pins over (--max-repins per quantum).
+    pub steps: usize,
+    /// Every pin of the re-pack, in order (kind `repack`), also when it does not apply.
+    pub moves: Vec<Action>,
+}
+
+impl RepackOut {
+    pub fn new(p: &crate::policy::repack::RepackPlan) -> Self {
+        RepackOut {
+            cost_before: p.cost_before,
+            cost_after: p.cost_after,
+            gain: p.gain,
+            min_gain: p.min_gain,
+            applies: p.worth_it,
+            steps: p.steps.len(),
+            moves: p.steps.concat(),
+        }
+    }
+
+    /// What `--apply` applies: the pins when the re-pack pays off, else nothing.
+    pub fn plan(&self) -> Vec<Action> {
+        if self.applies { self.moves.clone() } else { Vec::new() }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -127,6 +166,7 @@ pub fn report(
             })
             .collect(),
         spare: capacity.spare,
+        repack: None,
     }
 }
 
@@ -198,6 +238,22 @@ pub fn render_table(r: &Report) -> String {
     let _ = writeln!(s, "\nplan ({} actions):", r.plan.len());
     for a in &r.plan {
         let _ = writeln!(s, "  {a}");
+    }
+    if let Some(p) = &r.repack {
+        let _ = writeln!(
+            s,
+            "\nre-pack: cost (load above --high + peaks above --peak-limit) {:.2} -> {:.2} cores, gain {:.2}: {} (--repack-min-gain {:.2}); {} pins in {} step(s):",
+            p.cost_before,
+            p.cost_after,
+            p.gain,
+            if p.applies { "applies" } else { "below the threshold, nothing to apply" },
+            p.min_gain,
+            p.moves.len(),
+            p.steps
+        );
+        for a in &p.moves {
+            let _ = writeln!(s, "  {a}");
+        }
     }
     let _ = writeln!(s, "\nadvice ({}):", r.advice.len());
     for a in &r.advice {

@@ -95,7 +95,7 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
             let agent = Agent::new(host, AgentConfig::from_flags(&common, dry_run));
             daemon::run(agent, &|| reload(argv, &connect, listen), metrics)
         }
-        Command::Diagnose { common, interval, json, apply } => {
+        Command::Diagnose { common, interval, json, apply, repack } => {
             init_logging(&common);
             let host = LibvirtHost::new(&common.connect);
             let mut cfg = AgentConfig::from_flags(&common, true);
@@ -120,15 +120,25 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
             let report = agent.step();
             let snap = report.snapshot.context("no fresh sample: the connection dropped between the two samples")?;
             let capacity = report.capacity.unwrap_or_default();
-            let out = diagnose::report(&snap, &report.plan, &report.mem_verdicts, &capacity, &advice_note);
+            let repack = if repack {
+                let p = agent.repack_plan(&snap).context("--repack needs the CPU balancer, and --no-cpu is set")?;
+                Some(diagnose::RepackOut::new(&p))
+            } else {
+                None
+            };
+            // With --repack, the plan (what --apply applies) is the re-pack's pins.
+            let plan = repack.as_ref().map_or_else(|| report.plan.clone(), diagnose::RepackOut::plan);
+            let mut out = diagnose::report(&snap, &plan, &report.mem_verdicts, &capacity, &advice_note);
+            out.repack = repack;
             let text = if json { serde_json::to_string_pretty(&out)? + "\n" } else { diagnose::render_table(&out) };
             if !emit(&text)? {
                 return Ok(());
             }
-            if apply && !report.plan.is_empty() {
-                let outcomes = release::apply_recorded(&mut agent.host, &snap, &report.plan, u64::MAX)?;
+            if apply && !plan.is_empty() {
+                // A re-pack's steps go in order, at once: a one-shot has no quanta to wait.
+                let outcomes = release::apply_recorded(&mut agent.host, &snap, &plan, u64::MAX)?;
                 let mut failed = 0;
-                for (a, o) in report.plan.iter().zip(&outcomes) {
+                for (a, o) in plan.iter().zip(&outcomes) {
                     if let actuate::Outcome::Failed(e) = o {
                         error!("failed: {a}: {}", vm_balancer::host::chain(e));
                         failed += 1;

@@ -39,6 +39,11 @@ fn bad_flags_exit_2_with_the_flag_named() {
         (vec!["run", "--emulator-cpus", "0,4095"], "--emulator-cpus"),
         (vec!["diagnose", "--emulator-cpus", "4095"], "--emulator-cpus"),
         (vec!["simulate", "--host-cpus", "4", "--emulator-cpus", "2-4"], "--emulator-cpus"),
+        (vec!["run", "--repack-schedule", "0 3 * *"], "--repack-schedule"),
+        (vec!["run", "--repack-schedule", "0 25 * * *"], "--repack-schedule"),
+        (vec!["diagnose", "--repack-schedule", "TZ=Mars/Olympus 0 3 * * *"], "--repack-schedule"),
+        (vec!["run", "--repack-schedule", "0 0 30 2 *"], "--repack-schedule"),
+        (vec!["run", "--repack-min-gain", "65"], "--repack-min-gain"),
     ] {
         let out = vmb(&args, &[]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -62,6 +67,10 @@ fn environment_variables_are_read() {
     let out = vmb(&["run"], &[("VM_BALANCER_STARVE_BELOW", "0.5"), ("VM_BALANCER_RECLAIM_ABOVE", "0.2")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--starve-below"));
+    let out = vmb(&["run"], &[("VM_BALANCER_REPACK_SCHEDULE", "every night")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--repack-schedule") && err.contains("not a cron expression"), "{err}");
     let out = vmb(&["run"], &[("VM_BALANCER_OVERLOAD_WINDOW", "-5m")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--overload-window"));
@@ -81,6 +90,19 @@ fn unreachable_hypervisor_is_a_clear_error_for_diagnose() {
         vmb(&["diagnose", "--connect", "qemu+unix:///system?socket=/nonexistent/sock", "--interval", "100ms"], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+#[test]
+fn a_good_repack_schedule_is_accepted() {
+    // Parsed (no exit 2); then diagnose --repack fails only on the missing hypervisor.
+    let uri = "qemu+unix:///system?socket=/nonexistent/sock";
+    for sched in ["0 3 * * *", "TZ=Europe/Amsterdam 0 3 * * 1-5", "*/15 * * * MON-FRI"] {
+        let out = vmb(
+            &["diagnose", "--repack", "--repack-schedule", sched, "--connect", uri, "--interval", "100ms"],
+            &[("VM_BALANCER_REPACK_MIN_GAIN", "0.5")],
+        );
+        assert_eq!(out.status.code(), Some(1), "{sched}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 #[test]
@@ -204,7 +226,7 @@ fn the_configuration_document_names_every_flag() {
         let flags = help
             .split_whitespace()
             .filter_map(|w| w.strip_prefix("--"))
-            .map(|w| w.trim_end_matches([',', '.', ')', '=']).split(['=', '<', '[']).next().unwrap_or(""))
+            .map(|w| w.trim_end_matches([',', '.', ')', '=', ':', ';']).split(['=', '<', '[']).next().unwrap_or(""))
             .filter(|f| !f.is_empty() && !["help", "version"].contains(f));
         for f in flags {
             let named = doc.match_indices(&format!("--{f}")).any(|(i, m)| {

@@ -1,10 +1,11 @@
 //! Planners: pure functions from a [`crate::model::Snapshot`] (plain data) to a [`Plan`], and
-//! the capacity advice ([`advice`]) from the same data.
+//! the capacity advice ([`advice`]) and the scheduled re-pack ([`repack`]) from the same data.
 
 pub mod advice;
 pub mod cpu;
 pub mod emulator;
 pub mod mem;
+pub mod repack;
 
 use serde::Serialize;
 
@@ -59,10 +60,16 @@ pub enum PinKind {
     Swap,
     /// A move off a cpu whose vCPUs' recent peaks add up to more than `--peak-limit`.
     PeakSafety,
+    /// A step of a scheduled (or `diagnose --repack`) re-pack.
+    Repack,
+    /// The safeguard giving a vCPU back the pin it had before a re-pack or a balancing move
+    /// set that did not pay off.
+    Rollback,
 }
 
 impl PinKind {
-    pub const ALL: [PinKind; 4] = [PinKind::Placement, PinKind::Move, PinKind::Swap, PinKind::PeakSafety];
+    pub const ALL: [PinKind; 6] =
+        [PinKind::Placement, PinKind::Move, PinKind::Swap, PinKind::PeakSafety, PinKind::Repack, PinKind::Rollback];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -70,6 +77,8 @@ impl PinKind {
             PinKind::Move => "move",
             PinKind::Swap => "swap",
             PinKind::PeakSafety => "peak_safety",
+            PinKind::Repack => "repack",
+            PinKind::Rollback => "rollback",
         }
     }
 }

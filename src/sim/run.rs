@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::daemon::{Agent, AgentConfig, thread_cpu_us};
+use crate::repacker::RepackStats;
 use crate::sim::baseline::{Baseline, BaselineConfig};
 use crate::sim::host::{SimConfig, SimError, SimHost};
 use crate::sim::plot::{Recorder, Series};
@@ -85,6 +86,10 @@ pub struct PolicyReport {
     /// migrate (the host overloaded for `--overload-window`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advice_quanta_fraction: Option<f64>,
+    /// vm-balancer only: what the scheduled re-pack and the safeguard did (over several seeds:
+    /// the totals).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repack: Option<RepackStats>,
 }
 
 /// The whole report of a run.
@@ -140,6 +145,7 @@ impl Report {
                     advice_quanta_fraction: p0
                         .advice_quanta_fraction
                         .map(|_| all.iter().filter_map(|p| p.advice_quanta_fraction).sum::<f64>() / n),
+                    repack: p0.repack.map(|_| RepackStats::sum(all.iter().filter_map(|p| p.repack))),
                 }
             })
             .collect();
@@ -269,6 +275,10 @@ fn run_with(
             violations += 1;
         }
     }
+    let repack = match &driver {
+        Driver::Ours(a) => Some(a.repack_stats()),
+        _ => None,
+    };
     let hours = spec.quanta as f64 * spec.quantum.as_secs_f64() / 3600.0;
     let mut sorted = ratios.clone();
     sorted.sort_by(f64::total_cmp);
@@ -293,6 +303,7 @@ fn run_with(
         agent_cpu_us_per_quantum: if spec.quanta > 0 { cpu_us as f64 / spec.quanta as f64 } else { 0.0 },
         series: series.finish(),
         advice_quanta_fraction: (policy == Policy::Ours).then(|| advised as f64 / spec.quanta.max(1) as f64),
+        repack,
     })
 }
 
@@ -373,6 +384,23 @@ pub fn render_table(r: &Report) -> String {
     }
     if let Some(f) = ours.and_then(|o| o.advice_quanta_fraction) {
         let _ = writeln!(s, "\nvm-balancer's capacity advice named a guest to migrate in {:.1}% of quanta", f * 100.0);
+    }
+    if let Some(x) = ours.and_then(|o| o.repack) {
+        let over = if r.runs.len() > 1 { format!(" (totals over {} seeds)", r.runs.len()) } else { String::new() };
+        let _ = writeln!(
+            s,
+            "vm-balancer's re-pack{over}: {} scheduled, {} applied ({} pins), {} below --repack-min-gain, {} dropped; safeguard: {} of {} re-packs and {} of {} balancing move sets rolled back ({} pins)",
+            x.scheduled,
+            x.completed,
+            x.repack_pins,
+            x.below_gain,
+            x.dropped,
+            x.repack_rolled_back,
+            x.repack_kept + x.repack_rolled_back,
+            x.balancing_rolled_back,
+            x.balancing_judged,
+            x.rollback_pins
+        );
     }
     if r.runs.len() > 1 {
         let _ = write!(s, "\nmeans over {} seeds (host-reserve violations: worst seed)\n", r.runs.len());
