@@ -272,6 +272,11 @@ pub struct Common {
     /// 0.5 to 4.
     #[arg(long, default_value = "1.2", value_parser = peak_limit, env = "VM_BALANCER_PEAK_LIMIT")]
     pub peak_limit: f64,
+    /// Pack low-demand vCPUs onto as few cpus as keep every cpu under --high (less
+    /// --min-gain) and its peaks under --peak-limit, leaving whole cores with no vCPU; only in
+    /// quanta where the balancer has nothing to do.
+    #[arg(long, env = "VM_BALANCER_CONSOLIDATE")]
+    pub consolidate: bool,
     /// Do not balance vCPUs.
     #[arg(long, env = "VM_BALANCER_NO_CPU")]
     pub no_cpu: bool,

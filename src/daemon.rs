@@ -17,6 +17,7 @@ use crate::failures::{Failures, Kind};
 use crate::host::{Host, HostError};
 use crate::memctl::{MemTiming, MemTracker};
 use crate::model::{ModelConfig, Snapshot, Tracker};
+use crate::policy::consolidate::{self, ConsolidatePolicy};
 use crate::policy::cpu::{self, CpuPolicy};
 use crate::policy::mem::{self, MemPolicy, State, Verdict};
 use crate::policy::{Action, Plan};
@@ -32,6 +33,8 @@ pub struct AgentConfig {
     pub cpus: Option<Vec<u32>>,
     pub exclude: Vec<String>,
     pub cpu: Option<CpuPolicy>,
+    /// Consolidation (`--consolidate`) after the CPU balancer, with its limits; never without it.
+    pub consolidate: bool,
     pub mem: Option<MemConfig>,
     /// Change nothing; plans are still made and reported.
     pub dry_run: bool,
@@ -62,6 +65,7 @@ impl AgentConfig {
                 peak_limit: c.peak_limit,
                 ..CpuPolicy::default()
             }),
+            consolidate: c.consolidate && !c.no_cpu,
             mem: (!c.no_memory).then(|| MemConfig {
                 policy: MemPolicy {
                     floor_kib: c.guest_floor,
@@ -162,6 +166,9 @@ pub struct StepReport {
     pub blocked: Vec<(String, Kind, String)>,
     /// The capacity advice and spare capacity (with a snapshot only).
     pub capacity: Option<CapacityReport>,
+    /// Allowed cpus no vCPU is pinned to (nor floats over) once the applied pins of this
+    /// quantum are in place (empty without a snapshot).
+    pub free_cpus: Vec<u32>,
 }
 
 impl StepReport {
@@ -252,7 +259,7 @@ impl<H: Host> Agent<H> {
                 }
             )*};
         }
-        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, mem, dry_run, advice);
+        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, consolidate, mem, dry_run, advice);
         if changed.is_empty() {
             info!("settings reloaded: nothing changed");
             return 0;
@@ -432,7 +439,14 @@ impl<H: Host> Agent<H> {
                 if log::log_enabled!(log::Level::Debug) {
                     debug!("cpu loads (fixed + vCPU demand): {}", cpu::describe_loads(&input));
                 }
-                plan.extend(cpu::plan(&input, pol));
+                let moves = cpu::plan(&input, pol);
+                // Consolidation only when the balancer has nothing to do: it always wins.
+                if moves.is_empty() && self.cfg.consolidate {
+                    let cores = consolidate::core_groups(&input.cpus, &snap.host.topology);
+                    plan.extend(consolidate::plan(&input, &cores, &ConsolidatePolicy::from_cpu(pol)));
+                } else {
+                    plan.extend(moves);
+                }
             }
             input
         };
@@ -498,6 +512,10 @@ impl<H: Host> Agent<H> {
                 Err(e) => self.disconnect(&e),
             }
         }
+        report.free_cpus = consolidate::free_cpus_after(
+            &snap,
+            plan.iter().zip(&report.was_applied).filter(|(_, a)| **a).map(|(a, _)| a),
+        );
         // Forget cooldowns of vCPUs that no longer exist.
         self.moved_at.retain(|d, _| snap.domains.iter().any(|x| &x.dom.name == d));
         report.plan = plan;

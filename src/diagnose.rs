@@ -13,6 +13,7 @@ use crate::host::CpuSet;
 use crate::model::Snapshot;
 use crate::policy::Action;
 use crate::policy::advice::Advice;
+use crate::policy::consolidate::free_cpus_after;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -23,6 +24,10 @@ pub struct Report {
     pub advice: Vec<crate::policy::advice::Advice>,
     /// What this host could still take: `cpu_cores`, `mem_kib`.
     pub spare: crate::policy::advice::Spare,
+    /// Allowed cpus no vCPU is pinned to (nor floats over) now.
+    pub free_cpus: Vec<u32>,
+    /// The same once the plan is applied (`--consolidate` plans to free cpus).
+    pub free_cpus_after_plan: Vec<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,6 +132,8 @@ pub fn report(
             })
             .collect(),
         spare: capacity.spare,
+        free_cpus: free_cpus_after(snap, std::iter::empty()),
+        free_cpus_after_plan: free_cpus_after(snap, plan.iter()),
     }
 }
 
@@ -195,6 +202,15 @@ pub fn render_table(r: &Report) -> String {
             let _ = writeln!(s, "{:<24} memory balancer: {}: {}", "", v.state, v.why);
         }
     }
+    let list = |v: &[u32]| if v.is_empty() { "none".to_string() } else { crate::cpulist::format(v) };
+    let _ = writeln!(
+        s,
+        "\nfree cpus (no vCPU pinned there): {} ({}); after the plan: {} ({})",
+        r.free_cpus.len(),
+        list(&r.free_cpus),
+        r.free_cpus_after_plan.len(),
+        list(&r.free_cpus_after_plan)
+    );
     let _ = writeln!(s, "\nplan ({} actions):", r.plan.len());
     for a in &r.plan {
         let _ = writeln!(s, "  {a}");

@@ -1,7 +1,9 @@
 //! Planners: pure functions from a [`crate::model::Snapshot`] (plain data) to a [`Plan`], and
-//! the capacity advice ([`advice`]) from the same data.
+//! the capacity advice ([`advice`]) from the same data. Consolidation ([`consolidate`]) runs
+//! on the CPU balancer's input after it.
 
 pub mod advice;
+pub mod consolidate;
 pub mod cpu;
 pub mod mem;
 
@@ -52,10 +54,13 @@ pub enum PinKind {
     Swap,
     /// A move off a cpu whose vCPUs' recent peaks add up to more than `--peak-limit`.
     PeakSafety,
+    /// A move of a low-demand vCPU that leaves a core with no vCPU (`--consolidate`).
+    Consolidate,
 }
 
 impl PinKind {
-    pub const ALL: [PinKind; 4] = [PinKind::Placement, PinKind::Move, PinKind::Swap, PinKind::PeakSafety];
+    pub const ALL: [PinKind; 5] =
+        [PinKind::Placement, PinKind::Move, PinKind::Swap, PinKind::PeakSafety, PinKind::Consolidate];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -63,6 +68,7 @@ impl PinKind {
             PinKind::Move => "move",
             PinKind::Swap => "swap",
             PinKind::PeakSafety => "peak_safety",
+            PinKind::Consolidate => "consolidate",
         }
     }
 }
