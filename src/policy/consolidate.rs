@@ -182,7 +182,10 @@ pub fn plan(input: &CpuInput, core_of: &[usize], policy: &ConsolidatePolicy) -> 
         !input.cpus[c].settling && w.load[c] <= policy.high + EPS && w.peak[c] <= policy.peak_limit + EPS
     };
     let has_busy: Vec<bool> = w.on.iter().map(|vs| vs.iter().any(|&i| busy(i))).collect();
-    let members: Vec<Vec<usize>> = (0..cores).map(|k| (0..n).filter(|&c| core[c] == k).collect()).collect();
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); cores];
+    for (c, &k) in core.iter().enumerate() {
+        members[k].push(c);
+    }
 
     // Drainable cores, the cheapest first: fewest vCPUs, then least demand.
     let mut sources: Vec<usize> = (0..cores)
@@ -222,12 +225,13 @@ pub fn plan(input: &CpuInput, core_of: &[usize], policy: &ConsolidatePolicy) -> 
             continue;
         };
         let all = moves.len();
-        let freed = crate::cpulist::format(&members[s].iter().map(|&c| input.cpus[c].id).collect::<Vec<_>>());
+        let ids: Vec<u32> = members[s].iter().map(|&c| input.cpus[c].id).collect();
+        let freed = format!("{} {}", if ids.len() > 1 { "cpus" } else { "cpu" }, crate::cpulist::format(&ids));
         for (k, &(i, from, t)) in moves.iter().take(policy.max_repins - repins).enumerate() {
             let v = &input.vcpus[i];
             let (l0, p0) = (w.load[t], w.peak[t]);
             let reason = format!(
-                "consolidate: vCPU (demand {}, peak {}) joins cpu {} (load {} -> {}, peaks {} -> {}) so that cpu {} holds no vCPU{}",
+                "consolidate: vCPU (demand {}, peak {}) joins cpu {} (load {} -> {}, peaks {} -> {}) to leave {} with no vCPU{}",
                 pct(v.demand),
                 pct(v.peak),
                 input.cpus[t].id,

@@ -65,7 +65,7 @@ fn idle_vcpus_spread_over_cpus_are_packed_onto_one() {
     assert_eq!(p.len(), 1, "{p:#?}");
     let Action::Pin { domain, to, kind, reason, .. } = &p[0] else { panic!() };
     assert_eq!((domain.as_str(), to.as_single(), *kind), ("c", Some(0), PinKind::Consolidate), "{reason}");
-    assert!(reason.contains("so that cpu 1 holds no vCPU"), "{reason}");
+    assert!(reason.contains("to leave cpu 1 with no vCPU"), "{reason}");
     let after = apply(&input, &p);
     assert_eq!(empty(&after), vec![1]);
     assert!(plan(&after, &flat(2), &ConsolidatePolicy::default()).is_empty(), "settled: nothing more to do");
