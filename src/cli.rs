@@ -336,6 +336,11 @@ pub struct Common {
     /// --peak-limit, summed over the cpus) by at least this many cores. 0 to 64.
     #[arg(long, default_value = "0.2", value_parser = repack_gain, env = "VM_BALANCER_REPACK_MIN_GAIN")]
     pub repack_min_gain: f64,
+    /// Pack low-demand vCPUs onto as few cpus as keep every cpu under --high (less
+    /// --min-gain) and its peaks under --peak-limit, leaving whole cores with no vCPU; only in
+    /// quanta where the balancer has nothing to do.
+    #[arg(long, env = "VM_BALANCER_CONSOLIDATE")]
+    pub consolidate: bool,
     /// Do not balance vCPUs.
     #[arg(long, env = "VM_BALANCER_NO_CPU")]
     pub no_cpu: bool,

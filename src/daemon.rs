@@ -17,6 +17,7 @@ use crate::failures::{Failures, Kind};
 use crate::host::{Host, HostError};
 use crate::memctl::{MemTiming, MemTracker};
 use crate::model::{ModelConfig, Snapshot, Tracker};
+use crate::policy::consolidate::{self, ConsolidatePolicy};
 use crate::policy::cpu::{self, CpuPolicy};
 use crate::policy::emulator::{self, EmulatorCpus, ThreadsSet};
 use crate::policy::mem::{self, MemPolicy, State, Verdict};
@@ -36,6 +37,8 @@ pub struct AgentConfig {
     pub cpu: Option<CpuPolicy>,
     /// Where the emulator and I/O threads of the guests the CPU balancer manages go.
     pub emulator: EmulatorCpus,
+    /// Consolidation (`--consolidate`) after the CPU balancer, with its limits; never without it.
+    pub consolidate: bool,
     pub mem: Option<MemConfig>,
     /// Change nothing; plans are still made and reported.
     pub dry_run: bool,
@@ -70,6 +73,7 @@ impl AgentConfig {
                 ..CpuPolicy::default()
             }),
             emulator: c.emulator_cpus.clone(),
+            consolidate: c.consolidate && !c.no_cpu,
             mem: (!c.no_memory).then(|| MemConfig {
                 policy: MemPolicy {
                     floor_kib: c.guest_floor,
@@ -171,6 +175,9 @@ pub struct StepReport {
     pub blocked: Vec<(String, Kind, String)>,
     /// The capacity advice and spare capacity (with a snapshot only).
     pub capacity: Option<CapacityReport>,
+    /// Allowed cpus no vCPU is pinned to (nor floats over) once the applied pins of this
+    /// quantum are in place (empty without a snapshot).
+    pub free_cpus: Vec<u32>,
 }
 
 impl StepReport {
@@ -268,7 +275,7 @@ impl<H: Host> Agent<H> {
                 }
             )*};
         }
-        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, emulator, mem, dry_run, advice, repack);
+        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, emulator, consolidate, mem, dry_run, advice, repack);
         if changed.is_empty() {
             info!("settings reloaded: nothing changed");
             return 0;
@@ -478,7 +485,16 @@ impl<H: Host> Agent<H> {
                 } else {
                     match self.repacker.turn(&snap, &input, &fresh, &self.cfg.repack, pol) {
                         Some(step) => plan.extend(step),
-                        None => plan.extend(cpu::plan(&input, pol)),
+                        None => {
+                            let moves = cpu::plan(&input, pol);
+                            // Consolidation only when the balancer has nothing to do: it always wins.
+                            if moves.is_empty() && self.cfg.consolidate {
+                                let cores = consolidate::core_groups(&input.cpus, &snap.host.topology);
+                                plan.extend(consolidate::plan(&input, &cores, &ConsolidatePolicy::from_cpu(pol)));
+                            } else {
+                                plan.extend(moves);
+                            }
+                        }
                     }
                 }
             }
@@ -570,6 +586,10 @@ impl<H: Host> Agent<H> {
                 *t = (*t).max(until);
             }
         }
+        report.free_cpus = consolidate::free_cpus_after(
+            &snap,
+            plan.iter().zip(&report.was_applied).filter(|(_, a)| **a).map(|(a, _)| a),
+        );
         // Forget cooldowns of vCPUs that no longer exist.
         self.moved_at.retain(|d, _| snap.domains.iter().any(|x| &x.dom.name == d));
         report.plan = plan;

@@ -13,6 +13,7 @@ use crate::host::CpuSet;
 use crate::model::Snapshot;
 use crate::policy::Action;
 use crate::policy::advice::Advice;
+use crate::policy::consolidate::free_cpus_after;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -26,6 +27,10 @@ pub struct Report {
     /// With `--repack`: the re-pack planned now (`plan` then holds its pins when it applies).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repack: Option<RepackOut>,
+    /// Allowed cpus no vCPU is pinned to (nor floats over) now.
+    pub free_cpus: Vec<u32>,
+    /// The same once the plan is applied (`--consolidate` plans to free cpus).
+    pub free_cpus_after_plan: Vec<u32>,
 }
 
 /// The re-pack of `diagnose --repack`.
@@ -167,6 +172,8 @@ pub fn report(
             .collect(),
         spare: capacity.spare,
         repack: None,
+        free_cpus: free_cpus_after(snap, std::iter::empty()),
+        free_cpus_after_plan: free_cpus_after(snap, plan.iter()),
     }
 }
 
@@ -235,6 +242,15 @@ pub fn render_table(r: &Report) -> String {
             let _ = writeln!(s, "{:<24} memory balancer: {}: {}", "", v.state, v.why);
         }
     }
+    let list = |v: &[u32]| if v.is_empty() { "none".to_string() } else { crate::cpulist::format(v) };
+    let _ = writeln!(
+        s,
+        "\nfree cpus (no vCPU pinned there): {} ({}); after the plan: {} ({})",
+        r.free_cpus.len(),
+        list(&r.free_cpus),
+        r.free_cpus_after_plan.len(),
+        list(&r.free_cpus_after_plan)
+    );
     let _ = writeln!(s, "\nplan ({} actions):", r.plan.len());
     for a in &r.plan {
         let _ = writeln!(s, "  {a}");

@@ -128,6 +128,7 @@ pub struct Metrics {
     advice_migrate: Family<DomainLabels, Gauge>,
     spare_cpu: FloatGauge,
     spare_memory: Gauge,
+    free_cpus: Gauge,
     seen: Seen,
 }
 
@@ -186,6 +187,7 @@ impl Metrics {
             advice_migrate: Family::default(),
             spare_cpu: FloatGauge::default(),
             spare_memory: Gauge::default(),
+            free_cpus: Gauge::default(),
             seen: Seen::default(),
         };
         let info: Family<VersionLabels, Gauge> = Family::default();
@@ -301,6 +303,11 @@ impl Metrics {
             Unit::Bytes,
             m.spare_memory.clone(),
         );
+        r.register(
+            "free_cpus",
+            "Allowed cpus no vCPU is pinned to (nor floats over) after the last quantum's pins: what --consolidate frees",
+            m.free_cpus.clone(),
+        );
         // Counters of every kind exist from the start at 0: `increase()` then sees the first one.
         for k in PinKind::ALL {
             let _ = m.repins.get_or_create(&KindLabels { kind: k.as_str() });
@@ -358,7 +365,10 @@ impl Metrics {
             self.observe_capacity(c);
         }
         match &r.snapshot {
-            Some(s) => self.observe_snapshot(s, &r.cpu_loads),
+            Some(s) => {
+                self.observe_snapshot(s, &r.cpu_loads);
+                self.free_cpus.set(i64::try_from(r.free_cpus.len()).unwrap_or(i64::MAX));
+            }
             // Without a connection nothing about the domains is known any more.
             None if !connected => self.forget_objects(),
             None => {}
@@ -468,6 +478,7 @@ impl Metrics {
         prune(&[&self.advice_migrate], &mut self.seen.advised, HashSet::new());
         self.spare_cpu.set(0.0);
         self.spare_memory.set(0);
+        self.free_cpus.set(0);
         self.domains.set(0);
     }
 

@@ -5,7 +5,9 @@ use std::process::Command;
 
 use clap::Parser as _;
 use vm_balancer::cli::{Cli, Command as Sub};
-use vm_balancer::sim::{self, Policy, Report};
+use vm_balancer::daemon::{Agent, AgentConfig, StepReport};
+use vm_balancer::policy::{Action, PinKind};
+use vm_balancer::sim::{self, GuestSpec, Policy, Report, SimConfig, SimHost};
 
 fn run(args: &[&str]) -> Report {
     let mut argv = vec!["vm-balancer", "simulate"];
@@ -43,7 +45,7 @@ fn ours_beats_static_on_delay() {
 fn fixture_traces_give_finite_figures() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitbrains-excerpt");
     let r = run(&["--traces", dir, "--host-cpus", "32", "--duration", "30m", "--host-mem", "64GiB"]);
-    assert_eq!(r.policies.len(), 4);
+    assert_eq!(r.policies.len(), Policy::ALL.len());
     for p in &r.policies {
         for x in [
             p.busiest_over_bound_mean,
@@ -118,7 +120,7 @@ fn simulate_json_has_every_policy() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = v["policies"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["vm-balancer", "baseline", "static", "floating"]);
+    assert_eq!(names, ["vm-balancer", "baseline", "static", "floating", "vm-balancer-consolidate"]);
     for key in [
         "busiest_over_bound_mean",
         "busiest_over_bound_p99",
@@ -131,6 +133,7 @@ fn simulate_json_has_every_policy() {
         "starvation_events",
         "host_reserve_violations",
         "agent_cpu_us_per_quantum",
+        "free_cpus_mean",
     ] {
         assert!(v["policies"][0].get(key).is_some(), "{key}");
     }
@@ -285,4 +288,100 @@ fn smt_and_numa_costs_follow_their_flags_and_vanish_on_a_flat_host() {
         let penalty = vm_balancer::sim::host::topo::DEFAULT_REMOTE_PENALTY;
         assert!((lost - remote * penalty).abs() <= 1e-6 * remote.max(1.0), "{p}: {lost} vs {remote}");
     }
+}
+
+// Consolidation (`--consolidate`) over the simulated host, with the real agent.
+
+const Q: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// An agent over an 8-cpu simulated host (2 sockets of 2 cores of 2 threads) holding 8
+/// one-vCPU guests of the given demand, configured by `run` flags.
+fn sim_agent(flags: &[&str], demand: f64) -> Agent<SimHost> {
+    let mut argv = vec!["vm-balancer", "run", "--no-memory"];
+    argv.extend_from_slice(flags);
+    let Sub::Run { common, .. } = Cli::try_parse_from(argv).unwrap().command else { panic!("not run") };
+    let guests: Vec<GuestSpec> =
+        (0..8).map(|i| GuestSpec { name: format!("g{i}"), vcpus: 1, max_kib: 1 << 20, liar: false }).collect();
+    let mut host = SimHost::new(SimConfig::new(8, 16 << 20, 1 << 20), &guests).unwrap();
+    for g in 0..guests.len() {
+        host.set_demand(g, 0, demand);
+    }
+    Agent::new(host, AgentConfig::from_flags(&common, false))
+}
+
+/// Runs `quanta` quanta; per quantum, the kinds of the pins applied and the last report.
+fn steps(a: &mut Agent<SimHost>, quanta: usize) -> (Vec<Vec<PinKind>>, StepReport) {
+    let mut kinds = Vec::new();
+    let mut last = StepReport::default();
+    for _ in 0..quanta {
+        a.host.advance(u64::try_from(Q.as_nanos()).unwrap());
+        last = a.step();
+        kinds.push(
+            last.plan
+                .iter()
+                .zip(&last.was_applied)
+                .filter(|(_, applied)| **applied)
+                .filter_map(|(act, _)| match act {
+                    Action::Pin { kind, .. } => Some(*kind),
+                    Action::Balloon { .. } | Action::PinThread { .. } => None,
+                })
+                .collect(),
+        );
+    }
+    (kinds, last)
+}
+
+#[test]
+fn consolidation_packs_a_steady_low_load_then_stops_moving_and_frees_whole_cores() {
+    let mut plain = sim_agent(&[], 0.05);
+    let (_, spread) = steps(&mut plain, 300);
+    let mut a = sim_agent(&["--consolidate"], 0.05);
+    let (kinds, last) = steps(&mut a, 300);
+    let moved: Vec<usize> = (0..kinds.len()).filter(|&q| !kinds[q].is_empty()).collect();
+    let consolidations = kinds.iter().flatten().filter(|k| **k == PinKind::Consolidate).count();
+    assert!(consolidations > 0, "{kinds:?}");
+    // Converged in the first half; the second half moves nothing (no ping-pong with the
+    // balancer, whose kinds would show here too).
+    assert!(moved.iter().all(|&q| q < kinds.len() / 2), "moves at quanta {moved:?}: {kinds:?}");
+    assert!(last.free_cpus.len() > spread.free_cpus.len(), "{:?} vs {:?}", last.free_cpus, spread.free_cpus);
+    // Whole cores: each free cpu's SMT sibling is free too.
+    let topo = vm_balancer::sim::host::topology(8);
+    for c in &last.free_cpus {
+        assert!(topo.siblings(*c).iter().all(|s| last.free_cpus.contains(s)), "{c}: {:?}", last.free_cpus);
+    }
+    // Every cpu stays under --high.
+    let high = a.config().cpu.as_ref().unwrap().high;
+    assert!(last.cpu_loads.iter().all(|&l| l <= high), "{:?}", last.cpu_loads);
+}
+
+#[test]
+fn the_balancer_unpacks_consolidated_vcpus_when_demand_rises_and_it_stays_unpacked() {
+    let mut a = sim_agent(&["--consolidate"], 0.05);
+    let (_, packed) = steps(&mut a, 200);
+    assert!(!packed.free_cpus.is_empty(), "packed first");
+    let high = a.config().cpu.as_ref().unwrap().high;
+    // Each vCPU now wants more than --high leaves for two on one cpu.
+    let busy = high * 0.8;
+    for g in 0..8 {
+        a.host.set_demand(g, 0, busy);
+    }
+    let (kinds, last) = steps(&mut a, 300);
+    assert!(kinds.iter().flatten().any(|k| matches!(k, PinKind::Move | PinKind::Swap)), "{kinds:?}");
+    assert!(!kinds.iter().flatten().any(|k| *k == PinKind::Consolidate), "busy vCPUs are never packed: {kinds:?}");
+    let moved: Vec<usize> = (0..kinds.len()).filter(|&q| !kinds[q].is_empty()).collect();
+    assert!(moved.iter().all(|&q| q < kinds.len() / 2), "still moving at {moved:?}");
+    assert!(last.cpu_loads.iter().all(|&l| l <= high), "unpacked: {:?}", last.cpu_loads);
+    assert!(last.free_cpus.is_empty(), "every cpu holds one busy vCPU: {:?}", last.free_cpus);
+}
+
+#[test]
+fn the_simulator_reports_the_cpus_consolidation_frees() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitbrains-excerpt");
+    let r = run(&["--traces", dir, "--host-cpus", "32", "--guests", "8", "--duration", "30m"]);
+    let (ours, cons, float) = (get(&r, Policy::Ours), get(&r, Policy::Consolidate), get(&r, Policy::Floating));
+    assert!(cons.free_cpus_mean > ours.free_cpus_mean, "{r:#?}");
+    assert_eq!(float.free_cpus_mean, 0.0, "floating vCPUs cover every cpu");
+    assert!(cons.delay_core_seconds.is_finite() && cons.delay_core_seconds >= 0.0);
+    let table = sim::run::render_table(&r);
+    assert!(table.contains("free cpus mean") && table.contains("consolidation: "), "{table}");
 }

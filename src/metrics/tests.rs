@@ -346,3 +346,33 @@ fn advice_has_a_series_while_it_lasts_and_spare_capacity_follows_the_load() {
     assert_eq!(value(&s, "vm_balancer_spare_cpu_cores", &[]), Some(0.0));
     assert_eq!(value(&s, "vm_balancer_spare_memory_bytes", &[]), Some(0.0));
 }
+
+#[test]
+fn consolidation_moves_have_their_own_kind_and_the_free_cpus_a_gauge() {
+    let mut h = host(4, &[("a", 1), ("b", 1), ("c", 1), ("d", 1)]);
+    for g in 0..4 {
+        h.sim.set_demand(g, 0, 0.05);
+    }
+    let mut c = flags(false);
+    c.consolidate = true;
+    let mut a = Agent::new(h, AgentConfig::from_flags(&c, false));
+    let mut m = Metrics::new();
+    let reports = run(&mut a, &mut m, 60);
+    let s = parse(&m.encode_text());
+    let applied = |kind: PinKind| {
+        reports
+            .iter()
+            .flat_map(|r| r.plan.iter().zip(&r.was_applied))
+            .filter(|(act, ok)| **ok && matches!(act, Action::Pin { kind: k, .. } if *k == kind))
+            .count()
+    };
+    assert!(applied(PinKind::Consolidate) > 0, "{reports:?}");
+    #[allow(clippy::cast_precision_loss)]
+    let counted = applied(PinKind::Consolidate) as f64;
+    assert_eq!(value(&s, "vm_balancer_repins_total", &[("kind", "consolidate")]), Some(counted));
+    let free = reports.last().unwrap().free_cpus.len();
+    assert!(free > 0, "idle vCPUs packed: {:?}", reports.last().unwrap().cpu_loads);
+    #[allow(clippy::cast_precision_loss)]
+    let free = free as f64;
+    assert_eq!(value(&s, "vm_balancer_free_cpus", &[]), Some(free));
+}

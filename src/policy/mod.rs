@@ -1,7 +1,9 @@
 //! Planners: pure functions from a [`crate::model::Snapshot`] (plain data) to a [`Plan`], and
 //! the capacity advice ([`advice`]) and the scheduled re-pack ([`repack`]) from the same data.
+//! Consolidation ([`consolidate`]) runs on the CPU balancer's input after it.
 
 pub mod advice;
+pub mod consolidate;
 pub mod cpu;
 pub mod emulator;
 pub mod mem;
@@ -65,11 +67,20 @@ pub enum PinKind {
     /// The safeguard giving a vCPU back the pin it had before a re-pack or a balancing move
     /// set that did not pay off.
     Rollback,
+    /// A move of a low-demand vCPU that leaves a core with no vCPU (`--consolidate`).
+    Consolidate,
 }
 
 impl PinKind {
-    pub const ALL: [PinKind; 6] =
-        [PinKind::Placement, PinKind::Move, PinKind::Swap, PinKind::PeakSafety, PinKind::Repack, PinKind::Rollback];
+    pub const ALL: [PinKind; 7] = [
+        PinKind::Placement,
+        PinKind::Move,
+        PinKind::Swap,
+        PinKind::PeakSafety,
+        PinKind::Consolidate,
+        PinKind::Repack,
+        PinKind::Rollback,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -79,6 +90,7 @@ impl PinKind {
             PinKind::PeakSafety => "peak_safety",
             PinKind::Repack => "repack",
             PinKind::Rollback => "rollback",
+            PinKind::Consolidate => "consolidate",
         }
     }
 }

@@ -55,7 +55,9 @@ pub fn build(common: &Common, args: &SimArgs) -> Result<(RunSpec, Workload), Sim
         floor_kib: common.guest_floor,
         ..baseline::BaselineConfig::default()
     };
-    Ok((RunSpec { host, quantum: common.quantum, quanta, agent: agent_config(common), baseline }, workload))
+    let agent = agent_config(common);
+    let consolidate = AgentConfig { consolidate: agent.cpu.is_some(), ..agent.clone() };
+    Ok((RunSpec { host, quantum: common.quantum, quanta, agent, consolidate, baseline }, workload))
 }
 
 /// `vm-balancer simulate`: runs every policy and renders the report (table or JSON).

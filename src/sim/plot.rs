@@ -128,8 +128,13 @@ impl Series {
 #[error("drawing the plot: {0}")]
 pub struct PlotError(String);
 
-const COLOURS: [RGBColor; 4] =
-    [RGBColor(214, 39, 40), RGBColor(31, 119, 180), RGBColor(127, 127, 127), RGBColor(44, 160, 44)];
+const COLOURS: [RGBColor; 5] = [
+    RGBColor(214, 39, 40),
+    RGBColor(31, 119, 180),
+    RGBColor(127, 127, 127),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+];
 
 type Panel = (&'static str, fn(&Series) -> &Vec<f64>);
 

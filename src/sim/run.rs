@@ -22,10 +22,13 @@ pub enum Policy {
     Static,
     /// No pins: the ideal work-conserving scheduler.
     Floating,
+    /// The real agent with `--consolidate` on.
+    Consolidate,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 4] = [Policy::Ours, Policy::Baseline, Policy::Static, Policy::Floating];
+    pub const ALL: [Policy; 5] =
+        [Policy::Ours, Policy::Baseline, Policy::Static, Policy::Floating, Policy::Consolidate];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -33,6 +36,7 @@ impl Policy {
             Policy::Baseline => "baseline",
             Policy::Static => "static",
             Policy::Floating => "floating",
+            Policy::Consolidate => "vm-balancer-consolidate",
         }
     }
 }
@@ -45,6 +49,8 @@ pub struct RunSpec {
     pub quanta: u64,
     /// The agent's configuration (from the shared flags, built once by [`crate::sim::build`]).
     pub agent: AgentConfig,
+    /// The same with consolidation on (the `vm-balancer-consolidate` policy).
+    pub consolidate: AgentConfig,
     /// The classic rule's thresholds, from the same flags.
     pub baseline: BaselineConfig,
 }
@@ -79,6 +85,8 @@ pub struct PolicyReport {
     pub host_reserve_violations: u64,
     /// Policy CPU time per quantum (this thread, getrusage), µs.
     pub agent_cpu_us_per_quantum: f64,
+    /// Mean over quanta of the cpus no vCPU is pinned to (nor floats over), after the policy acted.
+    pub free_cpus_mean: f64,
     /// The figures over time, for `--plot` (not in the JSON).
     #[serde(skip)]
     pub series: Series,
@@ -141,6 +149,7 @@ impl Report {
                     starvation_events: mu(|p| p.starvation_events),
                     host_reserve_violations: all.iter().map(|p| p.host_reserve_violations).max().unwrap_or(0),
                     agent_cpu_us_per_quantum: m(|p| p.agent_cpu_us_per_quantum),
+                    free_cpus_mean: m(|p| p.free_cpus_mean),
                     series: Series::mean(&all.iter().map(|p| &p.series).collect::<Vec<_>>()),
                     advice_quanta_fraction: p0
                         .advice_quanta_fraction
@@ -154,7 +163,7 @@ impl Report {
 }
 
 enum Driver {
-    Ours(Box<Agent<SimHost>>),
+    Agent(Box<Agent<SimHost>>),
     Baseline(SimHost, Baseline),
     Plain(SimHost),
 }
@@ -162,14 +171,14 @@ enum Driver {
 impl Driver {
     fn host(&mut self) -> &mut SimHost {
         match self {
-            Driver::Ours(a) => &mut a.host,
+            Driver::Agent(a) => &mut a.host,
             Driver::Baseline(h, _) | Driver::Plain(h) => h,
         }
     }
     /// One quantum of the policy; true when the agent's capacity advice named a guest.
     fn act(&mut self) -> bool {
         match self {
-            Driver::Ours(a) => a.step().capacity.is_some_and(|c| !c.advice.is_empty()),
+            Driver::Agent(a) => a.step().capacity.is_some_and(|c| !c.advice.is_empty()),
             Driver::Baseline(h, b) => {
                 if let Err(e) = b.step(h) {
                     log::warn!("baseline: {e}");
@@ -195,9 +204,17 @@ fn mean(xs: &[f64]) -> f64 {
     if xs.is_empty() { f64::NAN } else { xs.iter().sum::<f64>() / xs.len() as f64 }
 }
 
+/// Cpus of the simulated host that no vCPU's affinity includes.
+fn free_cpus(host: &SimHost, counts: &[usize]) -> u64 {
+    let pins = counts.iter().enumerate().flat_map(|(g, &n)| (0..n).filter_map(move |v| host.affinity(g, v)));
+    let all: Vec<u32> = (0..host.config().cpus).collect();
+    crate::policy::consolidate::free_cpus(&all, pins).len() as u64
+}
+
 /// Runs one policy over a fresh copy of `workload`.
 pub fn run_policy(policy: Policy, spec: &RunSpec, workload: Workload) -> Result<PolicyReport, SimError> {
-    run_with(policy, spec, workload, spec.agent.clone())
+    let cfg = if policy == Policy::Consolidate { spec.consolidate.clone() } else { spec.agent.clone() };
+    run_with(policy, spec, workload, cfg)
 }
 
 /// Runs the agent with the given configuration (not the one `spec.agent` holds) over a fresh
@@ -215,7 +232,7 @@ fn run_with(
 ) -> Result<PolicyReport, SimError> {
     let mut host = SimHost::new(spec.host.clone(), workload.specs())?;
     let mut driver = match policy {
-        Policy::Ours => Driver::Ours(Box::new(Agent::new(host, cfg))),
+        Policy::Ours | Policy::Consolidate => Driver::Agent(Box::new(Agent::new(host, cfg))),
         Policy::Baseline => {
             host.pin_round_robin();
             Driver::Baseline(host, Baseline::new(spec.baseline.clone()))
@@ -239,6 +256,7 @@ fn run_with(
     let (mut starving, mut violations, mut repins, mut placements, mut cpu_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut series = Recorder::new(spec.quanta, spec.quantum.as_secs_f64());
     let mut advised = 0u64;
+    let mut free_sum = 0u64;
     for q in 0..spec.quanta {
         workload.fill(q, &mut demand, &mut need);
         let host = driver.host();
@@ -269,6 +287,7 @@ fn run_with(
         cpu_us += thread_cpu_us().saturating_sub(t0);
         let host = driver.host();
         let a = host.take_actions();
+        free_sum += free_cpus(host, &counts);
         repins += a.repins;
         placements += a.placements;
         if a.grants_kib > 0 && host.mem_available_committed_kib() < reserve {
@@ -276,7 +295,7 @@ fn run_with(
         }
     }
     let repack = match &driver {
-        Driver::Ours(a) => Some(a.repack_stats()),
+        Driver::Agent(a) if policy == Policy::Ours => Some(a.repack_stats()),
         _ => None,
     };
     let hours = spec.quanta as f64 * spec.quantum.as_secs_f64() / 3600.0;
@@ -301,25 +320,45 @@ fn run_with(
         starvation_events: starving,
         host_reserve_violations: violations,
         agent_cpu_us_per_quantum: if spec.quanta > 0 { cpu_us as f64 / spec.quanta as f64 } else { 0.0 },
+        free_cpus_mean: free_sum as f64 / spec.quanta.max(1) as f64,
         series: series.finish(),
         advice_quanta_fraction: (policy == Policy::Ours).then(|| advised as f64 / spec.quanta.max(1) as f64),
         repack,
     })
 }
 
-/// Runs every policy over identical copies of `workload`, two at a time (one thread each).
+/// Runs every policy over identical copies of `workload` on two threads, each taking the next
+/// policy not yet run (the two agents first: they take longest); reported in `Policy::ALL` order.
 pub fn run_all(spec: &RunSpec, workload: &Workload) -> Result<Report, SimError> {
-    let mut out: Vec<Option<Result<PolicyReport, SimError>>> = Policy::ALL.iter().map(|_| None).collect();
-    for (pair, slots) in Policy::ALL.chunks(2).zip(out.chunks_mut(2)) {
-        std::thread::scope(|s| {
-            let handles: Vec<_> =
-                pair.iter().map(|&p| s.spawn(move || run_policy(p, spec, workload.clone()))).collect();
-            for (h, slot) in handles.into_iter().zip(slots.iter_mut()) {
-                *slot = Some(h.join().unwrap_or_else(|_| Err(SimError::Workload("a policy run panicked".into()))));
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const BY_COST: [Policy; 5] =
+        [Policy::Ours, Policy::Consolidate, Policy::Baseline, Policy::Static, Policy::Floating];
+    let next = AtomicUsize::new(0);
+    let mut done: Vec<(Policy, Result<PolicyReport, SimError>)> = Vec::new();
+    std::thread::scope(|s| {
+        let worker = || {
+            let mut mine = Vec::new();
+            while let Some(&p) = BY_COST.get(next.fetch_add(1, Ordering::Relaxed)) {
+                mine.push((p, run_policy(p, spec, workload.clone())));
             }
-        });
+            mine
+        };
+        let handles: Vec<_> = (0..2).map(|_| s.spawn(worker)).collect();
+        for h in handles {
+            match h.join() {
+                Ok(mine) => done.extend(mine),
+                Err(_) => done.push((Policy::Ours, Err(SimError::Workload("a policy run panicked".into())))),
+            }
+        }
+    });
+    let mut policies = Vec::with_capacity(Policy::ALL.len());
+    for p in Policy::ALL {
+        let i = done.iter().position(|(q, _)| *q == p);
+        match i.map(|i| done.swap_remove(i).1) {
+            Some(r) => policies.push(r?),
+            None => return Err(SimError::Workload(format!("policy {} did not run", p.name()))),
+        }
     }
-    let policies = out.into_iter().flatten().collect::<Result<Vec<_>, _>>()?;
     Ok(Report { policies, runs: Vec::new() })
 }
 
@@ -345,7 +384,7 @@ fn ratio(a: f64, b: f64) -> String {
 pub fn render_table(r: &Report) -> String {
     use std::fmt::Write as _;
     type Row = (&'static str, fn(&PolicyReport) -> f64);
-    let rows: [Row; 13] = [
+    let rows: [Row; 14] = [
         ("busiest/bound mean", |p| p.busiest_over_bound_mean),
         ("busiest/bound mean converged", |p| p.busiest_over_bound_mean_converged),
         ("busiest/bound p99", |p| p.busiest_over_bound_p99),
@@ -359,28 +398,47 @@ pub fn render_table(r: &Report) -> String {
         ("starvation (guest-quanta)", |p| p.starvation_events as f64),
         ("host-reserve violations", |p| p.host_reserve_violations as f64),
         ("policy CPU µs/quantum", |p| p.agent_cpu_us_per_quantum),
+        ("free cpus mean", |p| p.free_cpus_mean),
     ];
+    // Ours against the reference policies; the consolidating agent has a line of its own.
+    let others = || r.policies.iter().filter(|p| p.name != Policy::Ours.name() && p.name != Policy::Consolidate.name());
+    // A column as wide as its policy's name, at least 12.
+    let width = |p: &PolicyReport| p.name.chars().count().max(12);
     let mut s = String::new();
     let _ = write!(s, "{:<30}", "figure");
     for p in &r.policies {
-        let _ = write!(s, " {:>12}", p.name);
+        let _ = write!(s, " {:>w$}", p.name, w = width(p));
     }
     let ours = r.policies.iter().find(|p| p.name == Policy::Ours.name());
-    for p in r.policies.iter().filter(|p| p.name != Policy::Ours.name()) {
+    for p in others() {
         let _ = write!(s, " {:>12}", format!("ours/{}", p.name.chars().take(5).collect::<String>()));
     }
     s.push('\n');
     for (label, get) in rows {
         let _ = write!(s, "{label:<30}");
         for p in &r.policies {
-            let _ = write!(s, " {:>12}", fmt(get(p)));
+            let _ = write!(s, " {:>w$}", fmt(get(p)), w = width(p));
         }
         if let Some(o) = ours {
-            for p in r.policies.iter().filter(|p| p.name != Policy::Ours.name()) {
+            for p in others() {
                 let _ = write!(s, " {:>12}", ratio(get(o), get(p)));
             }
         }
         s.push('\n');
+    }
+    let cons = r.policies.iter().find(|p| p.name == Policy::Consolidate.name());
+    if let (Some(o), Some(c)) = (ours, cons) {
+        let _ = writeln!(
+            s,
+            "\nconsolidation: {} free cpus on average (vm-balancer: {}); delay {} core-s, {:+.3} core-s vs vm-balancer ({}); repins per vCPU-hour {} (vm-balancer: {})",
+            fmt(c.free_cpus_mean),
+            fmt(o.free_cpus_mean),
+            fmt(c.delay_core_seconds),
+            c.delay_core_seconds - o.delay_core_seconds,
+            ratio(c.delay_core_seconds, o.delay_core_seconds),
+            fmt(c.repins_per_vcpu_hour),
+            fmt(o.repins_per_vcpu_hour)
+        );
     }
     if let Some(f) = ours.and_then(|o| o.advice_quanta_fraction) {
         let _ = writeln!(s, "\nvm-balancer's capacity advice named a guest to migrate in {:.1}% of quanta", f * 100.0);
@@ -414,6 +472,20 @@ pub fn render_table(r: &Report) -> String {
             }
             s.push('\n');
         }
+        let _ = write!(s, "consolidation per seed (free cpus, delay minus vm-balancer's):");
+        for run in &r.runs {
+            let get = |p: Policy| run.policies.iter().find(|x| x.name == p.name());
+            if let (Some(o), Some(c)) = (get(Policy::Ours), get(Policy::Consolidate)) {
+                let _ = write!(
+                    s,
+                    " {}:{}/{:+.3}",
+                    run.seed,
+                    fmt(c.free_cpus_mean),
+                    c.delay_core_seconds - o.delay_core_seconds
+                );
+            }
+        }
+        s.push('\n');
     }
     s
 }
