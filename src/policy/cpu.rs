@@ -21,12 +21,17 @@
 //!      core only shifts delay from one to the other; without this rule the agent kept
 //!      shuffling vCPUs between such cpus (4.8 repins per vCPU-hour in the simulator where
 //!      the baseline made 0.04, for the same delay);
+//!    - *no work for peak safety*: a preventive change (its source at most one core) may not
+//!      raise the two cpus' recent peaks above `peak_limit`, or peak safety would move the
+//!      vCPU straight back ([`peaks`]);
 //!    - among candidates within `about_equal` of the best gain, prefer fewer repins (a move
 //!      over a swap), a target in the same NUMA node, then the lighter vCPU (the heaviest one
 //!      keeps its warm cache), then the freer target;
 //!    - each vCPU moves at most once per plan, not at all while cooling down after a move;
 //!      cpus a repin touched sit out until their smoothed loads show its effect (`settle_ns`);
 //!      at most `max_repins` pins change per plan (a swap counts two).
+//! 3. **Peak safety.** A cpu whose vCPUs' recent peaks add up to more than `peak_limit` sheds
+//!    a vCPU to a cpu where they fit, leaving that cpu clearly under `high` ([`peaks`]).
 //!
 //! Pure: no I/O, no clock. [`input_from`] turns a snapshot into the plain input of [`plan`].
 
@@ -36,6 +41,9 @@ use std::rc::Rc;
 use crate::host::CpuSet;
 use crate::model::Snapshot;
 use crate::policy::{Action, PinKind};
+
+mod peaks;
+use peaks::{PEAK_TARGET_HEADROOM, preventive_change_keeps_peaks};
 
 const EPS: f64 = 1e-9;
 /// What one host cpu serves, in cores: load above it waits (delay).
@@ -433,10 +441,12 @@ const PEAK_MIN_GAIN: f64 = 0.05;
 /// that covers the excess (else the largest), to the cpu with the lowest peaks where it fits
 /// under both `peak_limit` and `high`, in the same NUMA node if one fits there. Each such move
 /// lowers the total excess over all cpus by at least `PEAK_MIN_GAIN` and creates none, so
-/// these moves cannot cycle.
+/// these moves cannot cycle; and it leaves its target `PEAK_TARGET_HEADROOM` under `high`, so
+/// balancing does not move the vCPU on at the next jitter.
 fn peak_relief(input: &CpuInput, policy: &CpuPolicy, w: &Work) -> Option<(usize, usize, usize)> {
     let Work { load, peak_load, on, free, settling } = w;
     let limit = policy.peak_limit;
+    let cap = policy.high - PEAK_TARGET_HEADROOM;
     let mut over: Vec<usize> = (0..load.len()).filter(|&c| !settling[c] && peak_load[c] > limit + EPS).collect();
     if over.is_empty() {
         return None;
@@ -467,9 +477,9 @@ fn peak_relief(input: &CpuInput, policy: &CpuPolicy, w: &Work) -> Option<(usize,
             if p.min(excess) < PEAK_MIN_GAIN - EPS {
                 continue;
             }
-            let fits = |t: usize| t != b && load[t] + d <= policy.high + EPS;
+            let fits = |t: usize| t != b && load[t] + d <= cap + EPS;
             let room = targets.partition_point(|&t| peak_load[t] + p <= limit + EPS);
-            if least_load[room] + d > policy.high + EPS {
+            if least_load[room] + d > cap + EPS {
                 continue;
             }
             let mut first = None;
@@ -587,6 +597,11 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
         // `|` and `&`, not `||` and `&&`: no branches to mispredict in the loops below.
         (gain >= policy.min_gain - EPS) | ((tgt_after <= policy.high + EPS) & (gain >= RELIEF_MIN_GAIN))
     };
+    // A source above one core has delay now: its changes may risk the peaks. A preventive one
+    // may not give peak safety a reason to move the vCPU back.
+    let preventive = load[b] <= CAPACITY + EPS;
+    let keeps_peaks =
+        |dp: f64, t: usize| !preventive || preventive_change_keeps_peaks(policy, peak_load[b], peak_load[t], dp);
     // The free vCPUs of `b` with their demands, read once.
     let movers: Vec<(usize, f64)> =
         on[b].iter().copied().filter(|&v| free[v]).map(|v| (v, input.vcpus[v].demand)).collect();
@@ -599,7 +614,10 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
             }
             if let Some(gain) = pair_gain(policy, load[b], load[t], dv) {
                 let tgt_after = load[t] + dv;
-                if admissible(gain, tgt_after) && pays_for_itself(policy, load[b], load[t], dv) {
+                if admissible(gain, tgt_after)
+                    && pays_for_itself(policy, load[b], load[t], dv)
+                    && keeps_peaks(input.vcpus[v].peak, t)
+                {
                     let same_node = input.cpus[t].node == node_b;
                     short.push(Candidate { v, w: None, target: t, gain, same_node });
                 }
@@ -628,6 +646,7 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
                     let pays = |g: f64| {
                         (delta > EPS) & admissible(g, load[t] + delta)
                             && pays_for_itself(policy, load[b], load[t], delta)
+                            && keeps_peaks(input.vcpus[v].peak - input.vcpus[w].peak, t)
                     };
                     if let Some(gain) = gain.filter(|&g| pays(g)) {
                         short.push(Candidate { v, w: Some(w), target: t, gain, same_node });
