@@ -84,7 +84,10 @@ pub fn simulate(common: &Common, args: &SimArgs) -> Result<String, SimError> {
     if let Some((path, mut file)) = plot_file {
         let title = format!(
             "{}: {} cpus, {} guests, {} vCPUs, {}{}",
-            args.traces.as_ref().map_or_else(|| format!("{:?} scenario", args.scenario), |d| d.display().to_string()),
+            args.traces.as_ref().map_or_else(
+                || format!("{:?} scenario", args.scenario),
+                |d| format!("traces {}", d.file_name().unwrap_or(d.as_os_str()).to_string_lossy())
+            ),
             spec.host.cpus,
             workload.specs().len(),
             vcpus,
