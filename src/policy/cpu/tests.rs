@@ -1,21 +1,7 @@
 use super::*;
 use proptest::prelude::*;
 
-fn cpus(n: u32) -> Vec<CpuSlot> {
-    (0..n).map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false, sibling: None }).collect()
-}
-
-fn vcpu(dom: &str, n: u32, demand: f64, cpu: Option<usize>) -> VcpuSlot {
-    VcpuSlot {
-        domain: dom.into(),
-        vcpu: n,
-        demand,
-        peak: demand,
-        current: cpu.map_or(CpuSet(vec![0, 1, 2, 3]), |c| CpuSet::single(u32::try_from(c).unwrap())),
-        cpu,
-        movable: true,
-    }
-}
+use super::fixtures::{cpus, vcpu};
 
 /// Loads after applying a plan to an input (pins only).
 fn loads_after(input: &CpuInput, plan: &[Action]) -> Vec<f64> {

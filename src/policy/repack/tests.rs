@@ -3,23 +3,12 @@
 //! cpu within its bound.
 
 use super::*;
-use crate::policy::cpu::{CpuSlot, VcpuSlot};
+use crate::policy::cpu::VcpuSlot;
+use crate::policy::cpu::fixtures::{self, cpus};
 use proptest::prelude::*;
 
-fn cpus(n: u32) -> Vec<CpuSlot> {
-    (0..n).map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false, sibling: None }).collect()
-}
-
 fn vcpu(dom: &str, n: u32, demand: f64, cpu: usize) -> VcpuSlot {
-    VcpuSlot {
-        domain: dom.into(),
-        vcpu: n,
-        demand,
-        peak: demand,
-        current: CpuSet::single(u32::try_from(cpu).unwrap()),
-        cpu: Some(cpu),
-        movable: true,
-    }
+    fixtures::vcpu(dom, n, demand, Some(cpu))
 }
 
 fn pol() -> RepackPolicy {
