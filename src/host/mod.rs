@@ -279,6 +279,13 @@ pub struct CpuTopo {
     pub llc: u32,
 }
 
+impl CpuTopo {
+    /// What identifies its physical core: cpus with the same key are SMT siblings.
+    pub fn core_key(&self) -> (u32, u32, u32) {
+        (self.node, self.package, self.core)
+    }
+}
+
 /// The host's online cpus and their topology, sorted by cpu id.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Topology {
@@ -296,12 +303,7 @@ impl Topology {
     /// Ids of the cpus sharing a physical core with `cpu` (itself included).
     pub fn siblings(&self, cpu: u32) -> Vec<u32> {
         match self.get(cpu) {
-            Some(t) => self
-                .cpus
-                .iter()
-                .filter(|o| o.package == t.package && o.core == t.core && o.node == t.node)
-                .map(|o| o.cpu)
-                .collect(),
+            Some(t) => self.cpus.iter().filter(|o| o.core_key() == t.core_key()).map(|o| o.cpu).collect(),
             None => vec![],
         }
     }

@@ -82,13 +82,13 @@ impl Default for ConsolidatePolicy {
 pub fn core_groups(cpus: &[CpuSlot], topo: &Topology) -> Vec<usize> {
     #[derive(PartialEq, Eq, Hash)]
     enum Key {
-        Core(u32, u32, u32),
+        Core((u32, u32, u32)),
         Cpu(u32),
     }
     let mut index: HashMap<Key, usize> = HashMap::new();
     cpus.iter()
         .map(|c| {
-            let key = topo.get(c.id).map_or(Key::Cpu(c.id), |t| Key::Core(t.node, t.package, t.core));
+            let key = topo.get(c.id).map_or(Key::Cpu(c.id), |t| Key::Core(t.core_key()));
             let next = index.len();
             *index.entry(key).or_insert(next)
         })
