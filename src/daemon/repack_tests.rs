@@ -82,8 +82,10 @@ fn until_repacked(a: &mut Agent<Faulty>, piled: &[u32], fire: u64) -> u64 {
     panic!("no re-pack by {fire}: {:?}", a.repack_stats());
 }
 
-#[test]
-fn the_schedule_fires_in_virtual_time_and_the_repack_separates_the_busy_guests() {
+/// An agent scheduled to re-pack two minutes on, settled for 10 quanta, then the busy guests
+/// piled on one cpu and stepped until the re-pack started: the agent, the piled pins, the
+/// scheduled time and the quantum the re-pack started at.
+fn piled_then_repacked() -> (Agent<Faulty>, Vec<u32>, u64, u64) {
     let h = host();
     let (cron, fire) = two_minutes_on(&h);
     let mut a = agent(h, &cron);
@@ -91,8 +93,14 @@ fn the_schedule_fires_in_virtual_time_and_the_repack_separates_the_busy_guests()
         step(&mut a);
     }
     let piled = pile(&mut a);
-    assert_eq!(piled[0], piled[1]);
     let started = until_repacked(&mut a, &piled, fire);
+    (a, piled, fire, started)
+}
+
+#[test]
+fn the_schedule_fires_in_virtual_time_and_the_repack_separates_the_busy_guests() {
+    let (mut a, piled, fire, started) = piled_then_repacked();
+    assert_eq!(piled[0], piled[1]);
     assert!(started >= fire && started <= fire + 1, "started at {started}, scheduled for {fire}");
     let after = pins(&a);
     assert_ne!(after[0], after[1], "the busy guests on cpus of their own: {after:?}");
@@ -110,14 +118,7 @@ fn the_schedule_fires_in_virtual_time_and_the_repack_separates_the_busy_guests()
 
 #[test]
 fn a_repack_that_stops_paying_off_is_rolled_back_to_exactly_the_old_pins_once() {
-    let h = host();
-    let (cron, fire) = two_minutes_on(&h);
-    let mut a = agent(h, &cron);
-    for _ in 0..10 {
-        step(&mut a);
-    }
-    let piled = pile(&mut a);
-    until_repacked(&mut a, &piled, fire);
+    let (mut a, piled, _, _) = piled_then_repacked();
     let repacked = pins(&a);
     // Right after, the demand turns: the guests the re-pack put together get busy, those it
     // separated go quiet. On that demand the old pins are the better placement.
