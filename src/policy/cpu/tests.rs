@@ -3,6 +3,34 @@ use proptest::prelude::*;
 
 use super::fixtures::{cpus, vcpu};
 
+/// One change of a plan: its kind, its first action, its (vCPU index, target cpu index) pairs.
+type Change<'p> = (PinKind, &'p Action, Vec<(usize, usize)>);
+
+/// A plan as the changes it makes, in order, for replaying it one change at a time: each
+/// change's kind, its first action, and its (vCPU index, target cpu index) pairs (one for a
+/// move, two for a swap).
+fn changes<'p>(input: &CpuInput, plan: &'p [Action]) -> Vec<Change<'p>> {
+    let index = |a: &Action| {
+        let Action::Pin { domain, vcpu, to, kind, .. } = a else { panic!("not a pin: {a:?}") };
+        let i = input.vcpus.iter().position(|v| *v.domain == **domain && v.vcpu == *vcpu).unwrap();
+        let c = input.cpus.iter().position(|c| Some(c.id) == to.as_single()).unwrap();
+        (i, c, *kind)
+    };
+    let mut out = Vec::new();
+    let mut k = 0;
+    while k < plan.len() {
+        let (i, t, kind) = index(&plan[k]);
+        let mut change = vec![(i, t)];
+        if kind == PinKind::Swap {
+            let (j, u, _) = index(&plan[k + 1]);
+            change.push((j, u));
+        }
+        k += change.len();
+        out.push((kind, &plan[k - change.len()], change));
+    }
+    out
+}
+
 /// Loads after applying a plan to an input (pins only).
 fn loads_after(input: &CpuInput, plan: &[Action]) -> Vec<f64> {
     let mut at: Vec<Option<usize>> = input.vcpus.iter().map(|v| v.cpu).collect();
@@ -415,19 +443,7 @@ proptest! {
         let p = plan(&input, &pol);
         let mut at: Vec<usize> = input.vcpus.iter().map(|v| v.cpu.unwrap()).collect();
         let mut load = loads_after(&input, &[]);
-        let index = |a: &Action| {
-            let Action::Pin { domain, vcpu, to, kind, .. } = a else { panic!() };
-            let i = input.vcpus.iter().position(|v| *v.domain == **domain && v.vcpu == *vcpu).unwrap();
-            let c = input.cpus.iter().position(|c| Some(c.id) == to.as_single()).unwrap();
-            (i, c, *kind)
-        };
-        let mut k = 0;
-        while k < p.len() {
-            let (i, t, kind) = index(&p[k]);
-            let mut change = vec![(i, t)];
-            if kind == PinKind::Swap {
-                change.push((index(&p[k + 1]).0, index(&p[k + 1]).1));
-            }
+        for (kind, first, change) in changes(&input, &p) {
             let touched: Vec<usize> = change.iter().flat_map(|&(i, t)| [at[i], t]).collect();
             let before = excess(&load);
             for &(i, t) in &change {
@@ -436,9 +452,8 @@ proptest! {
                 at[i] = t;
             }
             if matches!(kind, PinKind::Move | PinKind::Swap) && touched.iter().any(|&c| load[c] > 1.0 + 1e-9) {
-                prop_assert!(before - excess(&load) >= margin - 1e-6, "{:#?}", &p[k]);
+                prop_assert!(before - excess(&load) >= margin - 1e-6, "{first:#?}");
             }
-            k += change.len();
         }
     }
 }
@@ -506,19 +521,8 @@ proptest! {
             pk[at[i]] += v.peak;
         }
         let pex = |pk: &[f64]| pk.iter().map(|&x| (x - pol.peak_limit).max(0.0)).sum::<f64>();
-        let index = |a: &Action| {
-            let Action::Pin { domain, vcpu, to, kind, .. } = a else { panic!() };
-            let i = input.vcpus.iter().position(|v| *v.domain == **domain && v.vcpu == *vcpu).unwrap();
-            let c = input.cpus.iter().position(|c| Some(c.id) == to.as_single()).unwrap();
-            (i, c, *kind)
-        };
-        let mut k = 0;
-        while k < p.len() {
-            let (i, t, kind) = index(&p[k]);
-            let mut change = vec![(i, t)];
-            if kind == PinKind::Swap {
-                change.push((index(&p[k + 1]).0, index(&p[k + 1]).1));
-            }
+        for (kind, first, change) in changes(&input, &p) {
+            let (i, t) = change[0];
             let (src_load, pex_before) = (load[at[i]], pex(&pk));
             for &(i, t) in &change {
                 load[at[i]] -= input.vcpus[i].demand;
@@ -529,12 +533,11 @@ proptest! {
             }
             match kind {
                 PinKind::Move | PinKind::Swap if src_load <= 1.0 - 1e-6 => {
-                    prop_assert!(pex(&pk) <= pex_before + 1e-6, "{:#?}", &p[k]);
+                    prop_assert!(pex(&pk) <= pex_before + 1e-6, "{first:#?}");
                 }
-                PinKind::PeakSafety => prop_assert!(load[t] <= pol.high - 0.05 + 1e-6, "{:#?}", &p[k]),
+                PinKind::PeakSafety => prop_assert!(load[t] <= pol.high - 0.05 + 1e-6, "{first:#?}"),
                 _ => {}
             }
-            k += change.len();
         }
     }
 }
