@@ -17,7 +17,7 @@ cargo build --release --all-targets --locked
 cargo clippy --release --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --release --locked -- --test-threads=2 2>&1 | tee "$log"
+cargo test --release --locked --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
 cargo bench --locked --no-run
 # One closing line over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -2,7 +2,7 @@
 //! with its reason. A failed action is returned to the caller (which decides by the error's
 //! class what to do about it) and the rest of the plan goes on; a lost connection stops it.
 
-use log::{info, warn};
+use log::{debug, info};
 
 use crate::host::{CpuSet, DomainRef, Host, HostError};
 use crate::model::Snapshot;
@@ -17,7 +17,11 @@ pub enum Outcome {
     Failed(HostError),
     /// Not tried: the plan had grown older than its limit (a slow hypervisor held the earlier
     /// actions up), and the sample it was made from no longer says what the host is like.
-    Stale,
+    /// `age_ns`: the plan's age when it was cut short. The caller says so (the daemon
+    /// rate-limits it: on a slow hypervisor it can happen every quantum).
+    Stale {
+        age_ns: u64,
+    },
 }
 
 /// Applies `plan`, made from `snap`, while the plan is at most `max_age_ns` old. Returns each
@@ -32,12 +36,8 @@ pub fn apply(
     for action in plan {
         let age = host.now_ns().saturating_sub(snap.t_ns);
         if age > max_age_ns {
-            warn!(
-                "the plan is {:.1}s old (a slow hypervisor held it up): dropping its last {} action(s)",
-                age as f64 / 1e9,
-                plan.len() - out.len()
-            );
-            out.resize_with(plan.len(), || Outcome::Stale);
+            debug!("the plan is {:.1}s old: dropping its last {} action(s)", age as f64 / 1e9, plan.len() - out.len());
+            out.resize_with(plan.len(), || Outcome::Stale { age_ns: age });
             break;
         }
         let Some(dom) = snap.domains.iter().find(|d| d.dom.name == action.domain()).map(|d| d.dom.clone()) else {
@@ -59,6 +59,18 @@ pub fn apply(
         });
     }
     Ok(out)
+}
+
+/// The warning for a plan cut short as stale, if `outcomes` has one.
+pub fn stale_warning(outcomes: &[Outcome]) -> Option<String> {
+    let dropped = outcomes.iter().filter(|o| matches!(o, Outcome::Stale { .. })).count();
+    outcomes.iter().find_map(|o| match o {
+        Outcome::Stale { age_ns } => Some(format!(
+            "the plan is {:.1}s old (a slow hypervisor held it up): dropping its last {dropped} action(s)",
+            *age_ns as f64 / 1e9
+        )),
+        _ => None,
+    })
 }
 
 fn apply_one(host: &mut dyn Host, dom: &DomainRef, action: &Action) -> Result<(), HostError> {

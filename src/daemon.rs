@@ -49,6 +49,8 @@ pub struct StepReport {
     /// Allowed cpus no vCPU is pinned to (nor floats over) once the applied pins of this
     /// quantum are in place (empty without a snapshot).
     pub free_cpus: Vec<u32>,
+    /// Why the end of the plan was dropped unapplied (it had grown stale), if it was.
+    pub stale: Option<String>,
 }
 
 impl StepReport {
@@ -412,6 +414,7 @@ impl<H: Host> Agent<H> {
             let max_age = ns(self.cfg.quantum).saturating_mul(2).max(1_000_000_000);
             match crate::release::apply_recorded(&mut self.host, &snap, &plan, max_age) {
                 Ok(outcomes) => {
+                    report.stale = crate::actuate::stale_warning(&outcomes);
                     for (k, (a, o)) in plan.iter().zip(&outcomes).enumerate() {
                         let id = snap.domains.iter().find(|d| d.dom.name == a.domain()).map_or(0, |d| d.dom.id);
                         match o {
@@ -420,7 +423,7 @@ impl<H: Host> Agent<H> {
                                 self.failures.failed(a.domain(), id, a, e, snap.t_ns);
                                 continue;
                             }
-                            Outcome::Gone | Outcome::Stale => continue,
+                            Outcome::Gone | Outcome::Stale { .. } => continue,
                         }
                         report.was_applied[k] = true;
                         match a {
@@ -597,6 +600,7 @@ pub fn run<H: Host>(
     let (mut quanta, mut cpu_us_total, mut last_summary) = (0u64, 0u64, Instant::now());
     let run_started = Instant::now();
     let mut overran = Repeated::new(Duration::from_secs(60));
+    let mut stale = Repeated::new(Duration::from_secs(60));
     let mut advice_log = Announcer::default();
     let (mut ready, mut status, mut last_action) = (false, String::new(), "none yet".to_string());
     loop {
@@ -625,6 +629,9 @@ pub fn run<H: Host>(
                 crate::capacity::Level::Warn => warn!("{line}"),
                 crate::capacity::Level::Info => info!("{line}"),
             }
+        }
+        if let Some(why) = &report.stale {
+            stale.warn(Instant::now(), why);
         }
         debug!("quantum took {:?} ({} µs CPU), {} actions", started.elapsed(), report.cpu_us, report.plan.len());
         if last_summary.elapsed() >= Duration::from_secs(300) {

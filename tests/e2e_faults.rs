@@ -92,6 +92,7 @@ fn guest_churn_is_survived() {
     let _lab = lab();
     let keep = Guest::start("steady", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
     let mut agent = Agent::start(FAST);
+    let agent_started = Instant::now();
     // 20 guests a minute for 3 minutes, each destroyed about 9 s after it was created.
     let start = Instant::now();
     let mut live: Vec<(Instant, Guest)> = Vec::new();
@@ -124,7 +125,17 @@ fn guest_churn_is_survived() {
     assert!(ok, "steady guest not balanced after churn:\n{log}");
     assert!(errors.is_empty(), "{errors:#?}");
     assert!(!log.contains("panicked"));
-    assert!(warns.len() <= 10, "{} warnings:\n{warns:#?}", warns.len());
+    // A slow hypervisor may well make quanta overrun and plans go stale while guests come and
+    // go; what must not happen is a warning every quantum. Each kind is rate-limited to one a
+    // minute (after the first), so none may repeat more often than that.
+    let minutes = agent_started.elapsed().as_secs() / 60;
+    for kind in ["quantum overran", "the plan is"] {
+        let n = warns.iter().filter(|w| w.contains(kind)).count() as u64;
+        assert!(n <= minutes + 1, "'{kind}' warned {n} times in {minutes} min:\n{warns:#?}");
+    }
+    let other: Vec<&&str> =
+        warns.iter().filter(|w| !w.contains("quantum overran") && !w.contains("the plan is")).collect();
+    assert!(other.len() <= 4, "{} other warnings:\n{other:#?}", other.len());
     let (first, last) = (rss[1.min(rss.len() - 1)], *rss.last().unwrap());
     assert!(last <= first + 8 * 1024, "agent RSS grew from {first} to {last} KiB");
     let (st, _) = agent.terminate();

@@ -145,6 +145,11 @@ fn a_plan_held_up_by_a_slow_hypervisor_is_not_applied_on_stale_data() {
     let r = reports.iter().find(|r| r.plan.len() >= 5).expect("a placement plan");
     // A plan may be at most two quanta (1 s) old: the pins after that are dropped.
     assert!(r.applied() >= 2 && r.applied() <= 3, "applied {} of {}", r.applied(), r.plan.len());
+    // The report says why, for the loop to warn (rate-limited); the quanta with all applied say nothing.
+    let dropped = r.plan.len() - r.applied();
+    let why = r.stale.as_deref().expect("the dropped actions are reported");
+    assert!(why.ends_with(&format!("dropping its last {dropped} action(s)")), "{why}");
+    assert!(reports.iter().filter(|r| r.applied() == r.plan.len()).all(|r| r.stale.is_none()));
 }
 
 #[test]
