@@ -1,9 +1,11 @@
 //! Collection: everything the agent reads from a [`Host`] in one quantum, as raw counters.
 //!
 //! Discovery (`describe`: threads, limits, opt-outs) runs for domains not seen before (a new
-//! name, or a new runtime id after a restart), and again on a slow cadence for known ones, so
-//! that an operator's live change (an opt-out set with `virsh metadata --live`, a new maximum)
-//! takes effect without a restart. Discovery has a time budget per quantum: a burst of new
+//! name, or a new runtime id after a restart), at once for a domain the host reports changed
+//! (libvirt's domain events: an opt-out set with `virsh metadata --live`, a pin, a device), and
+//! again on a slow cadence for every known one, so that an operator's live change takes effect
+//! without a restart even where no event tells of it. A host that cannot report changes gets
+//! the faster cadence. Discovery has a time budget per quantum: a burst of new
 //! guests is discovered over several quanta, and the guests already known are still sampled
 //! on time. Every quantum reads the cheap listing, the vCPU threads' counters and the host's
 //! cpu and memory; the bulk balloon call runs only when the caller asks (its own cadence).
@@ -36,8 +38,12 @@ pub struct RawSample {
 /// How often known domains are described again, and how much discovery a quantum may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiscoveryConfig {
-    /// A known domain's definition is re-read when it is older than this, ns.
+    /// A known domain's definition is re-read when it is older than this, ns, on a host that
+    /// cannot report changes ([`Host::changed_domains`] is `None`).
     pub refresh_ns: u64,
+    /// The same on a host that reports changes: only a safety net for a change no event
+    /// tells of (a pin written only to the persistent definition, say).
+    pub watched_refresh_ns: u64,
     /// Most known domains re-read per quantum (oldest first).
     pub refresh_per_quantum: usize,
     /// Discovery (new and refreshed domains) stops for this quantum once it has taken this
@@ -47,7 +53,12 @@ pub struct DiscoveryConfig {
 
 impl Default for DiscoveryConfig {
     fn default() -> Self {
-        DiscoveryConfig { refresh_ns: 10_000_000_000, refresh_per_quantum: 8, budget_ns: 250_000_000 }
+        DiscoveryConfig {
+            refresh_ns: 10_000_000_000,
+            watched_refresh_ns: 60_000_000_000,
+            refresh_per_quantum: 8,
+            budget_ns: 250_000_000,
+        }
     }
 }
 
@@ -96,6 +107,14 @@ impl Collector {
     /// Reads one quantum. A vanished domain is dropped, not an error; a lost connection is.
     pub fn sample(&mut self, host: &mut dyn Host, with_balloons: bool) -> Result<RawSample, HostError> {
         let listed = host.list_domains()?;
+        let changed = host.changed_domains();
+        if let Some(names) = &changed {
+            if !names.is_empty() {
+                debug!("changed, to describe again: {}", names.join(", "));
+            }
+            self.rediscover(names);
+        }
+        let refresh_ns = if changed.is_some() { self.cfg.watched_refresh_ns } else { self.cfg.refresh_ns };
         self.known.retain(|name, d| listed.iter().any(|l| &l.name == name && l.id == d.dom.id));
         self.described_at.retain(|name, _| self.known.contains_key(name));
         self.failed.retain(|name, id| listed.iter().any(|l| &l.name == name && l.id == *id));
@@ -133,7 +152,7 @@ impl Collector {
         if deferred > 0 {
             debug!("discovery budget spent: {deferred} new domain(s) wait for the next quantum");
         }
-        self.refresh(host, start)?;
+        self.refresh(host, start, refresh_ns)?;
         let mut domains = Vec::with_capacity(self.known.len());
         let mut stale: Vec<String> = Vec::new();
         for desc in self.known.values() {
@@ -167,12 +186,12 @@ impl Collector {
     /// Re-reads the definitions of the known domains described longest ago, within the budget.
     /// A change an operator made (opt-out, pins in the persistent definition, maximum memory)
     /// is logged and takes effect from this quantum on.
-    fn refresh(&mut self, host: &mut dyn Host, start: u64) -> Result<(), HostError> {
+    fn refresh(&mut self, host: &mut dyn Host, start: u64, refresh_ns: u64) -> Result<(), HostError> {
         let now = host.now_ns();
         let mut due: Vec<(u64, String)> = self
             .described_at
             .iter()
-            .filter(|(_, t)| now.saturating_sub(**t) >= self.cfg.refresh_ns || **t == 0)
+            .filter(|(_, t)| now.saturating_sub(**t) >= refresh_ns || **t == 0)
             .map(|(n, t)| (*t, n.clone()))
             .collect();
         due.sort();

@@ -88,7 +88,8 @@ fn a_live_opt_out_is_honoured_without_a_restart() {
         "--live",
     ]);
     assert!(set.is_ok(), "{set:?}");
-    // Definitions are re-read every five quanta (2.5 s here).
+    // libvirt's metadata-change event has the agent read the definition again at once; without
+    // it, the safety cadence (30 s at this quantum) would be too late for this wait.
     let seen = wait_for(Duration::from_secs(10), || agent.log().contains("opt-outs changed"));
     assert!(seen, "{}", agent.log());
     g.pin(0, "0");

@@ -102,6 +102,30 @@ fn a_live_opt_out_takes_effect_within_a_few_quanta() {
 }
 
 #[test]
+fn with_domain_events_a_change_is_read_at_once_and_nothing_else_is_read_again() {
+    let mut h = piled();
+    h.events = Some(vec![]);
+    let mut a = agent(h);
+    run(&mut a, 2);
+    // Without events, definitions are read again every five quanta; with them, only the
+    // domain an event names, and the rest on the safety cadence (30 s at this quantum).
+    let before = a.host.describes;
+    run(&mut a, 20);
+    assert_eq!(a.host.describes, before, "no event, no describe");
+    let why = "opted out by <metadata> (manage=\"no\")".to_string();
+    a.host.opt_outs.insert("web".into(), OptOut { cpu: Some(why.clone()), memory: Some(why) });
+    a.host.events = Some(vec!["web".into()]);
+    let r = run(&mut a, 1);
+    assert_eq!(a.host.describes, before + 1);
+    assert!(r[0].snapshot.as_ref().unwrap().domains[0].cpu_excluded.is_some(), "the opt-out is seen at once");
+    // The safety net: 30 s (60 quanta) after the last read, read again without an event.
+    run(&mut a, 58);
+    assert_eq!(a.host.describes, before + 1);
+    run(&mut a, 3);
+    assert_eq!(a.host.describes, before + 2, "read again on the safety cadence");
+}
+
+#[test]
 fn discovery_of_many_new_guests_does_not_hold_up_the_quantum() {
     let names: Vec<String> = (0..40).map(|i| format!("g{i}")).collect();
     let guests: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();

@@ -8,6 +8,7 @@ use virt::domain::Domain;
 use virt::error::{ErrorNumber, ErrorNumberEnum};
 use virt::sys;
 
+use super::events;
 use super::procfs as pfs;
 use super::schedstat::{self, SchedstatFiles};
 use super::stats::{self, DomainStats};
@@ -62,7 +63,19 @@ pub struct LibvirtHost {
     start: Instant,
     /// The vCPU threads' `schedstat` files, open between quanta.
     schedstat: SchedstatFiles,
+    /// Domains libvirt's events reported changed since the last quantum.
+    changed: events::Changed,
+    /// The event callbacks registered on `conn`; `None` when it has none (no event loop, or
+    /// the registration failed): definitions are then re-read on the short cadence.
+    watching: Option<Vec<std::os::raw::c_int>>,
+    /// The last listing of running domains and when it was made: while libvirt reports no
+    /// lifecycle event, the list stands (re-listed every `RELIST_EVERY` all the same).
+    listed: Option<(Instant, Vec<DomainRef>)>,
 }
+
+/// With domain events, the running domains are listed again at least this often (a safety
+/// net for an event lost); without them, every quantum.
+const RELIST_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl LibvirtHost {
     /// A host for `uri`; nothing is opened until [`Host::ensure_connected`].
@@ -71,7 +84,26 @@ impl LibvirtHost {
         virt::error::clear_error_callback();
         let root = PathBuf::from("/");
         let schedstat = SchedstatFiles::new(&root, schedstat::open_file_budget());
-        LibvirtHost { uri: uri.to_string(), root, conn: None, start: Instant::now(), schedstat }
+        LibvirtHost {
+            uri: uri.to_string(),
+            root,
+            conn: None,
+            start: Instant::now(),
+            schedstat,
+            changed: events::Changed::default(),
+            watching: None,
+            listed: None,
+        }
+    }
+
+    /// Drops the connection, with its event callbacks first (each holds a reference to the
+    /// connection, which would keep it open).
+    fn disconnect(&mut self) {
+        if let (Some(c), Some(ids)) = (&self.conn, self.watching.take()) {
+            events::unwatch(c, &ids);
+        }
+        self.conn = None;
+        self.listed = None;
     }
 
     fn conn(&self) -> Result<&Connect, HostError> {
@@ -85,11 +117,14 @@ impl LibvirtHost {
         let alive = self.conn.as_ref().is_some_and(|c| c.is_alive().unwrap_or(false));
         match classify(e.code(), e.message(), alive) {
             ErrorClass::ConnectionLost => {
-                // Dropping the connection closes it.
-                self.conn = None;
+                self.disconnect();
                 HostError::Disconnected { context: op.to_string(), source: Some(e) }
             }
-            ErrorClass::DomainGone => HostError::DomainGone(object.to_string()),
+            ErrorClass::DomainGone => {
+                // The listing no longer says what runs.
+                self.listed = None;
+                HostError::DomainGone(object.to_string())
+            }
             class => HostError::Libvirt { op, object: object.to_string(), class, source: e },
         }
     }
@@ -119,7 +154,7 @@ impl Host for LibvirtHost {
             if c.is_alive().unwrap_or(false) {
                 return Ok(());
             }
-            self.conn = None;
+            self.disconnect();
         }
         let events = start_event_loop();
         match Connect::open(Some(&self.uri)) {
@@ -128,6 +163,22 @@ impl Host for LibvirtHost {
                     // The test driver and some transports have no keepalive.
                     log::debug!("no keepalive on {}: {e}", self.uri);
                 }
+                // What changed before this connection is unknown anyway: everything is
+                // discovered afresh after a reconnect.
+                self.changed.clear();
+                self.listed = None;
+                self.watching = if events {
+                    events::watch(&c, &self.changed)
+                        .inspect_err(|e| {
+                            log::info!(
+                                "no domain events from {}: {e}; re-reading definitions every few quanta",
+                                self.uri
+                            )
+                        })
+                        .ok()
+                } else {
+                    None
+                };
                 self.conn = Some(c);
                 Ok(())
             }
@@ -139,6 +190,15 @@ impl Host for LibvirtHost {
         // A quantum's reads start with the listing: the threads the last quantum did not read
         // have their files closed.
         self.schedstat.start_pass();
+        // Taken before listing: an event during the listing makes the next quantum list again.
+        let lifecycle = self.changed.take_lifecycle();
+        if let Some((at, doms)) = &self.listed
+            && self.watching.is_some()
+            && !lifecycle
+            && at.elapsed() < RELIST_EVERY
+        {
+            return Ok(doms.clone());
+        }
         let r = self.conn()?.list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE);
         let doms = r.map_err(|e| self.fail("list domains", "host", e))?;
         let mut out = Vec::with_capacity(doms.len());
@@ -147,6 +207,7 @@ impl Host for LibvirtHost {
             let (Ok(name), Ok(uuid), Some(id)) = (d.name(), d.uuid_string(), d.id()) else { continue };
             out.push(DomainRef { name, uuid, id });
         }
+        self.listed = Some((Instant::now(), out.clone()));
         Ok(out)
     }
 
@@ -187,6 +248,11 @@ impl Host for LibvirtHost {
             default_affinity: facts.emulator_prior.or_else(|| pid.and_then(|p| pfs::affinity(&self.root, p, p))),
             threads: facts.threads,
         })
+    }
+
+    fn changed_domains(&mut self) -> Option<Vec<String>> {
+        self.watching.as_ref()?;
+        Some(self.changed.take_names())
     }
 
     fn vcpu_times(&mut self, desc: &DomainDesc) -> Result<Vec<Option<VcpuTimes>>, HostError> {

@@ -7,6 +7,7 @@
 //! [`crate::sim::SimHost`] (an in-memory host driven by virtual time, for tests, benches and the
 //! simulator).
 
+pub mod events;
 pub mod iothread;
 pub mod libvirt;
 pub mod procfs;
@@ -322,8 +323,15 @@ pub trait Host {
     fn ensure_connected(&mut self) -> Result<(), HostError>;
     /// Cheap: the running domains.
     fn list_domains(&mut self) -> Result<Vec<DomainRef>, HostError>;
-    /// Expensive: threads, limits and opt-outs of one domain. Called when the domain set changes.
+    /// Expensive: threads, limits and opt-outs of one domain. Called when the domain set
+    /// changes, when the host reports the domain changed, and on a slow cadence.
     fn describe(&mut self, dom: &DomainRef) -> Result<DomainDesc, HostError>;
+    /// The domains whose definition changed since the last call (names; libvirt's domain
+    /// events), or `None` when this host cannot tell: then definitions are re-read on a short
+    /// cadence instead.
+    fn changed_domains(&mut self) -> Option<Vec<String>> {
+        None
+    }
     /// Cheap (procfs): scheduler counters and affinity of each vCPU thread of a domain,
     /// indexed like `desc.vcpu_tids` (`None` for a vCPU whose thread is unknown or gone).
     fn vcpu_times(&mut self, desc: &DomainDesc) -> Result<Vec<Option<VcpuTimes>>, HostError>;

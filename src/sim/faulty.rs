@@ -37,6 +37,9 @@ pub struct Faulty {
     pub vanish_on_describe: Vec<String>,
     /// Domains shut down: no longer listed, no statistics.
     pub gone: Vec<String>,
+    /// Domain events: `Some` (the names reported changed, drained by each quantum) makes this
+    /// a host that reports changes; `None` one that cannot.
+    pub events: Option<Vec<String>>,
 }
 
 impl Faulty {
@@ -59,6 +62,7 @@ impl Faulty {
             opt_outs: HashMap::new(),
             vanish_on_describe: vec![],
             gone: vec![],
+            events: None,
         }
     }
 }
@@ -88,6 +92,9 @@ impl Host for Faulty {
     }
     fn list_domains(&mut self) -> Result<Vec<DomainRef>, HostError> {
         Ok(self.sim.list_domains()?.into_iter().filter(|d| !self.gone.contains(&d.name)).collect())
+    }
+    fn changed_domains(&mut self) -> Option<Vec<String>> {
+        self.events.as_mut().map(std::mem::take)
     }
     fn describe(&mut self, dom: &DomainRef) -> Result<DomainDesc, HostError> {
         self.describes += 1;

@@ -1,0 +1,217 @@
+//! Safe wrapper of libvirt's domain events (`virConnectDomainEventRegisterAny`), which the
+//! `virt` crate (0.5) does not wrap. The agent re-reads a domain's definition when libvirt
+//! says it changed (its metadata, a tunable such as a pin, a device, its persistent
+//! definition) instead of re-reading every definition every few quanta: with 60 guests the
+//! periodic re-reads were most of the agent's and libvirtd's cost (two XML dumps per guest).
+//!
+//! Lifecycle events (a domain started, stopped, crashed, ...) also say when the list of running
+//! domains changed, so that it is listed again only then (and on a slow safety cadence), not
+//! every quantum.
+//!
+//! The callbacks run on libvirt's event loop thread (started by `libvirt::start_event_loop`);
+//! each only copies the domain's name into a shared list or sets a flag, which the quantum
+//! reads.
+
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virt::connect::Connect;
+use virt::sys;
+
+/// What libvirt reported since the quantum last looked.
+#[derive(Debug, Default)]
+pub struct Watch {
+    /// Domains whose definition changed.
+    names: Mutex<Vec<String>>,
+    /// A domain started, stopped, was defined, ...: the listing may have changed.
+    lifecycle: AtomicBool,
+}
+
+impl Watch {
+    /// The domains reported changed since the last call.
+    pub fn take_names(&self) -> Vec<String> {
+        std::mem::take(&mut *self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Whether a lifecycle event came since the last call.
+    pub fn take_lifecycle(&self) -> bool {
+        self.lifecycle.swap(false, Ordering::AcqRel)
+    }
+
+    /// Forgets what was reported (a new connection starts from a fresh listing).
+    pub fn clear(&self) {
+        self.take_names();
+        self.take_lifecycle();
+    }
+
+    fn note(&self, name: String) {
+        let mut list = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !list.contains(&name) {
+            list.push(name);
+        }
+    }
+}
+
+/// Shared between the agent and libvirt's event loop thread.
+pub type Changed = Arc<Watch>;
+
+type LifecycleCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int;
+type TunableCb =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, sys::virTypedParameterPtr, c_int, *mut c_void);
+type MetadataCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, *const c_char, *mut c_void);
+type DeviceCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
+
+type GenericCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
+
+/// libvirt's `VIR_DOMAIN_EVENT_CALLBACK()` cast, of a function of type `$ty`.
+macro_rules! generic {
+    ($f:expr, $ty:ty) => {
+        // SAFETY: a function pointer to a function pointer of the same size (`transmute`
+        // checks); libvirt only ever calls it back with the signature of the event it was
+        // registered for, which is `$ty`'s.
+        Some(unsafe { std::mem::transmute::<$ty, GenericCb>($f) })
+    };
+}
+
+/// Registers, on `conn`, for every domain, the events after which a domain's definition must
+/// be read again; the names go into `changed`. All or nothing: on an error the events already
+/// registered are deregistered. Returns the callback ids.
+pub fn watch(conn: &Connect, changed: &Changed) -> Result<Vec<c_int>, virt::error::Error> {
+    let wanted: [(sys::virDomainEventID, sys::virConnectDomainEventGenericCallback); 5] = [
+        // The persistent definition was changed (`virsh define`, `edit`).
+        (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, generic!(on_lifecycle, LifecycleCb)),
+        // A pin or another tunable changed (`virsh vcpupin --live`, `emulatorpin`, ...).
+        (sys::VIR_DOMAIN_EVENT_ID_TUNABLE, generic!(on_tunable, TunableCb)),
+        // The opt-out (`virsh metadata --live`) or the agent's own record.
+        (sys::VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, generic!(on_metadata, MetadataCb)),
+        // A device (memory, an I/O thread's disk, a balloon) came or went.
+        (sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, generic!(on_device, DeviceCb)),
+        (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, generic!(on_device, DeviceCb)),
+    ];
+    let mut ids = Vec::with_capacity(wanted.len());
+    for (event, cb) in wanted {
+        // Each registration owns one strong count of the list, given back by `free_opaque`.
+        let opaque = Arc::into_raw(Arc::clone(changed)).cast_mut().cast::<c_void>();
+        // SAFETY: `conn.as_ptr()` is a live connection for the whole call. `cb` is the callback
+        // of `event`'s own signature, cast to the generic type as libvirt's API requires (it
+        // calls it back with the signature of the event id). `opaque` is a strong count of an
+        // `Arc<Watch>` that stays valid until libvirt calls `free_opaque` with it,
+        // once, when the callback is deregistered or the connection closes.
+        let id = unsafe {
+            sys::virConnectDomainEventRegisterAny(
+                conn.as_ptr(),
+                std::ptr::null_mut(),
+                event as c_int,
+                cb,
+                opaque,
+                Some(free_opaque),
+            )
+        };
+        if id < 0 {
+            let e = virt::error::Error::last_error();
+            // SAFETY: registration failed, so libvirt did not take `opaque`: give its count back.
+            unsafe { free_opaque(opaque) };
+            unwatch(conn, &ids);
+            return Err(e);
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Deregisters the callbacks `ids` from `conn` (errors ignored: the connection may be gone,
+/// and then libvirt has dropped them already).
+pub fn unwatch(conn: &Connect, ids: &[c_int]) {
+    for &id in ids {
+        // SAFETY: `conn.as_ptr()` is a live connection; an unknown id is an error, not UB.
+        unsafe { sys::virConnectDomainEventDeregisterAny(conn.as_ptr(), id) };
+    }
+}
+
+/// Adds `dom`'s name to the list behind `opaque`.
+///
+/// # Safety
+/// `dom` is a domain libvirt passes to a callback (valid during it); `opaque` was made by
+/// [`watch`] and not yet freed.
+unsafe fn note(dom: sys::virDomainPtr, opaque: *mut c_void) {
+    // SAFETY: the caller's contract; `virDomainGetName` returns a string owned by `dom`, or null.
+    let name = unsafe { sys::virDomainGetName(dom) };
+    if name.is_null() || opaque.is_null() {
+        return;
+    }
+    // SAFETY: non-null, NUL-terminated, alive while `dom` is.
+    let name = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+    // SAFETY: the caller's contract.
+    unsafe { watch_of(opaque) }.note(name);
+}
+
+/// The [`Watch`] behind `opaque`.
+///
+/// # Safety
+/// `opaque` was made by [`watch`] and not yet freed; the reference lives only during a callback.
+unsafe fn watch_of<'a>(opaque: *mut c_void) -> &'a Watch {
+    // SAFETY: a live `Arc` count (see `watch`); borrowed, not taken.
+    unsafe { &*opaque.cast_const().cast::<Watch>() }
+}
+
+unsafe extern "C" fn on_lifecycle(
+    _c: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    event: c_int,
+    _detail: c_int,
+    opaque: *mut c_void,
+) -> c_int {
+    if opaque.is_null() {
+        return 0;
+    }
+    // SAFETY: called by libvirt with our `opaque`.
+    unsafe { watch_of(opaque) }.lifecycle.store(true, Ordering::Release);
+    // A new persistent definition also changes what the agent read of the domain.
+    if event == sys::VIR_DOMAIN_EVENT_DEFINED as c_int {
+        // SAFETY: called by libvirt with a live `dom` and our `opaque`.
+        unsafe { note(dom, opaque) };
+    }
+    0
+}
+
+unsafe extern "C" fn on_tunable(
+    _c: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _params: sys::virTypedParameterPtr,
+    _n: c_int,
+    opaque: *mut c_void,
+) {
+    // SAFETY: as above.
+    unsafe { note(dom, opaque) };
+}
+
+unsafe extern "C" fn on_metadata(
+    _c: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _kind: c_int,
+    _nsuri: *const c_char,
+    opaque: *mut c_void,
+) {
+    // SAFETY: as above.
+    unsafe { note(dom, opaque) };
+}
+
+unsafe extern "C" fn on_device(
+    _c: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _alias: *const c_char,
+    opaque: *mut c_void,
+) {
+    // SAFETY: as above.
+    unsafe { note(dom, opaque) };
+}
+
+/// Gives back the strong count `watch` handed to libvirt.
+unsafe extern "C" fn free_opaque(opaque: *mut c_void) {
+    if !opaque.is_null() {
+        // SAFETY: made by `Arc::into_raw` in `watch`; libvirt frees each opaque once.
+        drop(unsafe { Arc::from_raw(opaque.cast_const().cast::<Watch>()) });
+    }
+}
