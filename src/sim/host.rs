@@ -369,7 +369,8 @@ impl SimHost {
         topo::topology_of(self.cfg.cpus, self.cfg.topology)
     }
 
-    fn is_online(&self, cpu: u32) -> bool {
+    /// Whether `cpu` is online ([`SimHost::set_cpu_online`]).
+    pub fn is_online(&self, cpu: u32) -> bool {
         self.offline.get(cpu as usize).is_some_and(|&o| !o)
     }
 

@@ -204,10 +204,11 @@ fn mean(xs: &[f64]) -> f64 {
     if xs.is_empty() { f64::NAN } else { xs.iter().sum::<f64>() / xs.len() as f64 }
 }
 
-/// Cpus of the simulated host that no vCPU's affinity includes.
+/// Online cpus of the simulated host that no vCPU's affinity includes (an offline cpu is not
+/// free: nothing can use it).
 fn free_cpus(host: &SimHost, counts: &[usize]) -> u64 {
     let pins = counts.iter().enumerate().flat_map(|(g, &n)| (0..n).filter_map(move |v| host.affinity(g, v)));
-    let all: Vec<u32> = (0..host.config().cpus).collect();
+    let all: Vec<u32> = (0..host.config().cpus).filter(|&c| host.is_online(c)).collect();
     crate::policy::consolidate::free_cpus(&all, pins).len() as u64
 }
 
@@ -493,4 +494,22 @@ pub fn render_table(r: &Report) -> String {
 /// The JSON document of `--json`.
 pub fn render_json(r: &Report) -> String {
     serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Host;
+    use crate::sim::{GuestSpec, SimConfig};
+
+    #[test]
+    fn an_offline_cpu_is_not_counted_free() {
+        let g = GuestSpec { name: "a".into(), vcpus: 1, max_kib: 1 << 20, liar: false };
+        let mut h = SimHost::new(SimConfig::new(4, 64 << 20, 1 << 20), &[g]).unwrap();
+        let d = h.list_domains().unwrap()[0].clone();
+        h.pin_vcpu(&d, 0, 0).unwrap();
+        assert_eq!(free_cpus(&h, &[1]), 3);
+        h.set_cpu_online(3, false);
+        assert_eq!(free_cpus(&h, &[1]), 2);
+    }
 }
