@@ -1,6 +1,7 @@
 //! End-to-end: what an operator does to a running agent, on real QEMU guests under a real
 //! libvirtd: the shipped settings file with every line in force, `--cpus`, a live opt-out,
-//! a closed pipe, and the systemd notifications a `Type=notify` unit relies on.
+//! a closed pipe, the systemd notifications a `Type=notify` unit relies on, and the docs' cost
+//! measurement script (`lab/cost.sh`).
 
 mod common;
 
@@ -194,4 +195,28 @@ fn sighup_applies_a_changed_settings_file() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(agent.alive());
     assert_eq!(g.pins(), ["1", "1"], "{}", agent.log());
+}
+
+#[test]
+fn the_cost_script_of_the_docs_measures_and_cleans_up() {
+    let _lab = lab();
+    // docs/design.md's figures come from `bash lab/cost.sh`; here with 3 guests and short
+    // windows: it prints its one line and leaves no guest behind.
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/lab/cost.sh"))
+        .arg("--no-memory")
+        .envs([("N", "3"), ("SETTLE", "3"), ("MEASURE", "4"), ("IDLE", "1")])
+        .env("BIN", bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().last().unwrap_or_default();
+    let ms = line
+        .strip_prefix("3 guests, args [--no-memory]: agent ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|x| x.parse::<f64>().ok());
+    assert!(ms.is_some_and(|ms| ms >= 0.0), "{line}");
+    let left = virsh(&["list", "--all", "--name"]).unwrap();
+    assert!(!left.contains("vmbt-cost-"), "{left}");
 }
