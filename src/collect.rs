@@ -55,7 +55,7 @@ impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
             refresh_ns: 10_000_000_000,
-            watched_refresh_ns: 60_000_000_000,
+            watched_refresh_ns: 600_000_000_000,
             refresh_per_quantum: 8,
             budget_ns: 250_000_000,
         }

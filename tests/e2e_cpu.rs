@@ -153,6 +153,21 @@ fn survives_libvirtd_restart_and_resumes() {
     // One outage, logged once (the loss and the first failed reconnect), not once per quantum.
     let warns = log.lines().filter(|l| l.contains("WARN")).count();
     assert!(warns <= 3, "outage logged {warns} times:\n{log}");
+    // The new connection has its domain events again: a live opt-out is seen well before the
+    // safety cadence (150 s at this quantum) would read the definition again.
+    let set = virsh(&[
+        "metadata",
+        &g.name,
+        "https://vm-balancer.org/xmlns/1",
+        "--key",
+        "vmb",
+        "--set",
+        r#"<balancer manage="no"/>"#,
+        "--live",
+    ]);
+    assert!(set.is_ok(), "{set:?}");
+    let seen = wait_for(Duration::from_secs(10), || agent.log().contains("opt-outs changed"));
+    assert!(seen, "no event after the reconnect?\n{}", agent.log());
     let (st, _) = agent.terminate();
     assert!(st.success());
 }

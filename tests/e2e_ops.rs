@@ -90,7 +90,7 @@ fn a_live_opt_out_is_honoured_without_a_restart() {
     ]);
     assert!(set.is_ok(), "{set:?}");
     // libvirt's metadata-change event has the agent read the definition again at once; without
-    // it, the safety cadence (30 s at this quantum) would be too late for this wait.
+    // it, the safety cadence (150 s at this quantum) would be too late for this wait.
     let seen = wait_for(Duration::from_secs(10), || agent.log().contains("opt-outs changed"));
     assert!(seen, "{}", agent.log());
     g.pin(0, "0");

@@ -127,7 +127,7 @@ pub(super) fn discovery_for(quantum: Duration) -> crate::collect::DiscoveryConfi
     let q = ns(quantum);
     crate::collect::DiscoveryConfig {
         refresh_ns: q.saturating_mul(5).clamp(2_000_000_000, 60_000_000_000),
-        watched_refresh_ns: q.saturating_mul(60).clamp(30_000_000_000, 300_000_000_000),
+        watched_refresh_ns: q.saturating_mul(300).clamp(60_000_000_000, 600_000_000_000),
         refresh_per_quantum: 8,
         budget_ns: (q / 4).max(20_000_000),
     }

@@ -108,7 +108,7 @@ fn with_domain_events_a_change_is_read_at_once_and_nothing_else_is_read_again() 
     let mut a = agent(h);
     run(&mut a, 2);
     // Without events, definitions are read again every five quanta; with them, only the
-    // domain an event names, and the rest on the safety cadence (30 s at this quantum).
+    // domain an event names, and the rest on the safety cadence (300 quanta, 150 s here).
     let before = a.host.describes;
     run(&mut a, 20);
     assert_eq!(a.host.describes, before, "no event, no describe");
@@ -118,8 +118,8 @@ fn with_domain_events_a_change_is_read_at_once_and_nothing_else_is_read_again() 
     let r = run(&mut a, 1);
     assert_eq!(a.host.describes, before + 1);
     assert!(r[0].snapshot.as_ref().unwrap().domains[0].cpu_excluded.is_some(), "the opt-out is seen at once");
-    // The safety net: 30 s (60 quanta) after the last read, read again without an event.
-    run(&mut a, 58);
+    // The safety net: 150 s (300 quanta) after the last read, read again without an event.
+    run(&mut a, 298);
     assert_eq!(a.host.describes, before + 1);
     run(&mut a, 3);
     assert_eq!(a.host.describes, before + 2, "read again on the safety cadence");

@@ -191,9 +191,15 @@ unsafe extern "C" fn on_metadata(
     _c: sys::virConnectPtr,
     dom: sys::virDomainPtr,
     _kind: c_int,
-    _nsuri: *const c_char,
+    nsuri: *const c_char,
     opaque: *mut c_void,
 ) {
+    // The agent's own record of its pins changes with each pin it makes: nothing to read.
+    // SAFETY: libvirt passes the namespace as a NUL-terminated string alive during the call,
+    // or null.
+    if !nsuri.is_null() && unsafe { CStr::from_ptr(nsuri) }.to_bytes() == super::libvirt::PINS_NS.as_bytes() {
+        return;
+    }
     // SAFETY: as above.
     unsafe { note(dom, opaque) };
 }
