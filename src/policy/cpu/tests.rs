@@ -557,7 +557,9 @@ proptest! {
         // of a core), replayed one change at a time.
         let mut input = input;
         let n = input.cpus.len() - input.cpus.len() % 2;
-        prop_assume!(n >= 2);
+        if n < 2 {
+            return Ok(());
+        }
         input.cpus.truncate(n);
         for v in &mut input.vcpus {
             if let Some(c) = v.cpu.filter(|&c| c >= n) {
@@ -573,7 +575,7 @@ proptest! {
         let mut at: Vec<usize> = input.vcpus.iter().map(|v| v.cpu.unwrap()).collect();
         let mut load = loads_after(&input, &[]);
         for (kind, first, change) in changes(&input, &p) {
-            let (src_load, before) = (load[at[change[0].0]], smt_excess(&load));
+            let (src_load, before, before_loads) = (load[at[change[0].0]], smt_excess(&load), load.clone());
             for &(i, t) in &change {
                 load[at[i]] -= input.vcpus[i].demand;
                 load[t] += input.vcpus[i].demand;
@@ -581,7 +583,9 @@ proptest! {
             }
             let after = smt_excess(&load);
             if first.to_string().contains("SMT relief") {
-                prop_assert!(after <= before - pol.min_gain + 1e-6, "{first:#?}");
+                // It lowers the cores' excess plus the cpus' (delay), by `min_gain`.
+                let gain = before - after + excess(&before_loads) - excess(&load);
+                prop_assert!(gain >= pol.min_gain - 1e-6, "{first:#?}");
             } else if matches!(kind, PinKind::Move | PinKind::Swap) && src_load <= 1.0 - 1e-6 {
                 prop_assert!(after <= before + 1e-6, "{first:#?}");
             } else if kind == PinKind::PeakSafety {
