@@ -37,7 +37,9 @@
 //!    cores) sheds a vCPU to a thread of a core that stays at most one core, when that lowers
 //!    the summed excess of the cores over one core by `min_gain`; the target cpu stays under
 //!    `high` (or held next to nothing: a full-core vCPU gets an idle core) and its peaks as
-//!    peak safety wants ([`topo`]). Without SMT siblings a cpu is a core and this never acts.
+//!    peak safety wants ([`topo`]). Only while the host's load is at most one core per
+//!    physical core (above it cores must share, and moves only shift the sharing). Without
+//!    SMT siblings a cpu is a core and this never acts.
 //! 4. **Peak safety.** A cpu whose vCPUs' recent peaks add up to more than `peak_limit` sheds
 //!    a vCPU to a cpu where they fit, leaving that cpu clearly under `high` and raising no
 //!    core's SMT excess ([`peaks`]).

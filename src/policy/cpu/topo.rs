@@ -67,11 +67,20 @@ pub fn smt_excess_removed(input: &CpuInput, load: &[f64], b: usize, t: usize, de
 /// under `high`, or held next to nothing (a full-core vCPU gets an idle core): balancing has
 /// nothing to gain there either way. The move adds no excess over one core to either cpu and
 /// keeps the two cpus' recent peaks as `peaks` wants, so neither balancing nor peak safety
-/// sends it back. Among moves within `about_equal` of the best: the same NUMA node, then the
+/// sends it back. None on a host loaded above one core per physical core: there, aiming at
+/// the mean core load instead (a core above it by `min_gain` sheds to one that stays under it)
+/// took the mixed scenario from 8.9 to 10.4 repins per vCPU-hour for 0.5% less SMT loss.
+/// Among moves within `about_equal` of the best: the same NUMA node, then the
 /// lighter vCPU, then the emptier target core.
 pub fn smt_relief(input: &CpuInput, policy: &CpuPolicy, w: &Work) -> Option<(usize, usize, usize)> {
     let Work { load, peak_load, on, free, settling } = w;
     let n = load.len();
+    // A host loaded above one core per physical core must share cores: moves would mostly
+    // shift the sharing from core to core, one repin each.
+    let cores = input.cpus.iter().enumerate().filter(|(i, c)| c.sibling.is_none_or(|s| s > *i)).count();
+    if load.iter().sum::<f64>() > cores as f64 * CORE_LIMIT + EPS {
+        return None;
+    }
     let mut best: Vec<(f64, usize, usize, usize)> = Vec::new();
     let mut top = f64::NEG_INFINITY;
     let takes = |t: usize, d: f64| {
@@ -267,5 +276,19 @@ mod tests {
         let vcpus = vec![pinned(0, 0.4, 0), pinned(1, 0.4, 0), pinned(2, 0.7, 3)];
         let input = CpuInput { cpus: smt_cpus(4, true), vcpus };
         assert_eq!(target(&plan(&input, &CpuPolicy::default())), 2);
+    }
+
+    #[test]
+    fn a_host_loaded_above_one_core_per_core_leaves_the_sharing_as_it_is() {
+        // Three cores: (0, 3) holds two full vCPUs, (1, 4) two of `b`, (2, 5) is idle.
+        let input = |b: f64| CpuInput {
+            cpus: smt_cpus(6, true),
+            vcpus: vec![pinned(0, 0.9, 0), pinned(1, 0.9, 3), pinned(2, b, 1), pinned(3, b, 4)],
+        };
+        // 2.8 cores of load on 3 cores: one full vCPU gets the idle core.
+        let to = target(&plan(&input(0.5), &CpuPolicy::default()));
+        assert!([2, 5].contains(&to), "moved to cpu {to}");
+        // 3.2 cores on 3: some core has to share; SMT relief makes no move.
+        assert!(plan(&input(0.7), &CpuPolicy::default()).is_empty());
     }
 }
