@@ -17,7 +17,8 @@
 //!   source core (counted as the plan goes). A target takes a vCPU only while its load stays
 //!   at most `--high` less `--min-gain` (the same hysteresis as the balancer's: a packed cpu
 //!   has that much room before the balancer would unload it) and its peaks at most
-//!   `--peak-limit`. Among targets that fit: the same NUMA node first, then the fullest (best
+//!   `--peak-limit`, and its core's summed load at most one core (the balancer's SMT relief
+//!   unpacks a core above its yield). Among targets that fit: the same NUMA node first, then the fullest (best
 //!   fit), then the lowest id.
 //! - **No ping-pong, by construction.** No move leaves a cpu over `--high` or its peaks over
 //!   `--peak-limit`, so on a host at rest the balancer has nothing to undo (a property test).
@@ -32,7 +33,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::host::{CpuSet, Topology};
 use crate::model::Snapshot;
-use crate::policy::cpu::{CpuInput, CpuPolicy, CpuSlot};
+use crate::policy::cpu::{CORE_LIMIT, CpuInput, CpuPolicy, CpuSlot};
 use crate::policy::{Action, PinKind};
 
 const EPS: f64 = 1e-9;
@@ -276,6 +277,12 @@ fn drain(
 ) -> Option<Vec<(usize, usize, usize)>> {
     let (mut load, mut peak, mut count) = (w.load.clone(), w.peak.clone(), w.count.clone());
     let mut occupied: Vec<bool> = w.on.iter().map(|vs| !vs.is_empty()).collect();
+    // Each core's summed load: a packed core stays at most one core, `min_gain` under what
+    // the balancer's SMT relief unpacks (`crate::policy::cpu::CORE_LIMIT`).
+    let mut core_load = vec![0.0; count.len()];
+    for (c, &k) in core.iter().enumerate() {
+        core_load[k] += load[c];
+    }
     let mut moves = Vec::with_capacity(movers.len());
     for &(i, from) in movers {
         let v = &input.vcpus[i];
@@ -289,6 +296,7 @@ fn drain(
                 && count[core[t]] >= count[s]
                 && load[t] + v.demand <= pack_high
                 && peak[t] + v.peak <= policy.peak_limit
+                && core_load[core[t]] + v.demand <= CORE_LIMIT + EPS
         };
         let t = (0..load.len()).filter(|&t| fits(t)).min_by(|&a, &b| {
             let other = |t: usize| input.cpus[t].node != node;
@@ -300,6 +308,8 @@ fn drain(
         load[t] += v.demand;
         peak[t] += v.peak;
         count[core[t]] += 1;
+        core_load[core[from]] -= v.demand;
+        core_load[core[t]] += v.demand;
         occupied[t] = true;
         moves.push((i, from, t));
     }

@@ -24,14 +24,25 @@
 //!    - *no work for peak safety*: a preventive change (its source at most one core) may not
 //!      raise the two cpus' recent peaks above `peak_limit`, or peak safety would move the
 //!      vCPU straight back ([`peaks`]);
+//!    - *no work for SMT relief*: nor may it raise the SMT excess of the two cpus' physical
+//!      cores (their two threads' loads above one core, [`topo`]): a busy vCPU goes to an idle
+//!      core, or to its own core's other thread, before the idle thread of a busy core;
 //!    - among candidates within `about_equal` of the best gain, prefer fewer repins (a move
 //!      over a swap), a target in the same NUMA node, then the lighter vCPU (the heaviest one
 //!      keeps its warm cache), then the freer target;
 //!    - each vCPU moves at most once per plan, not at all while cooling down after a move;
 //!      cpus a repin touched sit out until their smoothed loads show its effect (`settle_ns`);
 //!      at most `max_repins` pins change per plan (a swap counts two).
-//! 3. **Peak safety.** A cpu whose vCPUs' recent peaks add up to more than `peak_limit` sheds
-//!    a vCPU to a cpu where they fit, leaving that cpu clearly under `high` ([`peaks`]).
+//! 3. **SMT relief.** A physical core whose two threads' loads add up above its yield (1.25
+//!    cores) sheds a vCPU to a thread of a core that stays at most one core, when that lowers
+//!    the summed excess of the cores over one core by `min_gain`; the target cpu stays under
+//!    `high` (or held next to nothing: a full-core vCPU gets an idle core) and its peaks as
+//!    peak safety wants ([`topo`]). Only while the host's load is at most one core per
+//!    physical core (above it cores must share, and moves only shift the sharing). Without
+//!    SMT siblings a cpu is a core and this never acts.
+//! 4. **Peak safety.** A cpu whose vCPUs' recent peaks add up to more than `peak_limit` sheds
+//!    a vCPU to a cpu where they fit, leaving that cpu clearly under `high` and raising no
+//!    core's SMT excess ([`peaks`]).
 //!
 //! Pure: no I/O, no clock. [`input_from`] turns a snapshot into the plain input of [`plan`].
 
@@ -402,6 +413,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             None => format!("move (demand {}): {why}", pct(v.demand)),
         };
         let kind = if best.w.is_some() { PinKind::Swap } else { PinKind::Move };
+
         actions.push(w.shift(input, best.v, b, t, kind, pin_reason));
         repins += 1;
         if let Some(x) = best.w {
@@ -412,7 +424,28 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         }
     }
 
-    // 3. Peak safety.
+    // 3. SMT relief.
+    while repins < policy.max_repins {
+        let Some((b, i, t)) = topo::smt_relief(input, policy, &w) else { break };
+        let v = &input.vcpus[i];
+        let sib = |c: usize| topo::sibling_load(input, &w.load, c);
+        let why = format!(
+            "SMT relief: the core of cpu {} holds {} (its threads {} + {}, over {}); vCPU (demand {}) moves to cpu {} (core at {})",
+            input.cpus[b].id,
+            pct(w.load[b] + sib(b)),
+            pct(w.load[b]),
+            pct(sib(b)),
+            pct(topo::CORE_LIMIT),
+            pct(v.demand),
+            input.cpus[t].id,
+            pct(w.load[t] + sib(t))
+        );
+
+        actions.push(w.shift(input, i, b, t, PinKind::Move, why));
+        repins += 1;
+    }
+
+    // 4. Peak safety.
     while repins < policy.max_repins {
         let Some((b, i, t)) = peak_relief(input, policy, &w) else { break };
         let v = &input.vcpus[i];
@@ -428,6 +461,7 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             pct(w.load[t])
         );
         actions.push(w.shift(input, i, b, t, PinKind::PeakSafety, why));
+
         repins += 1;
     }
     actions
@@ -477,7 +511,8 @@ fn peak_relief(input: &CpuInput, policy: &CpuPolicy, w: &Work) -> Option<(usize,
             if p.min(excess) < PEAK_MIN_GAIN - EPS {
                 continue;
             }
-            let fits = |t: usize| t != b && load[t] + d <= cap + EPS;
+            let fits =
+                |t: usize| t != b && load[t] + d <= cap + EPS && topo::smt_excess_removed(input, load, b, t, d) >= -EPS;
             let room = targets.partition_point(|&t| peak_load[t] + p <= limit + EPS);
             if least_load[room] + d > cap + EPS {
                 continue;
@@ -600,8 +635,11 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
     // A source above one core has delay now: its changes may risk the peaks. A preventive one
     // may not give peak safety a reason to move the vCPU back.
     let preventive = load[b] <= CAPACITY + EPS;
-    let keeps_peaks =
-        |dp: f64, t: usize| !preventive || preventive_change_keeps_peaks(policy, peak_load[b], peak_load[t], dp);
+    let keeps_peaks = |dp: f64, t: usize, delta: f64| {
+        !preventive
+            || (preventive_change_keeps_peaks(policy, peak_load[b], peak_load[t], dp)
+                && topo::smt_excess_removed(input, load, b, t, delta) >= -EPS)
+    };
     // The free vCPUs of `b` with their demands, read once.
     let movers: Vec<(usize, f64)> =
         on[b].iter().copied().filter(|&v| free[v]).map(|v| (v, input.vcpus[v].demand)).collect();
@@ -616,7 +654,7 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
                 let tgt_after = load[t] + dv;
                 if admissible(gain, tgt_after)
                     && pays_for_itself(policy, load[b], load[t], dv)
-                    && keeps_peaks(input.vcpus[v].peak, t)
+                    && keeps_peaks(input.vcpus[v].peak, t, dv)
                 {
                     let same_node = input.cpus[t].node == node_b;
                     short.push(Candidate { v, w: None, target: t, gain, same_node });
@@ -646,7 +684,7 @@ fn best_candidate(input: &CpuInput, policy: &CpuPolicy, w: &Work, b: usize, repi
                     let pays = |g: f64| {
                         (delta > EPS) & admissible(g, load[t] + delta)
                             && pays_for_itself(policy, load[b], load[t], delta)
-                            && keeps_peaks(input.vcpus[v].peak - input.vcpus[w].peak, t)
+                            && keeps_peaks(input.vcpus[v].peak - input.vcpus[w].peak, t, delta)
                     };
                     if let Some(gain) = gain.filter(|&g| pays(g)) {
                         short.push(Candidate { v, w: Some(w), target: t, gain, same_node });
@@ -679,3 +717,4 @@ pub(crate) mod fixtures;
 #[cfg(test)]
 mod tests;
 mod topo;
+pub use topo::CORE_LIMIT;

@@ -541,3 +541,56 @@ proptest! {
         }
     }
 }
+
+/// Summed SMT excess: each core's two threads' loads above one core (cpu `i` and `i + n/2`).
+fn smt_excess(load: &[f64]) -> f64 {
+    let h = load.len() / 2;
+    (0..h).map(|i| (load[i] + load[i + h] - 1.0).max(0.0)).sum()
+}
+
+proptest! {
+    #[test]
+    fn smt_rules_lower_the_core_excess_and_nothing_preventive_raises_it(
+        input in arb_input(), max_repins in 1usize..8
+    ) {
+        // The same inputs on an SMT host (an even number of cpus, cpu i and i + n/2 the threads
+        // of a core), replayed one change at a time.
+        let mut input = input;
+        let n = input.cpus.len() - input.cpus.len() % 2;
+        if n < 2 {
+            return Ok(());
+        }
+        input.cpus.truncate(n);
+        for v in &mut input.vcpus {
+            if let Some(c) = v.cpu.filter(|&c| c >= n) {
+                v.cpu = Some(c - 1);
+                v.current = CpuSet::single(u32::try_from(c - 1).unwrap());
+            }
+        }
+        for (i, c) in input.cpus.iter_mut().enumerate() {
+            c.sibling = Some((i + n / 2) % n);
+        }
+        let pol = CpuPolicy { max_repins, ..CpuPolicy::default() };
+        let p = plan(&input, &pol);
+        let mut at: Vec<usize> = input.vcpus.iter().map(|v| v.cpu.unwrap()).collect();
+        let mut load = loads_after(&input, &[]);
+        for (kind, first, change) in changes(&input, &p) {
+            let (src_load, before, before_loads) = (load[at[change[0].0]], smt_excess(&load), load.clone());
+            for &(i, t) in &change {
+                load[at[i]] -= input.vcpus[i].demand;
+                load[t] += input.vcpus[i].demand;
+                at[i] = t;
+            }
+            let after = smt_excess(&load);
+            if first.to_string().contains("SMT relief") {
+                // It lowers the cores' excess plus the cpus' (delay), by `min_gain`.
+                let gain = before - after + excess(&before_loads) - excess(&load);
+                prop_assert!(gain >= pol.min_gain - 1e-6, "{first:#?}");
+            } else if matches!(kind, PinKind::Move | PinKind::Swap) && src_load <= 1.0 - 1e-6 {
+                prop_assert!(after <= before + 1e-6, "{first:#?}");
+            } else if kind == PinKind::PeakSafety {
+                prop_assert!(after <= before + 1e-6, "{first:#?}");
+            }
+        }
+    }
+}
