@@ -155,17 +155,7 @@ fn survives_libvirtd_restart_and_resumes() {
     assert!(warns <= 3, "outage logged {warns} times:\n{log}");
     // The new connection has its domain events again: a live opt-out is seen well before the
     // safety cadence (150 s at this quantum) would read the definition again.
-    let set = virsh(&[
-        "metadata",
-        &g.name,
-        "https://vm-balancer.org/xmlns/1",
-        "--key",
-        "vmb",
-        "--set",
-        r#"<balancer manage="no"/>"#,
-        "--live",
-    ]);
-    assert!(set.is_ok(), "{set:?}");
+    opt_out_live(&g.name);
     let seen = wait_for(Duration::from_secs(10), || agent.log().contains("opt-outs changed"));
     assert!(seen, "no event after the reconnect?\n{}", agent.log());
     let (st, _) = agent.terminate();

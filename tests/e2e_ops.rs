@@ -78,17 +78,7 @@ fn a_live_opt_out_is_honoured_without_a_restart() {
     });
     assert!(spread, "the agent balances the guest first: {:?}\n{}", g.pins(), agent.log());
     // The README's own command, on the running guest.
-    let set = virsh(&[
-        "metadata",
-        &g.name,
-        "https://vm-balancer.org/xmlns/1",
-        "--key",
-        "vmb",
-        "--set",
-        r#"<balancer manage="no"/>"#,
-        "--live",
-    ]);
-    assert!(set.is_ok(), "{set:?}");
+    opt_out_live(&g.name);
     // libvirt's metadata-change event has the agent read the definition again at once; without
     // it, the safety cadence (150 s at this quantum) would be too late for this wait.
     let seen = wait_for(Duration::from_secs(10), || agent.log().contains("opt-outs changed"));

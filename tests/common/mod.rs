@@ -52,6 +52,21 @@ pub fn virsh(args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Opts a running guest out with the README's own command (`virsh metadata ... --live`).
+pub fn opt_out_live(name: &str) {
+    let set = virsh(&[
+        "metadata",
+        name,
+        "https://vm-balancer.org/xmlns/1",
+        "--key",
+        "vmb",
+        "--set",
+        r#"<balancer manage="no"/>"#,
+        "--live",
+    ]);
+    assert!(set.is_ok(), "{set:?}");
+}
+
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
