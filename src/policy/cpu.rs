@@ -5,7 +5,9 @@
 //! to it. Each quantum:
 //!
 //! 1. **Placement.** vCPUs that float over several cpus are pinned once, heaviest first, each
-//!    on the least loaded allowed cpu.
+//!    on the least loaded allowed cpu; among about equally loaded ones, one holding none of
+//!    its guest's vCPUs, on an idle physical core, in the NUMA node most of its guest's pinned
+//!    vCPUs are on (where its memory most likely is).
 //! 2. **Balancing.** While the busiest cpu `b` is above `high`, take the best single move
 //!    (a vCPU of `b` to another cpu) or swap (a vCPU of `b` for a lighter one elsewhere):
 //!    - *never flip*: the target may not end up busier than the source is left, beyond
@@ -549,22 +551,43 @@ fn argmax(load: &[f64], settling: &[bool]) -> Option<usize> {
 /// Where a floating vCPU goes: among the cpus within `about_equal` of the least loaded, the
 /// one holding the fewest vCPUs of the same domain (siblings tend to get busy together: a
 /// guest that wakes up wakes all its vCPUs), then one on an idle physical core (its SMT
-/// sibling thread idle), then the lowest recent peaks, then the fewest vCPUs.
+/// sibling thread idle), then one in the guest's NUMA node ([`home_node`]), then the lowest
+/// recent peaks, then the fewest vCPUs.
 fn place(input: &CpuInput, policy: &CpuPolicy, w: &Work, v: &VcpuSlot) -> usize {
     let Work { load, peak_load, on, .. } = w;
     let least = load.iter().copied().fold(f64::INFINITY, f64::min);
     let siblings = |c: usize| on[c].iter().filter(|&&x| input.vcpus[x].domain == v.domain).count();
+    let home = home_node(input, w, &v.domain);
+    let away = |c: usize| home.is_some_and(|h| input.cpus[c].node != h);
     (0..load.len())
         .filter(|&c| load[c] <= least + policy.about_equal + EPS)
         .min_by(|&a, &b| {
             siblings(a)
                 .cmp(&siblings(b))
                 .then(topo::on_busy_core(input, load, a).cmp(&topo::on_busy_core(input, load, b)))
+                .then(away(a).cmp(&away(b)))
                 .then(peak_load[a].total_cmp(&peak_load[b]))
                 .then(on[a].len().cmp(&on[b].len()))
                 .then(a.cmp(&b))
         })
         .unwrap_or(0)
+}
+
+/// The NUMA node most of `domain`'s pinned vCPUs are on (the lowest of equals), where its
+/// memory most likely is; `None` while none is pinned.
+fn home_node(input: &CpuInput, w: &Work, domain: &str) -> Option<u32> {
+    let mut count: Vec<(u32, usize)> = Vec::new();
+    for (c, vs) in w.on.iter().enumerate() {
+        let n = vs.iter().filter(|&&x| &*input.vcpus[x].domain == domain).count();
+        if n > 0 {
+            let node = input.cpus[c].node;
+            match count.iter_mut().find(|(k, _)| *k == node) {
+                Some((_, m)) => *m += n,
+                None => count.push((node, n)),
+            }
+        }
+    }
+    count.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(node, _)| node)
 }
 
 /// Moving `delta` cores from `src` to `tgt`: the drop of the pair's larger load, or `None` when

@@ -594,3 +594,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_floating_vcpu_is_placed_on_the_node_its_guests_other_vcpus_are_on() {
+    // cpus 0-1 on node 0, 2-3 on node 1; vCPU 0 of `g` is pinned to cpu 2 (idle), vCPU 1
+    // floats: every cpu is as free, so the guest's node decides (the lowest index would be 0).
+    let mut c = cpus(4);
+    c[2].node = 1;
+    c[3].node = 1;
+    let input = CpuInput { cpus: c, vcpus: vec![vcpu("g", 0, 0.0, Some(2)), vcpu("g", 1, 0.5, None)] };
+    let p = plan(&input, &CpuPolicy::default());
+    let targets: Vec<(PinKind, Option<u32>)> = p
+        .iter()
+        .filter_map(|a| if let Action::Pin { kind, to, .. } = a { Some((*kind, to.as_single())) } else { None })
+        .collect();
+    assert_eq!(targets, [(PinKind::Placement, Some(3))], "{p:?}");
+    // A guest with nothing pinned yet has no node: the lowest of the least loaded cpus.
+    let input = CpuInput { vcpus: vec![vcpu("h", 0, 0.5, None)], ..input };
+    let p = plan(&input, &CpuPolicy::default());
+    assert!(matches!(&p[..], [Action::Pin { to, .. }] if to.as_single() == Some(0)), "{p:?}");
+}
