@@ -76,15 +76,16 @@ macro_rules! generic {
 }
 
 /// Registers, on `conn`, for every domain, the events after which a domain's definition must
-/// be read again; the names go into `changed`. All or nothing: on an error the events already
+/// be read again (the names go into `changed`) or the running domains listed again. All or nothing: on an error the events already
 /// registered are deregistered. Returns the callback ids.
 pub fn watch(conn: &Connect, changed: &Changed) -> Result<Vec<c_int>, virt::error::Error> {
     let wanted: [(sys::virDomainEventID, sys::virConnectDomainEventGenericCallback); 5] = [
-        // The persistent definition was changed (`virsh define`, `edit`).
+        // A domain started, stopped, crashed, ... (the listing changed), or its persistent
+        // definition was changed (`virsh define`, `edit`).
         (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, generic!(on_lifecycle, LifecycleCb)),
         // A pin or another tunable changed (`virsh vcpupin --live`, `emulatorpin`, ...).
         (sys::VIR_DOMAIN_EVENT_ID_TUNABLE, generic!(on_tunable, TunableCb)),
-        // The opt-out (`virsh metadata --live`) or the agent's own record.
+        // The opt-out (`virsh metadata --live`); the agent's own record is ignored.
         (sys::VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, generic!(on_metadata, MetadataCb)),
         // A device (memory, an I/O thread's disk, a balloon) came or went.
         (sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, generic!(on_device, DeviceCb)),

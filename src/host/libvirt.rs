@@ -164,9 +164,8 @@ impl Host for LibvirtHost {
                     log::debug!("no keepalive on {}: {e}", self.uri);
                 }
                 // What changed before this connection is unknown anyway: everything is
-                // discovered afresh after a reconnect.
+                // discovered afresh after a reconnect (and `disconnect` dropped the listing).
                 self.changed.clear();
-                self.listed = None;
                 self.watching = if events {
                     events::watch(&c, &self.changed)
                         .inspect_err(|e| {

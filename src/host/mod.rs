@@ -287,6 +287,21 @@ impl CpuTopo {
     }
 }
 
+/// The home node of a guest whose vCPUs are pinned to `pinned_nodes` (the node of each pinned
+/// vCPU's cpu), where its memory most likely is: the most common one, the lowest on a tie;
+/// `None` when none is pinned. The planner places by it, the simulator charges remote time by
+/// it.
+pub fn home_node(pinned_nodes: &[u32]) -> Option<u32> {
+    let mut best: Option<(usize, u32)> = None;
+    for &n in pinned_nodes {
+        let k = pinned_nodes.iter().filter(|&&x| x == n).count();
+        if best.is_none_or(|(bk, bn)| k > bk || (k == bk && n < bn)) {
+            best = Some((k, n));
+        }
+    }
+    best.map(|(_, n)| n)
+}
+
 /// The host's online cpus and their topology, sorted by cpu id.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Topology {
@@ -365,4 +380,14 @@ pub trait Host {
     /// Replace the thread entries of that record (live only), keeping its vCPU entries and the
     /// opt-outs. An empty list with no vCPU entries removes the element.
     fn set_agent_threads(&mut self, dom: &DomainRef, threads: &[ThreadPin]) -> Result<(), HostError>;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn home_is_the_node_of_most_pinned_vcpus() {
+        assert_eq!(super::home_node(&[]), None);
+        assert_eq!(super::home_node(&[1, 0, 1]), Some(1));
+        assert_eq!(super::home_node(&[1, 0]), Some(0));
+    }
 }

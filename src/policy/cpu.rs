@@ -415,7 +415,6 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             None => format!("move (demand {}): {why}", pct(v.demand)),
         };
         let kind = if best.w.is_some() { PinKind::Swap } else { PinKind::Move };
-
         actions.push(w.shift(input, best.v, b, t, kind, pin_reason));
         repins += 1;
         if let Some(x) = best.w {
@@ -442,7 +441,6 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             input.cpus[t].id,
             pct(w.load[t] + sib(t))
         );
-
         actions.push(w.shift(input, i, b, t, PinKind::Move, why));
         repins += 1;
     }
@@ -463,7 +461,6 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
             pct(w.load[t])
         );
         actions.push(w.shift(input, i, b, t, PinKind::PeakSafety, why));
-
         repins += 1;
     }
     actions
@@ -573,21 +570,16 @@ fn place(input: &CpuInput, policy: &CpuPolicy, w: &Work, v: &VcpuSlot) -> usize 
         .unwrap_or(0)
 }
 
-/// The NUMA node most of `domain`'s pinned vCPUs are on (the lowest of equals), where its
-/// memory most likely is; `None` while none is pinned.
+/// The NUMA node most of `domain`'s pinned vCPUs are on ([`crate::host::home_node`]);
+/// `None` while none is pinned.
 fn home_node(input: &CpuInput, w: &Work, domain: &str) -> Option<u32> {
-    let mut count: Vec<(u32, usize)> = Vec::new();
-    for (c, vs) in w.on.iter().enumerate() {
-        let n = vs.iter().filter(|&&x| &*input.vcpus[x].domain == domain).count();
-        if n > 0 {
-            let node = input.cpus[c].node;
-            match count.iter_mut().find(|(k, _)| *k == node) {
-                Some((_, m)) => *m += n,
-                None => count.push((node, n)),
-            }
-        }
-    }
-    count.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(node, _)| node)
+    let nodes: Vec<u32> = w
+        .on
+        .iter()
+        .enumerate()
+        .flat_map(|(c, vs)| vs.iter().filter(|&&x| &*input.vcpus[x].domain == domain).map(move |_| input.cpus[c].node))
+        .collect();
+    crate::host::home_node(&nodes)
 }
 
 /// Moving `delta` cores from `src` to `tgt`: the drop of the pair's larger load, or `None` when

@@ -592,7 +592,7 @@ impl SimHost {
                 .filter(|&c| (c as usize) < n)
                 .map(|c| self.layout.node[c as usize])
                 .collect();
-            g.home = topo::home_of(&nodes);
+            g.home = crate::host::home_node(&nodes);
         }
     }
 

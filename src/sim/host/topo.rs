@@ -170,19 +170,6 @@ pub fn smt_factors(busy: &[f64], lay: &Layout, yield_cores: f64) -> (Vec<f64>, f
     (f, lost)
 }
 
-/// The home node of a guest whose vCPUs are pinned to `pinned_nodes` (the node of each pinned
-/// vCPU's cpu): the most common one, the lowest on a tie; `None` when none is pinned.
-pub fn home_of(pinned_nodes: &[u32]) -> Option<u32> {
-    let mut best: Option<(usize, u32)> = None;
-    for &n in pinned_nodes {
-        let k = pinned_nodes.iter().filter(|&&x| x == n).count();
-        if best.is_none_or(|(bk, bn)| k > bk || (k == bk && n < bn)) {
-            best = Some((k, n));
-        }
-    }
-    best.map(|(_, n)| n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,12 +212,5 @@ mod tests {
         assert!((lost - 0.75).abs() < 1e-9);
         let (f, lost) = smt_factors(&[1.0, 1.0, 1.0, 1.0], &Layout::new(&topology_of(4, TopologyKind::Flat), 4), 1.25);
         assert!(f.iter().all(|&x| x == 1.0) && lost == 0.0, "flat: no SMT");
-    }
-
-    #[test]
-    fn home_is_the_node_of_most_pinned_vcpus() {
-        assert_eq!(home_of(&[]), None);
-        assert_eq!(home_of(&[1, 0, 1]), Some(1));
-        assert_eq!(home_of(&[1, 0]), Some(0));
     }
 }
