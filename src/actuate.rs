@@ -4,7 +4,7 @@
 
 use log::{debug, info};
 
-use crate::host::{CpuSet, DomainRef, Host, HostError};
+use crate::host::{DomainRef, Host, HostError};
 use crate::model::Snapshot;
 use crate::policy::Action;
 
@@ -75,16 +75,13 @@ pub fn stale_warning(outcomes: &[Outcome]) -> Option<String> {
 
 fn apply_one(host: &mut dyn Host, dom: &DomainRef, action: &Action) -> Result<(), HostError> {
     match action {
-        Action::Pin { vcpu, to, .. } => {
-            let cpu = single(to)?;
-            host.pin_vcpu(dom, *vcpu, cpu)
-        }
+        // One cpu, or a group of them (`--pin-granularity core|llc`).
+        Action::Pin { vcpu, to, .. } => match to.as_single() {
+            Some(cpu) => host.pin_vcpu(dom, *vcpu, cpu),
+            None if !to.0.is_empty() => host.pin_vcpu_set(dom, *vcpu, to),
+            None => Err(HostError::Parse { what: "pin target".into(), detail: "no cpu".into() }),
+        },
         Action::Balloon { to_kib, .. } => host.set_balloon(dom, *to_kib),
         Action::PinThread { thread, to, .. } => host.pin_thread(dom, *thread, to),
     }
-}
-
-fn single(set: &CpuSet) -> Result<u32, HostError> {
-    set.as_single()
-        .ok_or_else(|| HostError::Parse { what: "pin target".into(), detail: format!("{set} is not one cpu") })
 }

@@ -189,6 +189,10 @@ fn gain(s: &str) -> Result<f64, String> {
 fn repack_gain(s: &str) -> Result<f64, String> {
     units::parse_f64_in(s, 0.0, 64.0)
 }
+fn granularity(s: &str) -> Result<crate::policy::cpu::Granularity, String> {
+    use crate::policy::cpu::Granularity;
+    Granularity::parse(s.trim()).ok_or_else(|| format!("expected one of {}", Granularity::NAMES.join(", ")))
+}
 fn repack_schedule(s: &str) -> Result<crate::schedule::Schedule, String> {
     crate::schedule::Schedule::parse(s).map_err(|e| crate::host::chain(&e))
 }
@@ -327,6 +331,12 @@ pub struct Common {
     /// host, moves that only shift delay between cpus are not made. 0 to 1.
     #[arg(long, default_value_t = crate::policy::cpu::DEFAULT_DELAY_MARGIN, value_parser = gain, env = "VM_BALANCER_DELAY_MARGIN")]
     pub delay_margin: f64,
+    /// What each vCPU is pinned to: `cpu` (one logical cpu), `core` (both threads of one
+    /// physical core) or `llc` (every cpu of one last-level-cache domain). The balancer moves
+    /// vCPUs between those groups; inside one the kernel schedules. `core` and `llc` cannot be
+    /// combined with --consolidate or --repack-schedule.
+    #[arg(long, value_name = "cpu|core|llc", default_value = "cpu", value_parser = granularity, env = "VM_BALANCER_PIN_GRANULARITY")]
+    pub pin_granularity: crate::policy::cpu::Granularity,
     /// Re-pack every movable vCPU from scratch at these times: cron syntax (minute hour
     /// day-of-month month day-of-week), in UTC unless preceded by `TZ=Zone`, e.g.
     /// `TZ=Europe/Amsterdam 0 3 * * 1-5` (default: never).
@@ -419,6 +429,17 @@ impl Common {
                 "--starve-below ({}) must be below --reclaim-above ({}): the gap between them is the dead band",
                 self.starve_below, self.reclaim_above
             ));
+        }
+        let g = self.pin_granularity;
+        if g != crate::policy::cpu::Granularity::Cpu {
+            let with = if self.consolidate { Some("--consolidate") } else { None };
+            let with = with.or(self.repack_schedule.as_ref().map(|_| "--repack-schedule"));
+            if let Some(other) = with {
+                return Err(format!(
+                    "--pin-granularity {}: {other} packs vCPUs onto single cpus; use --pin-granularity cpu with it",
+                    g.name()
+                ));
+            }
         }
         Ok(())
     }

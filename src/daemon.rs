@@ -20,7 +20,7 @@ use crate::policy::consolidate::{self, ConsolidatePolicy};
 use crate::policy::cpu::{self, CpuPolicy};
 use crate::policy::emulator::{self, EmulatorCpus, ThreadsSet};
 use crate::policy::mem::{self, State, Verdict};
-use crate::policy::{Action, Plan};
+use crate::policy::{Action, PinKind, Plan};
 use crate::repacker::{RepackStats, Repacker};
 
 mod config;
@@ -342,7 +342,13 @@ impl<H: Host> Agent<H> {
             self.ever_allowed.extend(snap.host.cpus.iter().copied());
             let retired = self.retired(&snap);
             let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, &retired, pol);
-            report.cpu_loads = cpu::loads(&input);
+            // Planned on groups of cpus (`--pin-granularity core|llc`): reported and advised on
+            // per cpu all the same.
+            let per_cpu = (pol.granularity != cpu::Granularity::Cpu).then(|| {
+                let p = CpuPolicy { granularity: cpu::Granularity::Cpu, ..pol.clone() };
+                cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, &retired, &p)
+            });
+            report.cpu_loads = cpu::loads(per_cpu.as_ref().unwrap_or(&input));
             if self.cfg.cpu.is_some() {
                 if log::log_enabled!(log::Level::Debug) {
                     debug!("cpu loads (fixed + vCPU demand): {}", cpu::describe_loads(&input));
@@ -371,7 +377,7 @@ impl<H: Host> Agent<H> {
                     }
                 }
             }
-            input
+            per_cpu.unwrap_or(input)
         };
         self.threads_set.retain(|n, (id, _)| running.iter().any(|(rn, rid)| rn == n && rid == id));
         if self.cfg.cpu.is_some() && self.cfg.emulator != EmulatorCpus::Off {
@@ -430,10 +436,11 @@ impl<H: Host> Agent<H> {
                             // A repin starts the vCPU's cooldown and lets both cpus settle. A
                             // placement (the vCPU floated) does neither: it was made on the
                             // least evidence, and the balancer must be free to correct it at once.
-                            Action::Pin { domain, vcpu, from, to, .. } => {
-                                if let Some(src) = from.as_single() {
+                            // (At `--pin-granularity core|llc` a repin is from a group of cpus.)
+                            Action::Pin { domain, vcpu, from, to, kind, .. } => {
+                                if *kind != PinKind::Placement || from.as_single().is_some() {
                                     self.moved_at.entry(domain.clone()).or_default().insert(*vcpu, snap.t_ns);
-                                    for c in std::iter::once(&src).chain(&to.0) {
+                                    for c in from.0.iter().chain(&to.0) {
                                         self.touched_at.insert(*c, snap.t_ns);
                                     }
                                 }

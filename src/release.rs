@@ -15,7 +15,8 @@
 //!   `vm-balancer release` ([`command`], for systemd's `ExecStopPost=`, also after a crash):
 //!   each recorded vCPU gets its prior affinity back and the record is cleared. A vCPU someone
 //!   else has since given another multi-cpu affinity is left as it is (the agent only ever sets
-//!   single cpus). A recorded emulator or I/O thread always gets its prior back: the agent pins
+//!   single cpus, or at `--pin-granularity core|llc` the cpus of one physical core or one LLC
+//!   domain: a set inside one of those counts as the agent's). A recorded emulator or I/O thread always gets its prior back: the agent pins
 //!   those to sets of cpus, so a set does not tell whose it is. A domain that went away is
 //!   skipped.
 
@@ -208,6 +209,17 @@ pub struct Released {
     pub threads_failed: Vec<(QemuThread, String)>,
 }
 
+/// True when every cpu of `set` is in one physical core, or in one LLC domain, of `topology`:
+/// a group `--pin-granularity core|llc` pins vCPUs to.
+fn inside_one_group(set: &CpuSet, topology: &crate::host::Topology) -> bool {
+    let of = |c: &u32| topology.get(*c);
+    let same = |k: &dyn Fn(&crate::host::CpuTopo) -> (u32, u32, u32)| {
+        let keys: Option<Vec<_>> = set.0.iter().map(|c| of(c).map(k)).collect();
+        keys.is_some_and(|k| !k.is_empty() && k.windows(2).all(|w| w[0] == w[1]))
+    };
+    same(&|t| t.core_key()) || same(&|t| (t.package, t.llc, 0))
+}
+
 /// Gives back the pins recorded on one domain (vCPUs, emulator and I/O threads) and clears the
 /// record. `None`: no record.
 pub fn release_domain(host: &mut dyn Host, dom: &DomainRef) -> Result<Option<Released>, HostError> {
@@ -226,11 +238,15 @@ pub fn release_domain(host: &mut dyn Host, dom: &DomainRef) -> Result<Option<Rel
                 (Vec::new(), Vec::new())
             }
         };
+    // A set the agent may have made: one cpu, or cpus of one physical core or LLC domain.
+    let topology = if now.iter().flatten().any(|c| c.as_single().is_none()) { host.topology().ok() } else { None };
+    let agents =
+        |cur: &CpuSet| cur.as_single().is_some() || topology.as_ref().is_some_and(|t| inside_one_group(cur, t));
     let mut out = Released::default();
     for p in rec {
         match now.get(p.vcpu as usize).cloned().flatten() {
             Some(cur) if cur == p.prior => out.restored.push(p),
-            Some(cur) if cur.as_single().is_none() => out.left.push((p.vcpu, cur)),
+            Some(cur) if !agents(&cur) => out.left.push((p.vcpu, cur)),
             _ => match host.pin_vcpu_set(dom, p.vcpu, &p.prior) {
                 Ok(()) => out.restored.push(p),
                 Err(e) if gone(&e) || e.is_disconnect() => return Err(e),

@@ -44,6 +44,9 @@ fn bad_flags_exit_2_with_the_flag_named() {
         (vec!["diagnose", "--repack-schedule", "TZ=Mars/Olympus 0 3 * * *"], "--repack-schedule"),
         (vec!["run", "--repack-schedule", "0 0 30 2 *"], "--repack-schedule"),
         (vec!["run", "--repack-min-gain", "65"], "--repack-min-gain"),
+        (vec!["run", "--pin-granularity", "thread"], "--pin-granularity"),
+        (vec!["run", "--pin-granularity", "core", "--consolidate"], "--pin-granularity"),
+        (vec!["simulate", "--pin-granularity", "llc", "--repack-schedule", "0 3 * * *"], "--pin-granularity"),
     ] {
         let out = vmb(&args, &[]);
         let err = String::from_utf8_lossy(&out.stderr);

@@ -237,3 +237,34 @@ fn persistent_pins_chosen_by_an_administrator_are_kept() {
     assert_eq!(g.pins(), vec!["0", "0"], "an administrator's pins were moved:\n{}", agent.log());
     assert!(agent.alive());
 }
+
+/// The lab's cpus of cpu 0's last-level cache, as `virsh vcpupin` prints a set (`0-1`): its
+/// sysfs `cache/index3`, or the whole package where no level-3 cache is described.
+fn llc_of_cpu0() -> String {
+    let l3 = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/shared_cpu_list");
+    l3.map(|s| s.trim().to_string()).unwrap_or_else(|_| {
+        let pkg = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/topology/package_cpus_list");
+        pkg.map(|s| s.trim().to_string()).unwrap_or_else(|_| "0-1".into())
+    })
+}
+
+#[test]
+fn at_llc_granularity_vcpus_are_pinned_to_their_cache_domain_and_given_back() {
+    let _lab = lab();
+    let llc = llc_of_cpu0();
+    let g = Guest::start("llc", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    g.pin(0, "0");
+    g.pin(1, "0");
+    let mut agent = Agent::start(&[FAST, &["--pin-granularity", "llc"]].concat());
+    // vCPUs on one cpu: placed again, on a whole LLC domain (the lab's cpus share one).
+    let grouped = wait_for(Duration::from_secs(20), || g.pins() == vec![llc.clone(), llc.clone()]);
+    assert!(grouped, "pins {:?}, expected {llc}:\n{}", g.pins(), agent.log());
+    assert!(agent.log().contains(&format!("cpus {llc}")), "the reason names the group:\n{}", agent.log());
+    // Steady: nothing moves again.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(g.pins(), vec![llc.clone(), llc.clone()]);
+    // A clean stop gives back what the vCPUs had before (a set inside one LLC is the agent's).
+    let (st, _) = agent.terminate();
+    assert!(st.success());
+    assert_eq!(g.pins(), vec!["0", "0"], "{}", agent.log());
+}

@@ -385,3 +385,27 @@ fn the_simulator_reports_the_cpus_consolidation_frees() {
     let table = sim::run::render_table(&r);
     assert!(table.contains("free cpus mean") && table.contains("consolidation: "), "{table}");
 }
+
+#[test]
+fn at_core_and_llc_granularity_vcpus_are_pinned_to_groups_and_balanced_over_them() {
+    // 8 simulated cpus: 2 sockets (LLCs) of 2 cores of 2 threads, cpu i and i+4 one core.
+    for (g, groups) in [
+        ("core", vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]),
+        ("llc", vec![vec![0, 1, 4, 5], vec![2, 3, 6, 7]]),
+    ] {
+        let mut a = sim_agent(&["--pin-granularity", g], 0.6);
+        let (kinds, _) = steps(&mut a, 30);
+        assert_eq!(kinds.iter().flatten().filter(|k| **k == PinKind::Placement).count(), 8, "{g}: {kinds:?}");
+        let mut count = vec![0; groups.len()];
+        for guest in 0..8 {
+            let set = a.host.affinity(guest, 0).unwrap();
+            let k = groups.iter().position(|x| *x == set.0).unwrap_or_else(|| panic!("{g}: pinned to {set}"));
+            count[k] += 1;
+        }
+        // 4.8 cores of demand: the same share on each group.
+        let even = 8 / groups.len();
+        assert_eq!(count, vec![even; groups.len()], "{g}");
+        let later = steps(&mut a, 30).0;
+        assert!(later.iter().all(Vec::is_empty), "{g}: a steady load is not churned: {later:?}");
+    }
+}

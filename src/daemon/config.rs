@@ -61,6 +61,7 @@ impl AgentConfig {
                 cooldown_ns: ns(c.cooldown),
                 peak_limit: c.peak_limit,
                 delay_margin: c.delay_margin,
+                granularity: c.pin_granularity,
                 ..CpuPolicy::default()
             }),
             emulator: c.emulator_cpus.clone(),

@@ -199,7 +199,7 @@ pub fn qemu_pid(root: &Path, name: &str) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]

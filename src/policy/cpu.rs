@@ -48,12 +48,14 @@
 //!
 //! Pure: no I/O, no clock. [`input_from`] turns a snapshot into the plain input of [`plan`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::host::CpuSet;
-use crate::model::Snapshot;
 use crate::policy::{Action, PinKind};
+
+mod input;
+pub use input::{BlockedPins, Granularity, chosen_set, groups, input_from};
 
 mod peaks;
 use peaks::{PEAK_TARGET_HEADROOM, preventive_change_keeps_peaks};
@@ -96,6 +98,8 @@ pub struct CpuPolicy {
     /// A change that leaves the source or the target above one core must lower the pair's
     /// excess over one core (its predicted delay) by at least this, in cores.
     pub delay_margin: f64,
+    /// What a vCPU is pinned to: a cpu, a physical core's threads, or an LLC domain.
+    pub granularity: Granularity,
 }
 
 /// Default of [`CpuPolicy::delay_margin`] (and of `--delay-margin`).
@@ -115,6 +119,7 @@ impl Default for CpuPolicy {
             settle_ns: 8_000_000_000,
             peak_limit: 1.2,
             delay_margin: DEFAULT_DELAY_MARGIN,
+            granularity: Granularity::Cpu,
         }
     }
 }
@@ -130,6 +135,19 @@ pub struct CpuSlot {
     pub settling: bool,
     /// Index of its SMT sibling thread among the allowed cpus ([`topo`]).
     pub sibling: Option<usize>,
+    /// At `--pin-granularity core|llc`: the cpus this slot stands for (`id` is the lowest),
+    /// what its vCPUs are pinned to. Its loads are shares of the group's capacity.
+    pub group: Option<CpuSet>,
+}
+
+/// `cpu 3`, or `cpus 2-3` for a group: how logs and reasons name a slot.
+impl std::fmt::Display for CpuSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.group {
+            Some(g) if g.0.len() > 1 => write!(f, "cpus {g}"),
+            _ => write!(f, "cpu {}", self.id),
+        }
+    }
 }
 
 /// One vCPU the planner knows the demand of.
@@ -157,17 +175,6 @@ pub struct CpuInput {
     pub vcpus: Vec<VcpuSlot>,
 }
 
-/// Builds the planner input from a snapshot. `moved_at` holds the time (host clock, ns) each
-/// vCPU was last moved, by domain then vCPU; `touched_at` the time each host cpu was last
-/// the source or target of a repin.
-/// True when a multi-cpu affinity was chosen by someone: it neither covers every allowed cpu
-/// (a vCPU nobody pinned floats over all of them) nor equals the guest's default affinity
-/// (its QEMU main thread's, which a host may narrow for all guests).
-pub fn chosen_set(affinity: &CpuSet, allowed: &[u32], default: Option<&CpuSet>) -> bool {
-    let covers = allowed.iter().all(|c| affinity.0.binary_search(c).is_ok());
-    !covers && default != Some(affinity)
-}
-
 /// Each allowed cpu's load as the planner sees it (fixed load + demand of the vCPUs pinned
 /// there), indexed like `input.cpus`: what the debug log and the metrics report.
 pub fn loads(input: &CpuInput) -> Vec<f64> {
@@ -187,102 +194,13 @@ pub fn describe_loads(input: &CpuInput) -> String {
     let mut parts = Vec::with_capacity(input.cpus.len());
     for ((i, c), load) in input.cpus.iter().enumerate().zip(loads) {
         let on = input.vcpus.iter().filter(|v| v.cpu == Some(i)).count();
-        parts.push(format!("cpu {}: {:.2} + {:.2} ({on} vCPUs)", c.id, c.fixed, load - c.fixed));
+        parts.push(format!("{c}: {:.2} + {:.2} ({on} vCPUs)", c.fixed, load - c.fixed));
     }
     let floating = input.vcpus.iter().filter(|v| v.cpu.is_none()).count();
     if floating > 0 {
         parts.push(format!("{floating} floating"));
     }
     parts.join(", ")
-}
-
-/// vCPUs whose pin keeps failing, per domain: left where they are (see `crate::failures`).
-pub type BlockedPins = HashMap<String, HashSet<u32>>;
-
-/// The planner's input from a snapshot and the loop's history: cooldowns (`moved_at`), cpus
-/// recently touched, pins that keep failing (`blocked`), and cpus that were allowed earlier
-/// in the run but are not now (`retired`): vCPUs pinned there are placed again.
-pub fn input_from(
-    snap: &Snapshot,
-    moved_at: &MovedAt,
-    touched_at: &HashMap<u32, u64>,
-    blocked: &BlockedPins,
-    retired: &HashSet<u32>,
-    policy: &CpuPolicy,
-) -> CpuInput {
-    // Cpu id -> index into `cpus`, as a table: looked up once or twice per vCPU.
-    let mut index: Vec<Option<usize>> = Vec::new();
-    for (i, &c) in snap.host.cpus.iter().enumerate() {
-        let c = c as usize;
-        if index.len() <= c {
-            index.resize(c + 1, None);
-        }
-        index[c] = Some(i);
-    }
-    let index_of = |c: u32| index.get(c as usize).copied().flatten();
-    let mut cpus: Vec<CpuSlot> = snap
-        .host
-        .cpus
-        .iter()
-        .zip(&snap.host.cpu_busy)
-        .map(|(&id, &busy)| CpuSlot {
-            id,
-            node: snap.host.topology.get(id).map_or(0, |t| t.node),
-            fixed: busy,
-            settling: touched_at.get(&id).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.settle_ns)),
-            sibling: None,
-        })
-        .collect();
-    let ids: Vec<u32> = cpus.iter().map(|c| c.id).collect();
-    for (c, s) in cpus.iter_mut().zip(topo::sibling_indices(&ids, |id| snap.host.topology.siblings(id), index_of)) {
-        c.sibling = s;
-    }
-    let mut vcpus = Vec::with_capacity(snap.domains.iter().map(|d| d.vcpus.len()).sum());
-    for d in &snap.domains {
-        let moved = moved_at.get(&d.dom.name);
-        let stuck = blocked.get(&d.dom.name);
-        let name: Rc<str> = Rc::from(d.dom.name.as_str());
-        for v in &d.vcpus {
-            let Some(rates) = v.rates else { continue };
-            let single = v.pinned_to.as_single();
-            let cpu = single.and_then(index_of);
-            let cooling =
-                moved.and_then(|m| m.get(&v.id)).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.cooldown_ns));
-            let movable = d.cpu_excluded.is_none() && !cooling && !stuck.is_some_and(|s| s.contains(&v.id));
-            // Pinned to one cpu outside the allowed set: someone chose it; leave it in the fixed
-            // load. Unless that cpu was allowed earlier in this run and no longer is (`--cpus`
-            // narrowed by a reload): then the vCPU is placed again, like a floating one.
-            let retired_pin = single.is_some_and(|c| retired.contains(&c));
-            if single.is_some() && cpu.is_none() && !(retired_pin && d.cpu_excluded.is_none()) {
-                continue;
-            }
-            // Floating and not ours to place: its load stays in the fixed load.
-            if cpu.is_none() && !movable {
-                continue;
-            }
-            // Floating over a set someone chose (`virsh vcpupin web 0 2-3 --live`): left there.
-            if single.is_none() && chosen_set(&v.pinned_to, &snap.host.cpus, d.desc.default_affinity.as_ref()) {
-                continue;
-            }
-            // Take what it ran out of the fixed load of the cpu it ran on (none for a retired cpu).
-            if let Some(i) = cpu.or_else(|| v.pcpu.and_then(index_of)) {
-                cpus[i].fixed -= rates.usage;
-            }
-            vcpus.push(VcpuSlot {
-                domain: Rc::clone(&name),
-                vcpu: v.id,
-                demand: rates.demand.clamp(0.0, 1.0),
-                peak: rates.peak.clamp(rates.demand.clamp(0.0, 1.0), 1.0),
-                current: v.pinned_to.clone(),
-                cpu,
-                movable,
-            });
-        }
-    }
-    for c in &mut cpus {
-        c.fixed = c.fixed.max(0.0);
-    }
-    CpuInput { cpus, vcpus }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -352,12 +270,13 @@ impl Work {
         self.on[b].retain(|&x| x != i);
         self.add(input, i, t);
         self.free[i] = false;
-        pin(v, input.cpus[t].id, kind, reason)
+        pin(v, &input.cpus[t], kind, reason)
     }
 }
 
-fn pin(v: &VcpuSlot, cpu: u32, kind: PinKind, reason: String) -> Action {
-    let (domain, from, to) = (v.domain.to_string(), v.current.clone(), CpuSet::single(cpu));
+fn pin(v: &VcpuSlot, slot: &CpuSlot, kind: PinKind, reason: String) -> Action {
+    let to = slot.group.clone().unwrap_or_else(|| CpuSet::single(slot.id));
+    let (domain, from) = (v.domain.to_string(), v.current.clone());
     Action::Pin { domain, vcpu: v.vcpu, from, to, kind, reason }
 }
 
@@ -377,13 +296,13 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         let v = &input.vcpus[i];
         let c = place(input, policy, &w, v);
         let reason = format!(
-            "initial placement: vCPU floated on cpus {} (demand {}); cpu {} is among the least loaded allowed cpus ({}) and holds the fewest of its siblings",
+            "initial placement: vCPU floated on cpus {} (demand {}); {} is among the least loaded allowed cpus ({}) and holds the fewest of its siblings",
             v.current,
             pct(v.demand),
-            input.cpus[c].id,
+            &input.cpus[c],
             pct(w.load[c])
         );
-        actions.push(pin(v, input.cpus[c].id, PinKind::Placement, reason));
+        actions.push(pin(v, &input.cpus[c], PinKind::Placement, reason));
         w.add(input, i, c);
         w.free[i] = false;
     }
@@ -401,11 +320,11 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         let (src_before, tgt_before) = (w.load[b], w.load[t]);
         let moved_back = best.w.map_or(0.0, |x| input.vcpus[x].demand);
         let why = format!(
-            "cpu {} at {} (over {}), cpu {} at {}; after: {} and {}",
-            input.cpus[b].id,
+            "{} at {} (over {}), {} at {}; after: {} and {}",
+            &input.cpus[b],
             pct(src_before),
             pct(policy.high),
-            input.cpus[t].id,
+            &input.cpus[t],
             pct(tgt_before),
             pct(src_before + moved_back - v.demand),
             pct(tgt_before + v.demand - moved_back)
@@ -431,14 +350,14 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         let v = &input.vcpus[i];
         let sib = |c: usize| topo::sibling_load(input, &w.load, c);
         let why = format!(
-            "SMT relief: the core of cpu {} holds {} (its threads {} + {}, over {}); vCPU (demand {}) moves to cpu {} (core at {})",
-            input.cpus[b].id,
+            "SMT relief: the core of {} holds {} (its threads {} + {}, over {}); vCPU (demand {}) moves to {} (core at {})",
+            &input.cpus[b],
             pct(w.load[b] + sib(b)),
             pct(w.load[b]),
             pct(sib(b)),
             pct(topo::CORE_LIMIT),
             pct(v.demand),
-            input.cpus[t].id,
+            &input.cpus[t],
             pct(w.load[t] + sib(t))
         );
         actions.push(w.shift(input, i, b, t, PinKind::Move, why));
@@ -450,13 +369,13 @@ pub fn plan(input: &CpuInput, policy: &CpuPolicy) -> Vec<Action> {
         let Some((b, i, t)) = peak_relief(input, policy, &w) else { break };
         let v = &input.vcpus[i];
         let why = format!(
-            "peak safety: the recent peaks on cpu {} add up to {} (over {}); vCPU peak {} (now {}) moves to cpu {} (peaks {}, load {})",
-            input.cpus[b].id,
+            "peak safety: the recent peaks on {} add up to {} (over {}); vCPU peak {} (now {}) moves to {} (peaks {}, load {})",
+            &input.cpus[b],
             pct(w.peak_load[b]),
             pct(policy.peak_limit),
             pct(v.peak),
             pct(v.demand),
-            input.cpus[t].id,
+            &input.cpus[t],
             pct(w.peak_load[t]),
             pct(w.load[t])
         );
@@ -553,7 +472,12 @@ fn argmax(load: &[f64], settling: &[bool]) -> Option<usize> {
 fn place(input: &CpuInput, policy: &CpuPolicy, w: &Work, v: &VcpuSlot) -> usize {
     let Work { load, peak_load, on, .. } = w;
     let least = load.iter().copied().fold(f64::INFINITY, f64::min);
-    let siblings = |c: usize| on[c].iter().filter(|&&x| input.vcpus[x].domain == v.domain).count();
+    // Per cpu of the slot: a group of cpus (`--pin-granularity`) holds a vCPU per cpu before
+    // it counts as stacking the guest's vCPUs.
+    let siblings = |c: usize| {
+        let width = input.cpus[c].group.as_ref().map_or(1, |g| g.0.len().max(1));
+        on[c].iter().filter(|&&x| input.vcpus[x].domain == v.domain).count() / width
+    };
     let home = home_node(input, w, &v.domain);
     let away = |c: usize| home.is_some_and(|h| input.cpus[c].node != h);
     (0..load.len())

@@ -226,3 +226,22 @@ fn a_vcpu_someone_else_has_set_since_is_left_alone() {
     assert_eq!(h.affinity(0, 1), Some(&set(&[2, 3])));
     assert!(h.agent_pins(&d).unwrap().is_empty());
 }
+
+#[test]
+fn a_vcpu_the_agent_pinned_to_a_core_or_an_llc_is_given_back() {
+    // 8 simulated cpus: 2 sockets of 2 cores of 2 threads; cpus 1 and 5 share a core, cpus
+    // 0, 1, 4, 5 socket 0's LLC.
+    let mut h = host(8, &[("a", 3)]);
+    let d = dom(&mut h, 0);
+    let prior = set(&[0, 1, 2, 3, 4, 5, 6, 7]);
+    let pins: Vec<AgentPin> = (0..3).map(|vcpu| AgentPin { vcpu, prior: prior.clone() }).collect();
+    h.set_agent_pins(&d, &pins).unwrap();
+    h.pin_vcpu_set(&d, 0, &set(&[1, 5])).unwrap();
+    h.pin_vcpu_set(&d, 1, &set(&[0, 1, 4, 5])).unwrap();
+    h.pin_vcpu_set(&d, 2, &set(&[1, 2])).unwrap();
+    let r = release_domain(&mut h, &d).unwrap().unwrap();
+    assert_eq!(r.restored.iter().map(|p| p.vcpu).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(r.left, vec![(2, set(&[1, 2]))], "cpus of two sockets: someone else's");
+    assert_eq!(h.affinity(0, 0), Some(&prior));
+    assert_eq!(h.affinity(0, 1), Some(&prior));
+}

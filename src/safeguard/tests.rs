@@ -14,7 +14,9 @@ fn cfg() -> SafeguardConfig {
 /// Two cpus; vCPUs (domain, demand, cpu id).
 fn input(vcpus: &[(&str, f64, u32)]) -> CpuInput {
     CpuInput {
-        cpus: (0..2).map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false, sibling: None }).collect(),
+        cpus: (0..2)
+            .map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false, sibling: None, group: None })
+            .collect(),
         vcpus: vcpus
             .iter()
             .map(|&(d, demand, cpu)| VcpuSlot {

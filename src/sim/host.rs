@@ -581,17 +581,19 @@ impl SimHost {
     }
 
     /// Fixes the home node of each guest pinned for the first time: where most of its pinned
-    /// vCPUs are (their memory is touched there first).
+    /// vCPUs are (their memory is touched there first), a vCPU pinned to a set of cpus counting
+    /// when the set is inside one node.
     fn fix_homes(&mut self) {
         let n = self.cfg.cpus as usize;
         for g in self.guests.iter_mut().filter(|g| g.home.is_none()) {
-            let nodes: Vec<u32> = g
-                .vcpus
-                .iter()
-                .filter_map(|v| v.affinity.as_single())
-                .filter(|&c| (c as usize) < n)
-                .map(|c| self.layout.node[c as usize])
-                .collect();
+            // A vCPU pinned to one cpu, or to a group of cpus inside one node (a core, an LLC).
+            let node_of = |set: &CpuSet| {
+                let mut nodes = set.0.iter().filter(|&&c| (c as usize) < n).map(|&c| self.layout.node[c as usize]);
+                let first = nodes.next()?;
+                let one = nodes.all(|x| x == first) && set.0.len() < n;
+                one.then_some(first)
+            };
+            let nodes: Vec<u32> = g.vcpus.iter().filter_map(|v| node_of(&v.affinity)).collect();
             g.home = crate::host::home_node(&nodes);
         }
     }

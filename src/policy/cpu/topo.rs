@@ -161,6 +161,7 @@ mod tests {
                 fixed: if idle.contains(&c.cpu) { 0.0 } else { 0.9 },
                 settling: false,
                 sibling: s,
+                group: None,
             })
             .collect()
     }

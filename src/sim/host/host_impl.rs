@@ -122,7 +122,17 @@ impl Host for SimHost {
             return Err(bad(format!("cannot pin to {cpus}")));
         }
         let v = self.guests[gi].vcpus.get_mut(vcpu as usize).ok_or_else(|| bad(format!("no vCPU {vcpu}")))?;
-        // Giving back an affinity is neither a repin nor a placement: not counted.
+        // A group pin (`--pin-granularity core|llc`) counts like a single-cpu one: a placement
+        // when the vCPU floated over every cpu, else a repin. Giving back the floating affinity
+        // is neither.
+        let all = |s: &CpuSet| s.0.len() >= n as usize;
+        if v.affinity != *cpus && !all(cpus) {
+            if all(&v.affinity) {
+                self.actions.placements += 1;
+            } else {
+                self.actions.repins += 1;
+            }
+        }
         v.affinity = cpus.clone();
         Ok(())
     }

@@ -1,0 +1,247 @@
+//! The CPU planner's input from a snapshot, kept in its own file: which vCPUs are the
+//! balancer's to place and move, what the rest leave as fixed load, and what a planner *slot*
+//! is. A slot is one allowed cpu (`--pin-granularity cpu`, the default), or a group of them
+//! the vCPUs are pinned to as a whole: the two threads of a physical core (`core`) or a
+//! last-level-cache domain (`llc`). Inside a group the kernel stays work-conserving; the
+//! planner balances the groups, each counted at its capacity (a core with both threads busy
+//! does about [`topo::SMT_YIELD`] cores of work), so its rules, written for a cpu of one core,
+//! read every load of a group as a share of that capacity.
+
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+use crate::host::{CpuSet, Topology};
+use crate::model::Snapshot;
+
+use super::{CpuInput, CpuPolicy, CpuSlot, MovedAt, VcpuSlot, topo};
+
+/// What a vCPU is pinned to (`--pin-granularity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Granularity {
+    /// One cpu.
+    #[default]
+    Cpu,
+    /// Every allowed thread of one physical core.
+    Core,
+    /// Every allowed cpu of one last-level-cache domain.
+    Llc,
+}
+
+impl Granularity {
+    pub const NAMES: [&'static str; 3] = ["cpu", "core", "llc"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cpu" => Some(Granularity::Cpu),
+            "core" => Some(Granularity::Core),
+            "llc" => Some(Granularity::Llc),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Granularity::Cpu => "cpu",
+            Granularity::Core => "core",
+            Granularity::Llc => "llc",
+        }
+    }
+}
+
+/// The groups of the allowed cpus `cpus` (sorted) at `granularity`, each sorted, in the order
+/// of their lowest cpu, with each group's capacity in cores: 1 per physical core with one
+/// allowed thread, [`topo::SMT_YIELD`] per core with two or more. At `cpu` granularity every
+/// cpu is its own group. A cpu the topology does not describe is a group of its own.
+pub fn groups(cpus: &[u32], topology: &Topology, granularity: Granularity) -> Vec<(CpuSet, f64)> {
+    // Key of the group and of the physical core of each cpu.
+    let key = |c: u32| -> (u64, (u32, u32, u32)) {
+        let t = topology.get(c);
+        let core = t.map_or((u32::MAX, u32::MAX, c), |t| t.core_key());
+        let group = match (granularity, t) {
+            (Granularity::Cpu, _) | (_, None) => u64::from(c) | 1 << 40,
+            (Granularity::Core, Some(_)) => u64::from(core.0) << 42 | u64::from(core.1) << 21 | u64::from(core.2),
+            (Granularity::Llc, Some(t)) => u64::from(t.llc) | 2 << 40,
+        };
+        (group, core)
+    };
+    let mut by_group: Vec<(u64, Vec<u32>)> = Vec::new();
+    let mut at: HashMap<u64, usize> = HashMap::new();
+    for &c in cpus {
+        let (g, _) = key(c);
+        let i = *at.entry(g).or_insert_with(|| {
+            by_group.push((g, Vec::new()));
+            by_group.len() - 1
+        });
+        by_group[i].1.push(c);
+    }
+    by_group
+        .into_iter()
+        .map(|(_, members)| {
+            let mut cores: Vec<((u32, u32, u32), usize)> = Vec::new();
+            for &c in &members {
+                let k = key(c).1;
+                match cores.iter_mut().find(|(x, _)| *x == k) {
+                    Some((_, n)) => *n += 1,
+                    None => cores.push((k, 1)),
+                }
+            }
+            let capacity = cores.iter().map(|&(_, n)| if n > 1 { topo::SMT_YIELD } else { 1.0 }).sum();
+            (CpuSet(members), capacity)
+        })
+        .collect()
+}
+
+/// True when a multi-cpu affinity was chosen by someone: it neither covers every allowed cpu
+/// (a vCPU nobody pinned floats over all of them) nor equals the guest's default affinity
+/// (its QEMU main thread's, which a host may narrow for all guests).
+pub fn chosen_set(affinity: &CpuSet, allowed: &[u32], default: Option<&CpuSet>) -> bool {
+    let covers = allowed.iter().all(|c| affinity.0.binary_search(c).is_ok());
+    !covers && default != Some(affinity)
+}
+
+/// vCPUs whose pin keeps failing, per domain: left where they are (see `crate::failures`).
+pub type BlockedPins = HashMap<String, HashSet<u32>>;
+
+/// The planner's input from a snapshot and the loop's history: cooldowns (`moved_at`), cpus
+/// recently touched (`touched_at`, the time each host cpu was last the source or target of a
+/// repin), pins that keep failing (`blocked`), and cpus that were allowed earlier in the run
+/// but are not now (`retired`): vCPUs pinned there are placed again.
+///
+/// At `core` or `llc` granularity a slot is a group ([`groups`]): a vCPU pinned to exactly a
+/// group's cpus is on that slot, one pinned to a single allowed cpu is placed again (onto a
+/// group), and every load (fixed, demand, peak) is divided by the group's capacity.
+pub fn input_from(
+    snap: &Snapshot,
+    moved_at: &MovedAt,
+    touched_at: &HashMap<u32, u64>,
+    blocked: &BlockedPins,
+    retired: &HashSet<u32>,
+    policy: &CpuPolicy,
+) -> CpuInput {
+    let grouped = policy.granularity != Granularity::Cpu;
+    let groups = if grouped { groups(&snap.host.cpus, &snap.host.topology, policy.granularity) } else { Vec::new() };
+    // Cpu id -> slot index, as a table: looked up once or twice per vCPU.
+    let mut index: Vec<Option<usize>> = Vec::new();
+    let mut put = |c: u32, slot: usize| {
+        let c = c as usize;
+        if index.len() <= c {
+            index.resize(c + 1, None);
+        }
+        index[c] = Some(slot);
+    };
+    if grouped {
+        for (g, (set, _)) in groups.iter().enumerate() {
+            for &c in &set.0 {
+                put(c, g);
+            }
+        }
+    } else {
+        for (i, &c) in snap.host.cpus.iter().enumerate() {
+            put(c, i);
+        }
+    }
+    let index_of = |c: u32| index.get(c as usize).copied().flatten();
+    let settling = |id: &u32| touched_at.get(id).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.settle_ns));
+    let busy_of = |c: u32| snap.host.cpus.iter().position(|&x| x == c).and_then(|i| snap.host.cpu_busy.get(i)).copied();
+    let (mut cpus, scale): (Vec<CpuSlot>, Vec<f64>) = if grouped {
+        groups
+            .iter()
+            .map(|(set, capacity)| {
+                let first = set.0[0];
+                let slot = CpuSlot {
+                    id: first,
+                    node: snap.host.topology.get(first).map_or(0, |t| t.node),
+                    fixed: set.0.iter().filter_map(|&c| busy_of(c)).sum::<f64>() / capacity,
+                    settling: set.0.iter().any(settling),
+                    sibling: None,
+                    group: Some(set.clone()),
+                };
+                (slot, 1.0 / capacity)
+            })
+            .unzip()
+    } else {
+        let mut cpus: Vec<CpuSlot> = snap
+            .host
+            .cpus
+            .iter()
+            .zip(&snap.host.cpu_busy)
+            .map(|(&id, &busy)| CpuSlot {
+                id,
+                node: snap.host.topology.get(id).map_or(0, |t| t.node),
+                fixed: busy,
+                settling: settling(&id),
+                sibling: None,
+                group: None,
+            })
+            .collect();
+        let ids: Vec<u32> = cpus.iter().map(|c| c.id).collect();
+        for (c, s) in cpus.iter_mut().zip(topo::sibling_indices(&ids, |id| snap.host.topology.siblings(id), index_of)) {
+            c.sibling = s;
+        }
+        (cpus, Vec::new())
+    };
+    let scale_of = |slot: usize| scale.get(slot).copied().unwrap_or(1.0);
+    // The group whose cpus are exactly `set`: the one of its first cpu, if that is all of it.
+    let group_of = |set: &CpuSet| set.0.first().and_then(|&c| index_of(c)).filter(|&g| groups[g].0 == *set);
+    let mut vcpus = Vec::with_capacity(snap.domains.iter().map(|d| d.vcpus.len()).sum());
+    for d in &snap.domains {
+        let moved = moved_at.get(&d.dom.name);
+        let stuck = blocked.get(&d.dom.name);
+        let name: Rc<str> = Rc::from(d.dom.name.as_str());
+        for v in &d.vcpus {
+            let Some(rates) = v.rates else { continue };
+            let single = v.pinned_to.as_single();
+            // Its slot: the allowed cpu it is pinned to, or the group whose cpus it is pinned to.
+            let cpu = if grouped { group_of(&v.pinned_to) } else { single.and_then(index_of) };
+            let cooling =
+                moved.and_then(|m| m.get(&v.id)).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.cooldown_ns));
+            let movable = d.cpu_excluded.is_none() && !cooling && !stuck.is_some_and(|s| s.contains(&v.id));
+            // Pinned to one cpu outside the allowed set: someone chose it; leave it in the fixed
+            // load. Unless that cpu was allowed earlier in this run and no longer is (`--cpus`
+            // narrowed by a reload): then the vCPU is placed again, like a floating one. (At a
+            // group granularity, a vCPU pinned to one allowed cpu is placed again too.)
+            let retired_pin = single.is_some_and(|c| retired.contains(&c));
+            if cpu.is_none()
+                && single.is_some_and(|c| index_of(c).is_none())
+                && !(retired_pin && d.cpu_excluded.is_none())
+            {
+                continue;
+            }
+            // Floating and not ours to place: its load stays in the fixed load.
+            if cpu.is_none() && !movable {
+                continue;
+            }
+            // Floating over a set someone chose (`virsh vcpupin web 0 2-3 --live`): left there.
+            if cpu.is_none()
+                && single.is_none()
+                && chosen_set(&v.pinned_to, &snap.host.cpus, d.desc.default_affinity.as_ref())
+            {
+                continue;
+            }
+            // Take what it ran out of the fixed load of the slot it ran on (none for a retired cpu).
+            if let Some(i) = cpu.or_else(|| v.pcpu.and_then(index_of)) {
+                cpus[i].fixed -= rates.usage * scale_of(i);
+            }
+            // Its loads as a share of the capacity of the slot it would be on (groups of one
+            // granularity are alike; the first one's scale stands for a floating vCPU's).
+            let k = scale_of(cpu.unwrap_or(0));
+            let demand = rates.demand.clamp(0.0, 1.0);
+            vcpus.push(VcpuSlot {
+                domain: Rc::clone(&name),
+                vcpu: v.id,
+                demand: demand * k,
+                peak: rates.peak.clamp(demand, 1.0) * k,
+                current: v.pinned_to.clone(),
+                cpu,
+                movable,
+            });
+        }
+    }
+    for c in &mut cpus {
+        c.fixed = c.fixed.max(0.0);
+    }
+    CpuInput { cpus, vcpus }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,172 @@
+//! Tests of the planner input: slots at each `--pin-granularity`, on sysfs fixtures of real
+//! machine layouts.
+
+use std::collections::{HashMap, HashSet};
+
+use super::*;
+use crate::host::{DomainDesc, DomainRef, OptOut};
+use crate::model::{DomainView, HostView, VcpuRates, VcpuView};
+use crate::policy::Action;
+use crate::policy::cpu::plan;
+
+fn xeon() -> Topology {
+    crate::host::procfs::topology(&crate::host::procfs::tests::fixture("xeon-2s16c2t")).unwrap()
+}
+
+fn epyc() -> Topology {
+    crate::host::procfs::topology(&crate::host::procfs::tests::fixture("epyc-1s4ccx")).unwrap()
+}
+
+fn set(c: &[u32]) -> CpuSet {
+    CpuSet(c.to_vec())
+}
+
+#[test]
+fn groups_are_cores_or_llcs_of_the_allowed_cpus_with_their_capacity() {
+    let t = xeon();
+    let all: Vec<u32> = (0..64).collect();
+    let cpu = groups(&all, &t, Granularity::Cpu);
+    assert_eq!(cpu.len(), 64);
+    assert_eq!(cpu[5], (set(&[5]), 1.0));
+    let core = groups(&all, &t, Granularity::Core);
+    assert_eq!(core.len(), 32);
+    assert_eq!(core[0], (set(&[0, 32]), topo::SMT_YIELD), "both threads of core 0");
+    assert_eq!(core[17], (set(&[17, 49]), topo::SMT_YIELD));
+    let llc = groups(&all, &t, Granularity::Llc);
+    let sock0: Vec<u32> = (0..16).chain(32..48).collect();
+    assert_eq!(llc.len(), 2);
+    assert_eq!(llc[0], (CpuSet(sock0), 16.0 * topo::SMT_YIELD));
+    // `--cpus 0-15,32-33`: core 2-15's second threads not allowed; those cores count one core.
+    let some: Vec<u32> = (0..16).chain(32..34).collect();
+    let core = groups(&some, &t, Granularity::Core);
+    assert_eq!(core.len(), 16);
+    assert_eq!(core[2], (set(&[2]), 1.0));
+    let llc = groups(&some, &t, Granularity::Llc);
+    assert_eq!(llc, vec![(CpuSet(some.clone()), 2.0 * topo::SMT_YIELD + 14.0)]);
+    // A chiplet: four LLCs of 4 cores (8 threads) in one node.
+    let e = epyc();
+    let all: Vec<u32> = (0..32).collect();
+    let llc = groups(&all, &e, Granularity::Llc);
+    assert_eq!(llc.len(), 4);
+    assert_eq!(llc[1], (set(&[4, 5, 6, 7, 20, 21, 22, 23]), 4.0 * topo::SMT_YIELD));
+}
+
+fn snapshot(topology: Topology, busy: f64, vcpus: &[(&str, u32, &[u32], f64)]) -> Snapshot {
+    let cpus: Vec<u32> = topology.cpus.iter().map(|c| c.cpu).collect();
+    let mut domains: Vec<DomainView> = Vec::new();
+    for &(name, id, pinned, demand) in vcpus {
+        if !domains.iter().any(|d| d.dom.name == name) {
+            let dom = DomainRef { name: name.into(), uuid: name.into(), id: 1 };
+            let desc = DomainDesc {
+                dom: dom.clone(),
+                vcpu_tids: vec![],
+                pid: None,
+                max_kib: 1,
+                has_balloon: false,
+                stats_period_s: 0,
+                opt_out: OptOut::default(),
+                started_epoch_s: None,
+                default_affinity: None,
+                threads: vec![],
+            };
+            domains.push(DomainView {
+                dom,
+                desc,
+                cpu_excluded: None,
+                mem_excluded: None,
+                vcpus: vec![],
+                balloon: None,
+            });
+        }
+        let d = domains.iter_mut().find(|d| d.dom.name == name).unwrap();
+        let rates = VcpuRates { usage: demand, delay: 0.0, demand, peak: demand };
+        let pcpu = pinned.first().copied();
+        d.vcpus.push(VcpuView { id, pcpu, pinned_to: set(pinned), rates: Some(rates), wait_ns: 0 });
+    }
+    let n = cpus.len();
+    Snapshot {
+        t_ns: 1_000_000_000_000,
+        epoch_s: 0,
+        quantum: 10,
+        host: HostView {
+            cpus,
+            topology,
+            cpu_busy: vec![busy; n],
+            mem_total_kib: 0,
+            mem_available_kib: 0,
+            mem_pressure_some_avg10: None,
+        },
+        domains,
+    }
+}
+
+fn input(snap: &Snapshot, g: Granularity) -> CpuInput {
+    let policy = CpuPolicy { granularity: g, ..CpuPolicy::default() };
+    input_from(snap, &MovedAt::new(), &HashMap::new(), &BlockedPins::new(), &HashSet::new(), &policy)
+}
+
+#[test]
+fn at_core_granularity_a_core_pin_is_a_slot_and_loads_are_shares_of_the_core() {
+    let all: Vec<u32> = (0..64).collect();
+    let snap = snapshot(
+        xeon(),
+        0.0,
+        &[
+            ("a", 0, &[3, 35], 1.0),    // pinned to core 3: on its slot
+            ("a", 1, &all, 0.5),        // floating: placed
+            ("b", 0, &[7], 0.25),       // pinned to one cpu (by `cpu` granularity): placed again
+            ("c", 0, &[3, 4, 35], 0.5), // someone's set: left out, its load fixed
+        ],
+    );
+    let i = input(&snap, Granularity::Core);
+    assert_eq!(i.cpus.len(), 32);
+    assert_eq!(i.cpus[3].group, Some(set(&[3, 35])));
+    assert_eq!(i.cpus[3].to_string(), "cpus 3,35");
+    assert_eq!(i.vcpus.len(), 3, "c's vCPU is someone else's: {:?}", i.vcpus);
+    let (a0, a1, b0) = (&i.vcpus[0], &i.vcpus[1], &i.vcpus[2]);
+    assert_eq!(a0.cpu, Some(3));
+    assert!((a0.demand - 1.0 / topo::SMT_YIELD).abs() < 1e-9, "a share of the core: {}", a0.demand);
+    assert_eq!((a1.cpu, b0.cpu), (None, None), "floating, and on one cpu: both placed");
+    // The fixed load: a pinned vCPU's usage taken out of its core's busy time (0 here).
+    assert!(i.cpus.iter().all(|c| c.fixed == 0.0));
+    let plan = plan(&i, &CpuPolicy { granularity: Granularity::Core, ..CpuPolicy::default() });
+    assert_eq!(plan.len(), 2, "{plan:?}");
+    for a in &plan {
+        let Action::Pin { to, .. } = a else { panic!("{a:?}") };
+        assert_eq!(to.0.len(), 2, "pinned to both threads of a core: {a:?}");
+        assert_eq!(to.0[1], to.0[0] + 32);
+        assert_ne!(to.0[0], 3, "not onto the busy core: {a:?}");
+    }
+}
+
+#[test]
+fn at_llc_granularity_an_overloaded_llc_sheds_to_the_other() {
+    // The chiplet: LLC 0 (cpus 0-3,16-19, capacity 5 cores) holds 8 full vCPUs, the others none.
+    let llc0: Vec<u32> = vec![0, 1, 2, 3, 16, 17, 18, 19];
+    let vcpus: Vec<(&str, u32, &[u32], f64)> = (0..8).map(|k| ("a", k, &llc0[..], 1.0)).collect();
+    let snap = snapshot(epyc(), 0.0, &vcpus);
+    let pol = CpuPolicy { granularity: Granularity::Llc, ..CpuPolicy::default() };
+    let i = input(&snap, Granularity::Llc);
+    assert_eq!(i.cpus.len(), 4);
+    assert!(i.vcpus.iter().all(|v| v.cpu == Some(0)));
+    let plan = plan(&i, &pol);
+    assert!(!plan.is_empty());
+    for a in &plan {
+        let Action::Pin { from, to, reason, .. } = a else { panic!("{a:?}") };
+        assert_eq!(from, &CpuSet(llc0.clone()));
+        assert_eq!(to.0.len(), 8, "{a:?}");
+        assert!(to.0.iter().all(|c| !llc0.contains(c)), "{a:?}");
+        assert!(reason.contains("cpus 0-3,16-19"), "{reason}");
+    }
+}
+
+#[test]
+fn at_cpu_granularity_a_set_is_someone_elses_and_one_cpu_is_a_slot() {
+    let snap = snapshot(xeon(), 0.6, &[("a", 0, &[3, 35], 0.5), ("a", 1, &[7], 0.5)]);
+    let i = input(&snap, Granularity::Cpu);
+    assert_eq!(i.cpus.len(), 64);
+    assert_eq!(i.vcpus.len(), 1);
+    assert_eq!(i.vcpus[0].cpu, Some(7));
+    assert!((i.cpus[7].fixed - 0.1).abs() < 1e-9, "its usage out of cpu 7's busy time");
+    assert!((i.cpus[3].fixed - 0.6).abs() < 1e-9, "the set's usage stays in the fixed load");
+}
