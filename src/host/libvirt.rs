@@ -738,16 +738,9 @@ mod tests {
         });
         let tid = tid_rx.recv().unwrap();
         let desc = DomainDesc {
-            dom: DomainRef { name: "web".into(), uuid: String::new(), id: 1 },
             vcpu_tids: vec![Some(tid), None],
             pid: Some(std::process::id()),
-            max_kib: 0,
-            has_balloon: false,
-            stats_period_s: 0,
-            opt_out: OptOut::default(),
-            started_epoch_s: None,
-            default_affinity: None,
-            threads: vec![],
+            ..DomainDesc::bare(DomainRef { name: "web".into(), uuid: String::new(), id: 1 })
         };
         for _ in 0..3 {
             h.list_domains().unwrap();

@@ -174,6 +174,25 @@ pub struct DomainDesc {
     pub threads: Vec<ThreadDesc>,
 }
 
+impl DomainDesc {
+    /// A description that knows nothing but the domain: no vCPU threads, no process, no
+    /// memory or balloon, no opt-out, no QEMU threads. What tests start from.
+    pub fn bare(dom: DomainRef) -> Self {
+        DomainDesc {
+            dom,
+            vcpu_tids: vec![],
+            pid: None,
+            max_kib: 0,
+            has_balloon: false,
+            stats_period_s: 0,
+            opt_out: OptOut::default(),
+            started_epoch_s: None,
+            default_affinity: None,
+            threads: vec![],
+        }
+    }
+}
+
 /// One of QEMU's threads that are not vCPUs: the emulator (main) thread, or an I/O thread
 /// (`<iothreads>`) by its id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -265,22 +265,17 @@ mod tests {
 
     #[test]
     fn the_threads_follow_the_vcpus_through_the_plan() {
-        use crate::host::{DomainDesc, DomainRef, OptOut, ThreadDesc, Topology};
+        use crate::host::{DomainDesc, DomainRef, ThreadDesc, Topology};
         use crate::model::{DomainView, HostView, VcpuView};
         let dom = DomainRef { name: "web".into(), uuid: "u".into(), id: 7 };
         let vcpu = |id, pinned: &[u32]| VcpuView { id, pcpu: None, pinned_to: set(pinned), rates: None, wait_ns: 0 };
         let desc = DomainDesc {
-            dom: dom.clone(),
             vcpu_tids: vec![Some(1), Some(2)],
             pid: Some(1),
             max_kib: 1,
-            has_balloon: false,
-            stats_period_s: 0,
-            opt_out: OptOut::default(),
-            started_epoch_s: None,
-            default_affinity: None,
             // Described before the agent's last pin: the live definition still says 0-3.
             threads: vec![ThreadDesc { thread: QemuThread::Emulator, pinned_to: None, recorded: false }],
+            ..DomainDesc::bare(dom.clone())
         };
         let snap = Snapshot {
             t_ns: 0,

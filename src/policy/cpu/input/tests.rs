@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::*;
-use crate::host::{DomainDesc, DomainRef, OptOut};
+use crate::host::{DomainDesc, DomainRef};
 use crate::model::{DomainView, HostView, VcpuRates, VcpuView};
 use crate::policy::Action;
 use crate::policy::cpu::plan;
@@ -57,18 +57,7 @@ fn snapshot(topology: Topology, busy: f64, vcpus: &[(&str, u32, &[u32], f64)]) -
     for &(name, id, pinned, demand) in vcpus {
         if !domains.iter().any(|d| d.dom.name == name) {
             let dom = DomainRef { name: name.into(), uuid: name.into(), id: 1 };
-            let desc = DomainDesc {
-                dom: dom.clone(),
-                vcpu_tids: vec![],
-                pid: None,
-                max_kib: 1,
-                has_balloon: false,
-                stats_period_s: 0,
-                opt_out: OptOut::default(),
-                started_epoch_s: None,
-                default_affinity: None,
-                threads: vec![],
-            };
+            let desc = DomainDesc::bare(dom.clone());
             domains.push(DomainView {
                 dom,
                 desc,
