@@ -18,6 +18,7 @@ pub use workload::{Scenario, Workload};
 
 use crate::cli::{Common, SimArgs};
 use crate::daemon::AgentConfig;
+use crate::policy::cpu::{CpuPolicy, Granularity};
 
 /// The agent configuration the simulator runs `vm-balancer` with: the one place the simulator
 /// builds an [`AgentConfig`], straight from the shared flags.
@@ -56,7 +57,10 @@ pub fn build(common: &Common, args: &SimArgs) -> Result<(RunSpec, Workload), Sim
         ..baseline::BaselineConfig::default()
     };
     let agent = agent_config(common);
-    let consolidate = AgentConfig { consolidate: agent.cpu.is_some(), ..agent.clone() };
+    // Consolidation packs onto single cpus: its column runs at `cpu` granularity whatever
+    // `--pin-granularity` says (the agent refuses the two together).
+    let cpu = agent.cpu.clone().map(|p| CpuPolicy { granularity: Granularity::Cpu, ..p });
+    let consolidate = AgentConfig { consolidate: agent.cpu.is_some(), cpu, ..agent.clone() };
     Ok((RunSpec { host, quantum: common.quantum, quanta, agent, consolidate, baseline }, workload))
 }
 
