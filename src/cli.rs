@@ -131,6 +131,11 @@ pub struct SimArgs {
     #[arg(long, value_name = "FRACTION", default_value_t = crate::sim::host::topo::DEFAULT_REMOTE_PENALTY, value_parser = remote_penalty, env = "VM_BALANCER_REMOTE_PENALTY")]
     pub remote_penalty: f64,
     /// Print one JSON document instead of a table.
+    /// Also run the agent at `--pin-granularity core` and `llc` (the columns `vm-balancer-core`
+    /// and `vm-balancer-llc`, every other flag the same), beside `vm-balancer` at the
+    /// granularity given.
+    #[arg(long, env = "VM_BALANCER_COMPARE_GRANULARITIES")]
+    pub compare_granularities: bool,
     #[arg(long)]
     pub json: bool,
     /// Also draw the figures over time, one line per policy, into this SVG file (over several

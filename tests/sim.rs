@@ -409,3 +409,21 @@ fn at_core_and_llc_granularity_vcpus_are_pinned_to_groups_and_balanced_over_them
         assert!(later.iter().all(Vec::is_empty), "{g}: a steady load is not churned: {later:?}");
     }
 }
+
+#[test]
+fn compare_granularities_adds_the_agent_at_core_and_llc() {
+    let args = ["--scenario", "mixed", "--host-cpus", "16", "--guests", "24", "--duration", "10m"];
+    let plain = run(&args);
+    assert!(plain.policies.iter().all(|p| !p.name.starts_with("vm-balancer-core")), "only when asked");
+    let r = run(&[&args[..], &["--compare-granularities"]].concat());
+    let names: Vec<&str> = r.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(&names[Policy::ALL.len()..], ["vm-balancer-core", "vm-balancer-llc"]);
+    let ours = get(&r, Policy::Ours);
+    let same = |p: &sim::PolicyReport| (p.delay_core_seconds, p.repins_per_vcpu_hour, p.remote_core_seconds);
+    assert_eq!(same(ours), same(get(&plain, Policy::Ours)), "the other columns run as before");
+    for p in [Policy::OursCore, Policy::OursLlc] {
+        let g = get(&r, p);
+        assert_eq!(g.placements, ours.placements, "{}: every vCPU placed once", g.name);
+        assert_ne!(g.busiest_over_bound_mean, ours.busiest_over_bound_mean, "{}: pinned otherwise", g.name);
+    }
+}

@@ -61,7 +61,16 @@ pub fn build(common: &Common, args: &SimArgs) -> Result<(RunSpec, Workload), Sim
     // `--pin-granularity` says (the agent refuses the two together).
     let cpu = agent.cpu.clone().map(|p| CpuPolicy { granularity: Granularity::Cpu, ..p });
     let consolidate = AgentConfig { consolidate: agent.cpu.is_some(), cpu, ..agent.clone() };
-    Ok((RunSpec { host, quantum: common.quantum, quanta, agent, consolidate, baseline }, workload))
+    let at = |g: Granularity| {
+        let cpu = agent.cpu.clone().map(|p| CpuPolicy { granularity: g, ..p });
+        AgentConfig { cpu, ..agent.clone() }
+    };
+    let granularities = if args.compare_granularities && agent.cpu.is_some() {
+        vec![(Policy::OursCore, at(Granularity::Core)), (Policy::OursLlc, at(Granularity::Llc))]
+    } else {
+        Vec::new()
+    };
+    Ok((RunSpec { host, quantum: common.quantum, quanta, agent, consolidate, baseline, granularities }, workload))
 }
 
 /// `vm-balancer simulate`: runs every policy and renders the report (table or JSON).

@@ -24,6 +24,10 @@ pub enum Policy {
     Floating,
     /// The real agent with `--consolidate` on.
     Consolidate,
+    /// The real agent at `--pin-granularity core` (`simulate --compare-granularities`).
+    OursCore,
+    /// The real agent at `--pin-granularity llc` (`simulate --compare-granularities`).
+    OursLlc,
 }
 
 impl Policy {
@@ -37,6 +41,8 @@ impl Policy {
             Policy::Static => "static",
             Policy::Floating => "floating",
             Policy::Consolidate => "vm-balancer-consolidate",
+            Policy::OursCore => "vm-balancer-core",
+            Policy::OursLlc => "vm-balancer-llc",
         }
     }
 }
@@ -53,6 +59,8 @@ pub struct RunSpec {
     pub consolidate: AgentConfig,
     /// The classic rule's thresholds, from the same flags.
     pub baseline: BaselineConfig,
+    /// The agent at other pin granularities, run beside the others (`--compare-granularities`).
+    pub granularities: Vec<(Policy, AgentConfig)>,
 }
 
 /// The figures of one policy.
@@ -214,7 +222,12 @@ fn free_cpus(host: &SimHost, counts: &[usize]) -> u64 {
 
 /// Runs one policy over a fresh copy of `workload`.
 pub fn run_policy(policy: Policy, spec: &RunSpec, workload: Workload) -> Result<PolicyReport, SimError> {
-    let cfg = if policy == Policy::Consolidate { spec.consolidate.clone() } else { spec.agent.clone() };
+    let cfg = match policy {
+        Policy::Consolidate => spec.consolidate.clone(),
+        _ => {
+            spec.granularities.iter().find(|(p, _)| *p == policy).map_or_else(|| spec.agent.clone(), |(_, c)| c.clone())
+        }
+    };
     run_with(policy, spec, workload, cfg)
 }
 
@@ -233,7 +246,9 @@ fn run_with(
 ) -> Result<PolicyReport, SimError> {
     let mut host = SimHost::new(spec.host.clone(), workload.specs())?;
     let mut driver = match policy {
-        Policy::Ours | Policy::Consolidate => Driver::Agent(Box::new(Agent::new(host, cfg))),
+        Policy::Ours | Policy::Consolidate | Policy::OursCore | Policy::OursLlc => {
+            Driver::Agent(Box::new(Agent::new(host, cfg)))
+        }
         Policy::Baseline => {
             host.pin_round_robin();
             Driver::Baseline(host, Baseline::new(spec.baseline.clone()))
@@ -329,17 +344,21 @@ fn run_with(
 }
 
 /// Runs every policy over identical copies of `workload` on two threads, each taking the next
-/// policy not yet run (the two agents first: they take longest); reported in `Policy::ALL` order.
+/// policy not yet run (the agents first: they take longest); reported in `Policy::ALL` order,
+/// then the agents at other granularities.
 pub fn run_all(spec: &RunSpec, workload: &Workload) -> Result<Report, SimError> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     const BY_COST: [Policy; 5] =
         [Policy::Ours, Policy::Consolidate, Policy::Baseline, Policy::Static, Policy::Floating];
+    // The agents at other granularities first: they cost as much as ours.
+    let extra: Vec<Policy> = spec.granularities.iter().map(|(p, _)| *p).collect();
+    let order: Vec<Policy> = extra.iter().copied().chain(BY_COST).collect();
     let next = AtomicUsize::new(0);
     let mut done: Vec<(Policy, Result<PolicyReport, SimError>)> = Vec::new();
     std::thread::scope(|s| {
         let worker = || {
             let mut mine = Vec::new();
-            while let Some(&p) = BY_COST.get(next.fetch_add(1, Ordering::Relaxed)) {
+            while let Some(&p) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
                 mine.push((p, run_policy(p, spec, workload.clone())));
             }
             mine
@@ -352,8 +371,8 @@ pub fn run_all(spec: &RunSpec, workload: &Workload) -> Result<Report, SimError> 
             }
         }
     });
-    let mut policies = Vec::with_capacity(Policy::ALL.len());
-    for p in Policy::ALL {
+    let mut policies = Vec::with_capacity(order.len());
+    for p in Policy::ALL.into_iter().chain(extra) {
         let i = done.iter().position(|(q, _)| *q == p);
         match i.map(|i| done.swap_remove(i).1) {
             Some(r) => policies.push(r?),
@@ -402,7 +421,8 @@ pub fn render_table(r: &Report) -> String {
         ("free cpus mean", |p| p.free_cpus_mean),
     ];
     // Ours against the reference policies; the consolidating agent has a line of its own.
-    let others = || r.policies.iter().filter(|p| p.name != Policy::Ours.name() && p.name != Policy::Consolidate.name());
+    let variants = [Policy::Ours, Policy::Consolidate, Policy::OursCore, Policy::OursLlc].map(Policy::name);
+    let others = || r.policies.iter().filter(|p| !variants.contains(&p.name.as_str()));
     // A column as wide as its policy's name, at least 12.
     let width = |p: &PolicyReport| p.name.chars().count().max(12);
     let mut s = String::new();
