@@ -156,13 +156,35 @@ impl<H: Host> Agent<H> {
         for c in &changed {
             info!("settings reloaded: {c}");
         }
+        let granularity = |c: &AgentConfig| c.cpu.as_ref().map(|p| p.granularity);
+        let regroup = granularity(&self.cfg) != granularity(&new) && !new.dry_run;
         self.cfg = new;
+        if regroup {
+            self.give_back_for_new_granularity();
+        }
         self.collector.set_config(discovery_for(self.cfg.quantum));
         if let Some(t) = self.tracker.as_mut() {
             let mc = model_config(&self.cfg, t.topology());
             t.reconfigure(mc);
         }
         changed.len()
+    }
+
+    /// `--pin-granularity` changed: the pins of the old one (a cpu, a core's threads, an LLC)
+    /// would read as someone else's sets under the new one, so every pin is given back (as on
+    /// a clean stop) and the vCPUs are placed again from the next quantum on.
+    fn give_back_for_new_granularity(&mut self) {
+        match crate::release::release_all(&mut self.host) {
+            Ok(s) => info!(
+                "pin granularity changed: gave back {} pins on {} domain(s) ({} failed); placing the vCPUs again",
+                s.restored, s.domains, s.failed
+            ),
+            Err(e) => warn!(
+                "pin granularity changed, but the pins cannot be given back now: {e}; vCPUs on groups of the old granularity stay there until `vm-balancer release` or a restart"
+            ),
+        }
+        self.threads_set.clear();
+        self.moved_at.clear();
     }
 
     /// Cpu hotplug: the online cpus come with every host sample; when they differ from the

@@ -417,3 +417,29 @@ fn an_emulator_pin_that_fails_permanently_is_tried_once_and_vcpus_are_still_bala
     let d = a.host.sim.list_domains().unwrap()[0].clone();
     assert!(a.host.sim.agent_threads(&d).unwrap().is_empty());
 }
+
+#[test]
+fn a_new_pin_granularity_gives_the_pins_back_and_places_the_vcpus_again() {
+    use crate::policy::cpu::Granularity;
+    // 4 simulated cpus: 2 sockets of one core of 2 threads; cpus 0 and 2 one core and LLC.
+    let mut a = agent(piled_on_four());
+    run(&mut a, 10);
+    let singles = |a: &Agent<Faulty>| (0..2).all(|v| a.host.sim.affinity(0, v).is_some_and(|s| s.0.len() == 1));
+    assert!(singles(&a), "spread on single cpus first");
+    let with = |g: Granularity| {
+        let mut c = Common::defaults().unwrap();
+        c.quantum = Duration::from_nanos(Q);
+        c.smoothing = Duration::from_millis(500);
+        c.no_memory = true;
+        c.pin_granularity = g;
+        AgentConfig::from_flags(&c, false)
+    };
+    assert_eq!(a.reconfigure(with(Granularity::Llc)), 1);
+    run(&mut a, 3);
+    let mut sets: Vec<Vec<u32>> = (0..2).map(|v| a.host.sim.affinity(0, v).unwrap().0.clone()).collect();
+    sets.sort();
+    assert_eq!(sets, vec![vec![0, 2], vec![1, 3]], "one vCPU on each LLC");
+    assert_eq!(a.reconfigure(with(Granularity::Cpu)), 1);
+    run(&mut a, 3);
+    assert!(singles(&a), "back on single cpus: {:?}", (0..2).map(|v| a.host.sim.affinity(0, v)).collect::<Vec<_>>());
+}
