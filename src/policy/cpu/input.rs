@@ -142,7 +142,18 @@ pub fn input_from(
     }
     let index_of = |c: u32| index.get(c as usize).copied().flatten();
     let settling = |id: &u32| touched_at.get(id).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.settle_ns));
-    let busy_of = |c: u32| snap.host.cpus.iter().position(|&x| x == c).and_then(|i| snap.host.cpu_busy.get(i)).copied();
+    // Busy fraction by cpu id, for summing a group's (only at a group granularity).
+    let mut busy_by_id: Vec<f64> = Vec::new();
+    if grouped {
+        for (&c, &b) in snap.host.cpus.iter().zip(&snap.host.cpu_busy) {
+            let c = c as usize;
+            if busy_by_id.len() <= c {
+                busy_by_id.resize(c + 1, 0.0);
+            }
+            busy_by_id[c] = b;
+        }
+    }
+    let busy_of = |c: u32| busy_by_id.get(c as usize).copied();
     let (mut cpus, scale): (Vec<CpuSlot>, Vec<f64>) = if grouped {
         groups
             .iter()
