@@ -443,3 +443,30 @@ fn a_new_pin_granularity_gives_the_pins_back_and_places_the_vcpus_again() {
     run(&mut a, 3);
     assert!(singles(&a), "back on single cpus: {:?}", (0..2).map(|v| a.host.sim.affinity(0, v)).collect::<Vec<_>>());
 }
+
+#[test]
+fn at_core_granularity_a_core_that_loses_a_thread_has_its_vcpus_placed_again() {
+    // 4 cpus: cores {0, 2} and {1, 3}; two one-vCPU guests at 0.6, one per core.
+    let mut h = Faulty::new(4, &[("a", 1), ("b", 1)]);
+    h.sim.set_demand(0, 0, 0.6);
+    h.sim.set_demand(1, 0, 0.6);
+    let mut c = Common::defaults().unwrap();
+    c.quantum = Duration::from_nanos(Q);
+    c.smoothing = Duration::from_millis(500);
+    c.no_memory = true;
+    c.pin_granularity = crate::policy::cpu::Granularity::Core;
+    let mut a = Agent::new(h, AgentConfig::from_flags(&c, false));
+    run(&mut a, 6);
+    let sets = |a: &Agent<Faulty>| {
+        let mut s: Vec<Vec<u32>> = (0..2).map(|g| a.host.sim.affinity(g, 0).unwrap().0.clone()).collect();
+        s.sort();
+        s
+    };
+    assert_eq!(sets(&a), vec![vec![0, 2], vec![1, 3]]);
+    // cpu 2 goes: core {0, 2} is now {0}; the vCPU pinned to {0, 2} is placed again.
+    a.host.sim.set_cpu_online(2, false);
+    run(&mut a, 6);
+    let now = sets(&a);
+    assert!(now.iter().all(|s| !s.contains(&2)), "{now:?}");
+    assert!(now.iter().all(|s| *s == [0] || *s == [1, 3]), "on groups of the new topology: {now:?}");
+}

@@ -223,8 +223,16 @@ pub fn input_from(
                 continue;
             }
             // Floating over a set someone chose (`virsh vcpupin web 0 2-3 --live`): left there.
+            // At a group granularity, a group that lost a cpu (offline, or `--cpus` narrowed:
+            // its allowed part is a group and the rest was allowed earlier) is placed again.
+            let retired_group = grouped
+                && single.is_none()
+                && v.pinned_to.0.iter().any(|c| retired.contains(c))
+                && group_of(&CpuSet(v.pinned_to.0.iter().copied().filter(|c| !retired.contains(c)).collect()))
+                    .is_some();
             if cpu.is_none()
                 && single.is_none()
+                && !retired_group
                 && chosen_set(&v.pinned_to, &snap.host.cpus, d.desc.default_affinity.as_ref())
             {
                 continue;
