@@ -79,6 +79,11 @@ pub struct HostOut {
     pub mem_total_kib: u64,
     pub mem_available_kib: u64,
     pub mem_pressure_some_avg10: Option<f64>,
+    /// `--pin-granularity`: what the balancer pins a vCPU to (`cpu`, `core`, `llc`).
+    pub pin_granularity: &'static str,
+    /// At `core` or `llc`: the groups of the allowed cpus the vCPUs are pinned to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pin_groups: Vec<CpuSet>,
 }
 
 #[derive(Debug, Serialize)]
@@ -158,6 +163,8 @@ pub fn report(
             mem_total_kib: snap.host.mem_total_kib,
             mem_available_kib: snap.host.mem_available_kib,
             mem_pressure_some_avg10: snap.host.mem_pressure_some_avg10,
+            pin_granularity: "cpu",
+            pin_groups: Vec::new(),
         },
         domains,
         plan: plan.to_vec(),
@@ -192,6 +199,10 @@ pub fn render_table(r: &Report) -> String {
         crate::units::mib(r.host.mem_total_kib),
         crate::units::mib(r.host.mem_available_kib)
     );
+    if !r.host.pin_groups.is_empty() {
+        let groups: Vec<String> = r.host.pin_groups.iter().map(ToString::to_string).collect();
+        let _ = writeln!(s, "vCPUs pinned by {}: {}", r.host.pin_granularity, groups.join("; "));
+    }
     let _ = writeln!(s, "\n{:>5} {:>5} {:>5} {:>7} {:>5}", "cpu", "node", "core", "pkg", "busy");
     for (i, c) in r.host.cpus.iter().enumerate() {
         let t = r.host.topology.get(*c);

@@ -9,6 +9,7 @@ use log::error;
 use vm_balancer::cli::{Cli, Command, Common};
 use vm_balancer::daemon::{self, Agent, AgentConfig};
 use vm_balancer::host::libvirt::LibvirtHost;
+use vm_balancer::policy::cpu::Granularity;
 use vm_balancer::{actuate, diagnose, release};
 
 /// True when stderr is the journal's stream (`JOURNAL_STREAM` names its device and inode, as
@@ -130,6 +131,11 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
             let plan = repack.as_ref().map_or_else(|| report.plan.clone(), diagnose::RepackOut::plan);
             let mut out = diagnose::report(&snap, &plan, &report.mem_verdicts, &capacity, &advice_note);
             out.repack = repack;
+            if let Some(pol) = agent.config().cpu.as_ref().filter(|p| p.granularity != Granularity::Cpu) {
+                out.host.pin_granularity = pol.granularity.name();
+                let groups = vm_balancer::policy::cpu::groups(&snap.host.cpus, &snap.host.topology, pol.granularity);
+                out.host.pin_groups = groups.into_iter().map(|(set, _)| set).collect();
+            }
             let text = if json { serde_json::to_string_pretty(&out)? + "\n" } else { diagnose::render_table(&out) };
             if !emit(&text)? {
                 return Ok(());

@@ -246,6 +246,12 @@ fn llc_of(c: u32) -> String {
     list.map(|s| s.trim().to_string()).unwrap_or_else(|_| "0-1".into())
 }
 
+/// A JSON cpu list (`[0, 1]`) as `virsh` prints it (`0-1`).
+fn json_cpu_list(cpus: &[serde_json::Value]) -> String {
+    let ids: Vec<u32> = cpus.iter().map(|c| u32::try_from(c.as_u64().unwrap()).unwrap()).collect();
+    vm_balancer::cpulist::format(&ids)
+}
+
 #[test]
 fn at_llc_granularity_vcpus_are_pinned_to_their_cache_domain_and_given_back() {
     let _lab = lab();
@@ -255,6 +261,14 @@ fn at_llc_granularity_vcpus_are_pinned_to_their_cache_domain_and_given_back() {
     let g = Guest::start("llc", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
     g.pin(0, "0");
     g.pin(1, "0");
+    // diagnose shows the groups the vCPUs would be pinned to.
+    let doc = diagnose_json(&["--pin-granularity", "llc"]);
+    assert_eq!(doc["host"]["pin_granularity"], "llc");
+    let groups: Vec<String> =
+        doc["host"]["pin_groups"].as_array().unwrap().iter().map(|g| json_cpu_list(g.as_array().unwrap())).collect();
+    let mut want_groups = vec![llc0.clone(), llc1.clone()];
+    want_groups.dedup();
+    assert_eq!(groups, want_groups, "{doc:#}");
     let mut agent = Agent::start(&[FAST, &["--pin-granularity", "llc"]].concat());
     let want = |pins: &[String]| {
         if llc0 == llc1 {
