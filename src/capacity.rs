@@ -51,11 +51,15 @@ pub fn input_from(
     outstanding_kib: u64,
     cfg: &AdviceConfig,
 ) -> AdviceInput {
+    // In cores: at `--pin-granularity core|llc` the planner's loads are shares of a group's
+    // capacity (a floating vCPU's of the first group's, as the planner counts it).
+    let capacity = |slot: Option<usize>| cpu.cpus.get(slot.unwrap_or(0)).map_or(1.0, |c| c.capacity);
     let mut demand: HashMap<&str, f64> = HashMap::new();
     for v in &cpu.vcpus {
-        *demand.entry(&v.domain).or_default() += v.demand;
+        *demand.entry(&v.domain).or_default() += v.demand * capacity(v.cpu);
     }
-    let load_cores = cpu.cpus.iter().map(|c| c.fixed).sum::<f64>() + demand.values().sum::<f64>();
+    let load_cores = cpu.cpus.iter().map(|c| c.fixed * c.capacity).sum::<f64>() + demand.values().sum::<f64>();
+    let cpus = cpu.cpus.iter().map(|c| c.group.as_ref().map_or(1, |g| g.0.len())).sum();
     let h = &snap.host;
     let pressure =
         h.mem_available_kib < cfg.host_reserve_kib || h.mem_pressure_some_avg10.is_some_and(|p| p > cfg.host_psi_limit);
@@ -76,7 +80,7 @@ pub fn input_from(
         })
         .collect();
     AdviceInput {
-        cpus: cpu.cpus.len(),
+        cpus,
         high: cfg.high,
         load_cores,
         mem: MemSide {

@@ -94,6 +94,8 @@ pub struct Agent<H: Host> {
     advisor: Advisor,
     /// The scheduled re-pack and the safeguard.
     repacker: Repacker,
+    /// Pins of this `--pin-granularity` wait to be given back (a reload changed it).
+    give_back: Option<cpu::Granularity>,
 }
 
 /// CPU time (user + system) of the calling thread, µs: what one `Agent::step` costs, even
@@ -129,6 +131,7 @@ impl<H: Host> Agent<H> {
             ever_allowed: HashSet::new(),
             advisor: Advisor::default(),
             repacker: Repacker::default(),
+            give_back: None,
         }
     }
 
@@ -156,10 +159,14 @@ impl<H: Host> Agent<H> {
         for c in &changed {
             info!("settings reloaded: {c}");
         }
-        let granularity = |c: &AgentConfig| c.cpu.as_ref().map(|p| p.granularity);
-        let regroup = granularity(&self.cfg) != granularity(&new) && !new.dry_run;
+        // A new pin granularity with the CPU balancer on before and after (not switching it on
+        // or off): the old granularity's pins are given back.
+        let old_g = self.cfg.cpu.as_ref().map(|p| p.granularity);
+        let regroup = matches!((old_g, new.cpu.as_ref()), (Some(a), Some(b)) if a != b.granularity);
         self.cfg = new;
-        if regroup {
+        if let (true, Some(g)) = (regroup && !self.cfg.dry_run, old_g) {
+            // Pins of an earlier change still waiting are of that granularity.
+            self.give_back.get_or_insert(g);
             self.give_back_for_new_granularity();
         }
         self.collector.set_config(discovery_for(self.cfg.quantum));
@@ -172,19 +179,22 @@ impl<H: Host> Agent<H> {
 
     /// `--pin-granularity` changed: the pins of the old one (a cpu, a core's threads, an LLC)
     /// would read as someone else's sets under the new one, so every pin is given back (as on
-    /// a clean stop) and the vCPUs are placed again from the next quantum on.
+    /// a clean stop) and the vCPUs are placed again. Tried at the reload and, while it fails
+    /// (libvirtd down), at every quantum the connection is up.
     fn give_back_for_new_granularity(&mut self) {
-        match crate::release::release_all(&mut self.host) {
-            Ok(s) => info!(
-                "pin granularity changed: gave back {} pins on {} domain(s) ({} failed); placing the vCPUs again",
-                s.restored, s.domains, s.failed
-            ),
-            Err(e) => warn!(
-                "pin granularity changed, but the pins cannot be given back now: {e}; vCPUs on groups of the old granularity stay there until `vm-balancer release` or a restart"
-            ),
+        let Some(g) = self.give_back else { return };
+        match crate::release::release_all(&mut self.host, g) {
+            Ok(s) => {
+                info!(
+                    "pin granularity changed: gave back {} pins on {} domain(s) ({} failed); placing the vCPUs again",
+                    s.restored, s.domains, s.failed
+                );
+                self.give_back = None;
+                self.threads_set.clear();
+                self.moved_at.clear();
+            }
+            Err(e) => warn!("pin granularity changed, but the pins cannot be given back now: {e}; trying again"),
         }
-        self.threads_set.clear();
-        self.moved_at.clear();
     }
 
     /// Cpu hotplug: the online cpus come with every host sample; when they differ from the
@@ -323,6 +333,9 @@ impl<H: Host> Agent<H> {
         if !self.connect(now) {
             return report;
         }
+        if self.give_back.is_some() {
+            self.give_back_for_new_granularity();
+        }
         let want_balloons =
             self.cfg.mem.as_ref().is_some_and(|m| {
                 self.last_balloons_ns.is_none_or(|t| now.saturating_sub(t) + 1_000_000 >= ns(m.interval))
@@ -364,8 +377,8 @@ impl<H: Host> Agent<H> {
             self.ever_allowed.extend(snap.host.cpus.iter().copied());
             let retired = self.retired(&snap);
             let input = cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, &retired, pol);
-            // Planned on groups of cpus (`--pin-granularity core|llc`): reported and advised on
-            // per cpu all the same.
+            // Planned on groups of cpus (`--pin-granularity core|llc`): the loads are reported
+            // per cpu all the same (the advice reads the groups' loads in cores).
             let per_cpu = (pol.granularity != cpu::Granularity::Cpu).then(|| {
                 let p = CpuPolicy { granularity: cpu::Granularity::Cpu, ..pol.clone() };
                 cpu::input_from(&snap, &self.moved_at, &self.touched_at, &blocked, &retired, &p)
@@ -399,7 +412,7 @@ impl<H: Host> Agent<H> {
                     }
                 }
             }
-            per_cpu.unwrap_or(input)
+            input
         };
         self.threads_set.retain(|n, (id, _)| running.iter().any(|(rn, rid)| rn == n && rid == id));
         if self.cfg.cpu.is_some() && self.cfg.emulator != EmulatorCpus::Off {

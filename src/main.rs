@@ -165,7 +165,7 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
         }
         Command::Release { common, domains } => {
             init_logging(&common);
-            release::command(&common.connect, common.keep_pins_on_exit, &domains)
+            release::command(&common.connect, common.keep_pins_on_exit, common.pin_granularity, &domains)
         }
         Command::GenerateAssets { dir } => {
             let written = vm_balancer::assets::write_all(&dir)?;
@@ -200,6 +200,15 @@ fn main() -> ExitCode {
     };
     if let Some(Err(msg)) = cli.command.common().map(Common::validate) {
         eprintln!("error: {msg}");
+        return ExitCode::from(2);
+    }
+    if let Command::Diagnose { common, repack: true, .. } = &cli.command
+        && common.pin_granularity != Granularity::Cpu
+    {
+        let g = common.pin_granularity.name();
+        eprintln!(
+            "error: --pin-granularity {g}: --repack packs vCPUs onto single cpus; use --pin-granularity cpu with it"
+        );
         return ExitCode::from(2);
     }
     // Flags naming host cpus, against the host's (`release` pins nothing new).

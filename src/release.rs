@@ -28,6 +28,7 @@ use crate::daemon::Agent;
 use crate::host::{AgentPin, CpuSet, DomainRef, ErrorClass, Host, HostError, QemuThread, ThreadDesc, ThreadPin, chain};
 use crate::model::Snapshot;
 use crate::policy::Action;
+use crate::policy::cpu::Granularity;
 
 fn gone(e: &HostError) -> bool {
     e.class() == ErrorClass::DomainGone
@@ -209,20 +210,26 @@ pub struct Released {
     pub threads_failed: Vec<(QemuThread, String)>,
 }
 
-/// True when every cpu of `set` is in one physical core, or in one LLC domain, of `topology`:
-/// a group `--pin-granularity core|llc` pins vCPUs to.
-fn inside_one_group(set: &CpuSet, topology: &crate::host::Topology) -> bool {
-    let of = |c: &u32| topology.get(*c);
-    let same = |k: &dyn Fn(&crate::host::CpuTopo) -> (u32, u32, u32)| {
-        let keys: Option<Vec<_>> = set.0.iter().map(|c| of(c).map(k)).collect();
-        keys.is_some_and(|k| !k.is_empty() && k.windows(2).all(|w| w[0] == w[1]))
+/// True when every cpu of `set` is in one group of `granularity` in `topology`: one physical
+/// core (`core`), one LLC domain (`llc`); never at `cpu`.
+fn inside_one_group(set: &CpuSet, topology: &crate::host::Topology, granularity: Granularity) -> bool {
+    let key = |t: &crate::host::CpuTopo| match granularity {
+        Granularity::Cpu => (u32::MAX, u32::MAX, t.cpu),
+        Granularity::Core => t.core_key(),
+        Granularity::Llc => (t.package, t.llc, 0),
     };
-    same(&|t| t.core_key()) || same(&|t| (t.package, t.llc, 0))
+    let keys: Option<Vec<_>> = set.0.iter().map(|c| topology.get(*c).map(key)).collect();
+    granularity != Granularity::Cpu && keys.is_some_and(|k| !k.is_empty() && k.windows(2).all(|w| w[0] == w[1]))
 }
 
 /// Gives back the pins recorded on one domain (vCPUs, emulator and I/O threads) and clears the
 /// record. `None`: no record.
-pub fn release_domain(host: &mut dyn Host, dom: &DomainRef) -> Result<Option<Released>, HostError> {
+/// `granularity`: the `--pin-granularity` the pins were made at (which sets are the agent's).
+pub fn release_domain(
+    host: &mut dyn Host,
+    dom: &DomainRef,
+    granularity: Granularity,
+) -> Result<Option<Released>, HostError> {
     let rec = host.agent_pins(dom)?;
     let threads = host.agent_threads(dom)?;
     if rec.is_empty() && threads.is_empty() {
@@ -238,10 +245,12 @@ pub fn release_domain(host: &mut dyn Host, dom: &DomainRef) -> Result<Option<Rel
                 (Vec::new(), Vec::new())
             }
         };
-    // A set the agent may have made: one cpu, or cpus of one physical core or LLC domain.
-    let topology = if now.iter().flatten().any(|c| c.as_single().is_none()) { host.topology().ok() } else { None };
-    let agents =
-        |cur: &CpuSet| cur.as_single().is_some() || topology.as_ref().is_some_and(|t| inside_one_group(cur, t));
+    // A set the agent may have made: one cpu, or at a group granularity cpus of one group.
+    let grouped = granularity != Granularity::Cpu && now.iter().flatten().any(|c| c.as_single().is_none());
+    let topology = if grouped { host.topology().ok() } else { None };
+    let agents = |cur: &CpuSet| {
+        cur.as_single().is_some() || topology.as_ref().is_some_and(|t| inside_one_group(cur, t, granularity))
+    };
     let mut out = Released::default();
     for p in rec {
         match now.get(p.vcpu as usize).cloned().flatten() {
@@ -287,10 +296,14 @@ pub struct Summary {
 
 /// Gives back the recorded pins of each of `doms`; one log line per domain with a record. A
 /// domain that went away is skipped; a lost connection stops the run.
-pub fn release_domains(host: &mut dyn Host, doms: &[DomainRef]) -> Result<Summary, HostError> {
+pub fn release_domains(
+    host: &mut dyn Host,
+    doms: &[DomainRef],
+    granularity: Granularity,
+) -> Result<Summary, HostError> {
     let mut sum = Summary::default();
     for dom in doms {
-        match release_domain(host, dom) {
+        match release_domain(host, dom, granularity) {
             Ok(None) => {}
             Ok(Some(r)) => {
                 sum.domains += 1;
@@ -324,10 +337,10 @@ fn log_released(name: &str, r: &Released) {
 }
 
 /// Gives back the recorded pins of every running domain.
-pub fn release_all(host: &mut dyn Host) -> Result<Summary, HostError> {
+pub fn release_all(host: &mut dyn Host, granularity: Granularity) -> Result<Summary, HostError> {
     host.ensure_connected()?;
     let doms = host.list_domains()?;
-    release_domains(host, &doms)
+    release_domains(host, &doms, granularity)
 }
 
 /// What a clean stop does with the agent's pins: gives them back unless the configuration
@@ -341,7 +354,8 @@ pub fn stop_release<H: Host>(agent: &mut Agent<H>) -> Option<Result<Summary, Hos
     if cfg.dry_run {
         return None;
     }
-    Some(release_all(&mut agent.host))
+    let granularity = agent.config().cpu.as_ref().map_or(Granularity::Cpu, |p| p.granularity);
+    Some(release_all(&mut agent.host, granularity))
 }
 
 /// The daemon's clean stop: [`stop_release`]; never fails. It needs no deadline of its own:
@@ -365,7 +379,12 @@ pub fn on_stop<H: Host>(agent: &mut Agent<H>) {
 /// domains, or of every running domain. Fails when libvirt is unreachable or a pin could not be
 /// given back; does nothing with `--keep-pins-on-exit` (so one environment file serves both
 /// `run` and `ExecStopPost=`).
-pub fn command(connect: &str, keep_pins_on_exit: bool, names: &[String]) -> anyhow::Result<()> {
+pub fn command(
+    connect: &str,
+    keep_pins_on_exit: bool,
+    granularity: Granularity,
+    names: &[String],
+) -> anyhow::Result<()> {
     if keep_pins_on_exit {
         info!("--keep-pins-on-exit is set: leaving the vCPU pins as they are");
         return Ok(());
@@ -379,7 +398,7 @@ pub fn command(connect: &str, keep_pins_on_exit: bool, names: &[String]) -> anyh
         }
         doms.retain(|d| names.contains(&d.name));
     }
-    let s = release_domains(&mut host, &doms).context("giving back the vCPU pins")?;
+    let s = release_domains(&mut host, &doms, granularity).context("giving back the vCPU pins")?;
     if s.failed > 0 {
         anyhow::bail!("{} of the recorded vCPU pins could not be given back", s.failed);
     }

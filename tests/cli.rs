@@ -46,6 +46,7 @@ fn bad_flags_exit_2_with_the_flag_named() {
         (vec!["run", "--repack-min-gain", "65"], "--repack-min-gain"),
         (vec!["run", "--pin-granularity", "thread"], "--pin-granularity"),
         (vec!["run", "--pin-granularity", "core", "--consolidate"], "--pin-granularity"),
+        (vec!["diagnose", "--pin-granularity", "llc", "--repack"], "--pin-granularity"),
         (vec!["simulate", "--pin-granularity", "llc", "--repack-schedule", "0 3 * * *"], "--pin-granularity"),
     ] {
         let out = vmb(&args, &[]);

@@ -65,15 +65,30 @@ fn fixture_traces_give_finite_figures() {
 
 #[test]
 fn an_overcommitted_host_gets_capacity_advice_and_a_light_one_none() {
-    let advice = |guests: &str| {
-        let r =
-            run(&["--scenario", "steady", "--host-cpus", "8", "--guests", guests, "--duration", "1h", "--seed", "1"]);
-        get(&r, Policy::Ours).advice_quanta_fraction.unwrap()
-    };
-    // Five guests per cpu ask more than --high allows: after the window, a guest is named.
-    let heavy = advice("40");
-    assert!(heavy > 0.0, "{heavy}");
-    assert_eq!(advice("8"), 0.0, "one guest per cpu: nothing to advise");
+    for g in ["cpu", "llc"] {
+        let advice = |guests: &str| {
+            let r = run(&[
+                "--scenario",
+                "steady",
+                "--host-cpus",
+                "8",
+                "--guests",
+                guests,
+                "--duration",
+                "1h",
+                "--seed",
+                "1",
+                "--pin-granularity",
+                g,
+            ]);
+            get(&r, Policy::Ours).advice_quanta_fraction.unwrap()
+        };
+        // Five guests per cpu ask more than --high allows: after the window, a guest is named
+        // (at llc granularity too, where the planner's loads are shares of a cache domain).
+        let heavy = advice("40");
+        assert!(heavy > 0.0, "{g}: {heavy}");
+        assert_eq!(advice("8"), 0.0, "{g}: one guest per cpu: nothing to advise");
+    }
 }
 
 #[test]
@@ -421,9 +436,9 @@ fn compare_granularities_adds_the_agent_at_core_and_llc() {
     let ours = get(&r, Policy::Ours);
     let same = |p: &sim::PolicyReport| (p.delay_core_seconds, p.repins_per_vcpu_hour, p.remote_core_seconds);
     assert_eq!(same(ours), same(get(&plain, Policy::Ours)), "the other columns run as before");
+    let vcpus = spec(&args).1.specs().iter().map(|g| u64::from(g.vcpus)).sum::<u64>();
     for p in [Policy::OursCore, Policy::OursLlc] {
         let g = get(&r, p);
-        assert_eq!(g.placements, ours.placements, "{}: every vCPU placed once", g.name);
-        assert_ne!(g.busiest_over_bound_mean, ours.busiest_over_bound_mean, "{}: pinned otherwise", g.name);
+        assert!(g.placements >= vcpus, "{}: every vCPU placed: {} of {vcpus}", g.name, g.placements);
     }
 }

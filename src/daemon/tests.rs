@@ -469,4 +469,36 @@ fn at_core_granularity_a_core_that_loses_a_thread_has_its_vcpus_placed_again() {
     let now = sets(&a);
     assert!(now.iter().all(|s| !s.contains(&2)), "{now:?}");
     assert!(now.iter().all(|s| *s == [0] || *s == [1, 3]), "on groups of the new topology: {now:?}");
+    // Back online: a vCPU on {0} (now a part of core {0, 2}) is placed again, onto a whole core.
+    a.host.sim.set_cpu_online(2, true);
+    run(&mut a, 6);
+    assert_eq!(sets(&a), vec![vec![0, 2], vec![1, 3]], "whole cores again");
+}
+
+#[test]
+fn at_llc_granularity_a_cache_domain_that_regains_a_cpu_takes_its_vcpus_back_whole() {
+    // 8 cpus: LLCs {0, 1, 4, 5} and {2, 3, 6, 7}; one guest of one vCPU at 0.6.
+    let mut h = Faulty::new(8, &[("a", 1)]);
+    h.sim.set_demand(0, 0, 0.6);
+    let mut c = Common::defaults().unwrap();
+    c.quantum = Duration::from_nanos(Q);
+    c.smoothing = Duration::from_millis(500);
+    c.no_memory = true;
+    c.pin_granularity = crate::policy::cpu::Granularity::Llc;
+    let mut a = Agent::new(h, AgentConfig::from_flags(&c, false));
+    run(&mut a, 6);
+    let on = |a: &Agent<Faulty>| a.host.sim.affinity(0, 0).unwrap().0.clone();
+    assert_eq!(on(&a), [0, 1, 4, 5]);
+    a.host.sim.set_cpu_online(5, false);
+    run(&mut a, 6);
+    let shrunk = on(&a);
+    assert!(shrunk == [0, 1, 4] || shrunk == [2, 3, 6, 7], "{shrunk:?}");
+    // Pinned to {0, 1, 4} by hand (as the agent would have), then cpu 5 comes back: that set is
+    // inside LLC {0, 1, 4, 5}, not a group: placed again, on a whole LLC.
+    let d = a.host.sim.list_domains().unwrap()[0].clone();
+    a.host.sim.pin_vcpu_set(&d, 0, &crate::host::CpuSet(vec![0, 1, 4])).unwrap();
+    a.host.sim.set_cpu_online(5, true);
+    run(&mut a, 6);
+    let back = on(&a);
+    assert!(back == [0, 1, 4, 5] || back == [2, 3, 6, 7], "{back:?}");
 }

@@ -138,6 +138,9 @@ pub struct CpuSlot {
     /// At `--pin-granularity core|llc`: the cpus this slot stands for (`id` is the lowest),
     /// what its vCPUs are pinned to. Its loads are shares of the group's capacity.
     pub group: Option<CpuSet>,
+    /// What the slot serves, in cores: 1 for a cpu; a group's capacity ([`groups`]). The
+    /// planner's loads are shares of it; times it, they are cores again.
+    pub capacity: f64,
 }
 
 /// `cpu 3`, or `cpus 2-3` for a group: how logs and reasons name a slot.

@@ -75,7 +75,7 @@ fn a_restarted_agent_keeps_the_prior_its_predecessor_recorded() {
     let s = snapshot(&mut a);
     apply_recorded(&mut a.host, &s, &[pin("a", 0, &[1], 0)], u64::MAX).unwrap();
     assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1]))], "not overwritten by the single-cpu pin it found");
-    let sum = release_all(&mut a.host).unwrap();
+    let sum = release_all(&mut a.host, Granularity::Cpu).unwrap();
     assert_eq!(sum, Summary { domains: 1, restored: 1, failed: 0 });
     assert_eq!(a.host.affinity(0, 0), Some(&set(&[0, 1])), "the true original, not the predecessor's pin");
 }
@@ -114,7 +114,11 @@ fn the_agent_records_what_it_pins_and_a_clean_stop_gives_it_back() {
     }
     assert!(rec(&mut a.host, 0).is_empty() && rec(&mut a.host, 1).is_empty(), "records cleared");
     assert!(a.host.agent_threads(&db).unwrap().is_empty(), "thread record cleared");
-    assert_eq!(release_all(&mut a.host).unwrap(), Summary::default(), "a second release has nothing to do");
+    assert_eq!(
+        release_all(&mut a.host, Granularity::Cpu).unwrap(),
+        Summary::default(),
+        "a second release has nothing to do"
+    );
 }
 
 #[test]
@@ -156,7 +160,7 @@ fn a_domain_gone_during_release_is_skipped() {
     }
     let listed = h.list_domains().unwrap();
     h.restart_guest(0);
-    let sum = release_domains(&mut h, &listed).unwrap();
+    let sum = release_domains(&mut h, &listed, Granularity::Cpu).unwrap();
     assert_eq!(sum, Summary { domains: 1, restored: 1, failed: 0 });
     assert_eq!(h.affinity(1, 0), Some(&set(&[0, 1])));
 }
@@ -200,7 +204,7 @@ fn a_thread_pin_records_its_prior_first_and_a_failed_one_is_taken_out_again() {
     }
     apply_recorded(&mut a.host, &s, &[later], u64::MAX).unwrap();
     assert_eq!(a.host.agent_threads(&d).unwrap()[0].prior, set(&[0, 1]));
-    let r = release_domain(&mut a.host, &d).unwrap().unwrap();
+    let r = release_domain(&mut a.host, &d, Granularity::Cpu).unwrap().unwrap();
     assert_eq!(r.threads_restored, vec![ThreadPin { thread: QemuThread::Emulator, prior: set(&[0, 1]) }]);
     assert_eq!(a.host.emulator_pin(0), Some(&set(&[0, 1])));
     assert!(a.host.agent_threads(&d).unwrap().is_empty());
@@ -215,7 +219,7 @@ fn a_vcpu_someone_else_has_set_since_is_left_alone() {
     h.set_agent_pins(&d, &pins).unwrap();
     h.pin_vcpu(&d, 0, 1).unwrap();
     h.pin_vcpu_set(&d, 1, &set(&[2, 3])).unwrap();
-    let r = release_domain(&mut h, &d).unwrap().unwrap();
+    let r = release_domain(&mut h, &d, Granularity::Cpu).unwrap().unwrap();
     assert_eq!(r.left, vec![(1, set(&[2, 3]))]);
     assert_eq!(
         r.restored.iter().map(|p| p.vcpu).collect::<Vec<_>>(),
@@ -228,20 +232,34 @@ fn a_vcpu_someone_else_has_set_since_is_left_alone() {
 }
 
 #[test]
-fn a_vcpu_the_agent_pinned_to_a_core_or_an_llc_is_given_back() {
+fn a_set_inside_one_core_or_llc_is_the_agents_only_at_that_granularity() {
     // 8 simulated cpus: 2 sockets of 2 cores of 2 threads; cpus 1 and 5 share a core, cpus
     // 0, 1, 4, 5 socket 0's LLC.
-    let mut h = host(8, &[("a", 3)]);
-    let d = dom(&mut h, 0);
-    let prior = set(&[0, 1, 2, 3, 4, 5, 6, 7]);
-    let pins: Vec<AgentPin> = (0..3).map(|vcpu| AgentPin { vcpu, prior: prior.clone() }).collect();
-    h.set_agent_pins(&d, &pins).unwrap();
-    h.pin_vcpu_set(&d, 0, &set(&[1, 5])).unwrap();
-    h.pin_vcpu_set(&d, 1, &set(&[0, 1, 4, 5])).unwrap();
-    h.pin_vcpu_set(&d, 2, &set(&[1, 2])).unwrap();
-    let r = release_domain(&mut h, &d).unwrap().unwrap();
-    assert_eq!(r.restored.iter().map(|p| p.vcpu).collect::<Vec<_>>(), vec![0, 1]);
-    assert_eq!(r.left, vec![(2, set(&[1, 2]))], "cpus of two sockets: someone else's");
-    assert_eq!(h.affinity(0, 0), Some(&prior));
-    assert_eq!(h.affinity(0, 1), Some(&prior));
+    let all = set(&[0, 1, 2, 3, 4, 5, 6, 7]);
+    let setup = || {
+        let mut h = host(8, &[("a", 3)]);
+        let d = dom(&mut h, 0);
+        let pins: Vec<AgentPin> = (0..3).map(|vcpu| AgentPin { vcpu, prior: all.clone() }).collect();
+        h.set_agent_pins(&d, &pins).unwrap();
+        h.pin_vcpu_set(&d, 0, &set(&[1, 5])).unwrap();
+        h.pin_vcpu_set(&d, 1, &set(&[0, 1, 4, 5])).unwrap();
+        h.pin_vcpu_set(&d, 2, &set(&[1, 2])).unwrap();
+        (h, d)
+    };
+    let restored = |r: &Released| r.restored.iter().map(|p| p.vcpu).collect::<Vec<_>>();
+    let left = |r: &Released| r.left.iter().map(|(v, _)| *v).collect::<Vec<_>>();
+    // At `cpu` the agent pins single cpus only: every set is someone else's.
+    let (mut h, d) = setup();
+    let r = release_domain(&mut h, &d, Granularity::Cpu).unwrap().unwrap();
+    assert_eq!((restored(&r), left(&r)), (vec![], vec![0, 1, 2]));
+    assert_eq!(h.affinity(0, 0), Some(&set(&[1, 5])), "an operator's set inside one core stays");
+    // At `core`: the core's two threads.
+    let (mut h, d) = setup();
+    let r = release_domain(&mut h, &d, Granularity::Core).unwrap().unwrap();
+    assert_eq!((restored(&r), left(&r)), (vec![0], vec![1, 2]));
+    // At `llc`: a set inside socket 0's LLC (a core is inside it too), not one across sockets.
+    let (mut h, d) = setup();
+    let r = release_domain(&mut h, &d, Granularity::Llc).unwrap().unwrap();
+    assert_eq!((restored(&r), left(&r)), (vec![0, 1], vec![2]));
+    assert_eq!(h.affinity(0, 1), Some(&all));
 }

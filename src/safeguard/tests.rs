@@ -15,7 +15,7 @@ fn cfg() -> SafeguardConfig {
 fn input(vcpus: &[(&str, f64, u32)]) -> CpuInput {
     CpuInput {
         cpus: (0..2)
-            .map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false, sibling: None, group: None })
+            .map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false, sibling: None, group: None, capacity: 1.0 })
             .collect(),
         vcpus: vcpus
             .iter()

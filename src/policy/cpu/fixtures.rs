@@ -5,7 +5,9 @@ use super::{CpuSet, CpuSlot, VcpuSlot};
 
 /// `n` idle cpus of one node, without SMT siblings.
 pub fn cpus(n: u32) -> Vec<CpuSlot> {
-    (0..n).map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false, sibling: None, group: None }).collect()
+    (0..n)
+        .map(|id| CpuSlot { id, node: 0, fixed: 0.0, settling: false, sibling: None, group: None, capacity: 1.0 })
+        .collect()
 }
 
 /// A movable vCPU whose peak is its demand, pinned to `cpu` (an index into the cpus), or

@@ -108,8 +108,9 @@ pub type BlockedPins = HashMap<String, HashSet<u32>>;
 /// but are not now (`retired`): vCPUs pinned there are placed again.
 ///
 /// At `core` or `llc` granularity a slot is a group ([`groups`]): a vCPU pinned to exactly a
-/// group's cpus is on that slot, one pinned to a single allowed cpu is placed again (onto a
-/// group), and every load (fixed, demand, peak) is divided by the group's capacity.
+/// group's cpus is on that slot; one pinned to a single allowed cpu, or to a set inside one
+/// group (a group that lost or gained a cpu), is placed again (onto a group); every load
+/// (fixed, demand, peak) is divided by the group's capacity.
 pub fn input_from(
     snap: &Snapshot,
     moved_at: &MovedAt,
@@ -166,6 +167,7 @@ pub fn input_from(
                     settling: set.0.iter().any(settling),
                     sibling: None,
                     group: Some(set.clone()),
+                    capacity: *capacity,
                 };
                 (slot, 1.0 / capacity)
             })
@@ -183,6 +185,7 @@ pub fn input_from(
                 settling: settling(&id),
                 sibling: None,
                 group: None,
+                capacity: 1.0,
             })
             .collect();
         let ids: Vec<u32> = cpus.iter().map(|c| c.id).collect();
@@ -223,16 +226,20 @@ pub fn input_from(
                 continue;
             }
             // Floating over a set someone chose (`virsh vcpupin web 0 2-3 --live`): left there.
-            // At a group granularity, a group that lost a cpu (offline, or `--cpus` narrowed:
-            // its allowed part is a group and the rest was allowed earlier) is placed again.
-            let retired_group = grouped
-                && single.is_none()
-                && v.pinned_to.0.iter().any(|c| retired.contains(c))
-                && group_of(&CpuSet(v.pinned_to.0.iter().copied().filter(|c| !retired.contains(c)).collect()))
-                    .is_some();
+            // At a group granularity a set inside one group is the agent's, as one allowed cpu
+            // is at `cpu` granularity: a group that lost a cpu (offline, `--cpus` narrowed: the
+            // rest was allowed earlier in the run) or gained one (back online, `--cpus` widened)
+            // is placed again.
+            let in_one_group = grouped && single.is_none() && {
+                let mut slots = v.pinned_to.0.iter().filter_map(|&c| index_of(c));
+                let first = slots.next();
+                first.is_some()
+                    && slots.all(|g| Some(g) == first)
+                    && v.pinned_to.0.iter().all(|&c| index_of(c).is_some() || retired.contains(&c))
+            };
             if cpu.is_none()
                 && single.is_none()
-                && !retired_group
+                && !in_one_group
                 && chosen_set(&v.pinned_to, &snap.host.cpus, d.desc.default_affinity.as_ref())
             {
                 continue;

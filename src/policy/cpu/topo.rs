@@ -162,6 +162,7 @@ mod tests {
                 settling: false,
                 sibling: s,
                 group: None,
+                capacity: 1.0,
             })
             .collect()
     }

@@ -159,3 +159,22 @@ fn at_cpu_granularity_a_set_is_someone_elses_and_one_cpu_is_a_slot() {
     assert!((i.cpus[7].fixed - 0.1).abs() < 1e-9, "its usage out of cpu 7's busy time");
     assert!((i.cpus[3].fixed - 0.6).abs() < 1e-9, "the set's usage stays in the fixed load");
 }
+
+#[test]
+fn the_capacity_advice_reads_a_groups_loads_in_cores() {
+    // Two vCPUs (1 and 0.5 cores) on the chiplet's first LLC (8 cpus, 5 cores of capacity).
+    let llc0: Vec<u32> = vec![0, 1, 2, 3, 16, 17, 18, 19];
+    let snap = snapshot(epyc(), 0.0, &[("a", 0, &llc0[..], 1.0), ("a", 1, &llc0[..], 0.5)]);
+    let i = input(&snap, Granularity::Llc);
+    assert!((i.vcpus[0].demand - 0.2).abs() < 1e-9, "the planner's share of the LLC");
+    let cfg = crate::capacity::AdviceConfig {
+        window: std::time::Duration::ZERO,
+        high: 0.75,
+        host_reserve_kib: 0,
+        host_psi_limit: 10.0,
+    };
+    let a = crate::capacity::input_from(&snap, &i, &HashMap::new(), 0, &cfg);
+    assert_eq!(a.cpus, 32, "every allowed cpu, not one per group");
+    assert!((a.guests[0].cpu_cores - 1.5).abs() < 1e-9, "{:?}", a.guests);
+    assert!((a.load_cores - 1.5).abs() < 1e-9, "{}", a.load_cores);
+}
