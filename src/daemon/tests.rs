@@ -439,9 +439,21 @@ fn a_new_pin_granularity_gives_the_pins_back_and_places_the_vcpus_again() {
     let mut sets: Vec<Vec<u32>> = (0..2).map(|v| a.host.sim.affinity(0, v).unwrap().0.clone()).collect();
     sets.sort();
     assert_eq!(sets, vec![vec![0, 2], vec![1, 3]], "one vCPU on each LLC");
+    // Back to cpu while libvirt is unreachable: the give-back waits, and is done once it is back.
+    a.host.pin_fails = Some(ErrorClass::ConnectionLost);
     assert_eq!(a.reconfigure(with(Granularity::Cpu)), 1);
     run(&mut a, 3);
+    assert!(!singles(&a), "nothing could be given back yet");
+    a.host.pin_fails = None;
+    run(&mut a, 10);
     assert!(singles(&a), "back on single cpus: {:?}", (0..2).map(|v| a.host.sim.affinity(0, v)).collect::<Vec<_>>());
+    // Switching the CPU balancer off and on again gives nothing back.
+    let calls = a.host.pin_calls;
+    let mut off = with(Granularity::Cpu);
+    off.cpu = None;
+    a.reconfigure(off);
+    a.reconfigure(with(Granularity::Llc));
+    assert_eq!(a.host.pin_calls, calls, "no give-back when the balancer was off");
 }
 
 #[test]

@@ -43,6 +43,19 @@ pub struct Faulty {
 }
 
 impl Faulty {
+    /// Counts a vCPU pin (one cpu or a set) and fails it as `pin_fails` says.
+    fn pin_fault(&mut self, dom: &DomainRef, vcpu: u32) -> Result<(), HostError> {
+        self.pin_calls += 1;
+        self.lag_ns += self.pin_cost_ns;
+        *self.pin_tries.entry((dom.name.clone(), vcpu)).or_default() += 1;
+        match self.pin_fails {
+            Some(class) => {
+                Err(HostError::Refused { op: "pin vcpu", object: dom.name.clone(), class, detail: "injected".into() })
+            }
+            None => Ok(()),
+        }
+    }
+
     /// A host of `cpus` cpus and 64 GiB with these guests (name, vCPUs), 1 GiB each.
     pub fn new(cpus: u32, guests: &[(&str, u32)]) -> Self {
         let specs: Vec<GuestSpec> =
@@ -121,15 +134,8 @@ impl Host for Faulty {
         self.sim.topology()
     }
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
-        self.pin_calls += 1;
-        self.lag_ns += self.pin_cost_ns;
-        *self.pin_tries.entry((dom.name.clone(), vcpu)).or_default() += 1;
-        match self.pin_fails {
-            Some(class) => {
-                Err(HostError::Refused { op: "pin vcpu", object: dom.name.clone(), class, detail: "injected".into() })
-            }
-            None => self.sim.pin_vcpu(dom, vcpu, cpu),
-        }
+        self.pin_fault(dom, vcpu)?;
+        self.sim.pin_vcpu(dom, vcpu, cpu)
     }
     fn set_balloon(&mut self, dom: &DomainRef, target_kib: u64) -> Result<(), HostError> {
         self.sim.set_balloon(dom, target_kib)
@@ -138,6 +144,7 @@ impl Host for Faulty {
         self.sim.set_stats_period(dom, period_s)
     }
     fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &CpuSet) -> Result<(), HostError> {
+        self.pin_fault(dom, vcpu)?;
         self.sim.pin_vcpu_set(dom, vcpu, cpus)
     }
     fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<AgentPin>, HostError> {
