@@ -8,12 +8,22 @@ use crate::host::{ErrorClass, OptOut};
 use crate::sim::faulty::Faulty;
 const Q: u64 = 500_000_000;
 
-fn agent(host: Faulty) -> Agent<Faulty> {
+/// The flags of these tests: a short quantum and smoothing, no memory balancer.
+fn flags() -> Common {
     let mut c = Common::defaults().unwrap();
     c.quantum = Duration::from_nanos(Q);
     c.smoothing = Duration::from_millis(500);
     c.no_memory = true;
-    Agent::new(host, AgentConfig::from_flags(&c, false))
+    c
+}
+
+fn agent(host: Faulty) -> Agent<Faulty> {
+    Agent::new(host, AgentConfig::from_flags(&flags(), false))
+}
+
+/// The configuration of [`flags`] at a pin granularity.
+fn at(g: crate::policy::cpu::Granularity) -> AgentConfig {
+    AgentConfig::from_flags(&Common { pin_granularity: g, ..flags() }, false)
 }
 
 fn piled() -> Faulty {
@@ -202,10 +212,7 @@ fn the_planners_defaults_are_the_flags_defaults() {
 fn new_settings_apply_at_the_next_quantum_without_losing_history() {
     let mut a = agent(piled());
     run(&mut a, 3);
-    let mut c = Common::defaults().unwrap();
-    c.quantum = Duration::from_nanos(Q);
-    c.smoothing = Duration::from_millis(500);
-    c.no_memory = true;
+    let mut c = flags();
     c.high = 0.5;
     c.cpus = Some(crate::cli::CpuList(vec![1]));
     // --high is both the CPU planner's and the capacity advice's threshold.
@@ -426,14 +433,7 @@ fn a_new_pin_granularity_gives_the_pins_back_and_places_the_vcpus_again() {
     run(&mut a, 10);
     let singles = |a: &Agent<Faulty>| (0..2).all(|v| a.host.sim.affinity(0, v).is_some_and(|s| s.0.len() == 1));
     assert!(singles(&a), "spread on single cpus first");
-    let with = |g: Granularity| {
-        let mut c = Common::defaults().unwrap();
-        c.quantum = Duration::from_nanos(Q);
-        c.smoothing = Duration::from_millis(500);
-        c.no_memory = true;
-        c.pin_granularity = g;
-        AgentConfig::from_flags(&c, false)
-    };
+    let with = at;
     assert_eq!(a.reconfigure(with(Granularity::Llc)), 1);
     run(&mut a, 3);
     let mut sets: Vec<Vec<u32>> = (0..2).map(|v| a.host.sim.affinity(0, v).unwrap().0.clone()).collect();
@@ -462,12 +462,7 @@ fn at_core_granularity_a_core_that_loses_a_thread_has_its_vcpus_placed_again() {
     let mut h = Faulty::new(4, &[("a", 1), ("b", 1)]);
     h.sim.set_demand(0, 0, 0.6);
     h.sim.set_demand(1, 0, 0.6);
-    let mut c = Common::defaults().unwrap();
-    c.quantum = Duration::from_nanos(Q);
-    c.smoothing = Duration::from_millis(500);
-    c.no_memory = true;
-    c.pin_granularity = crate::policy::cpu::Granularity::Core;
-    let mut a = Agent::new(h, AgentConfig::from_flags(&c, false));
+    let mut a = Agent::new(h, at(crate::policy::cpu::Granularity::Core));
     run(&mut a, 6);
     let sets = |a: &Agent<Faulty>| {
         let mut s: Vec<Vec<u32>> = (0..2).map(|g| a.host.sim.affinity(g, 0).unwrap().0.clone()).collect();
@@ -492,12 +487,7 @@ fn at_llc_granularity_a_cache_domain_that_regains_a_cpu_takes_its_vcpus_back_who
     // 8 cpus: LLCs {0, 1, 4, 5} and {2, 3, 6, 7}; one guest of one vCPU at 0.6.
     let mut h = Faulty::new(8, &[("a", 1)]);
     h.sim.set_demand(0, 0, 0.6);
-    let mut c = Common::defaults().unwrap();
-    c.quantum = Duration::from_nanos(Q);
-    c.smoothing = Duration::from_millis(500);
-    c.no_memory = true;
-    c.pin_granularity = crate::policy::cpu::Granularity::Llc;
-    let mut a = Agent::new(h, AgentConfig::from_flags(&c, false));
+    let mut a = Agent::new(h, at(crate::policy::cpu::Granularity::Llc));
     run(&mut a, 6);
     let on = |a: &Agent<Faulty>| a.host.sim.affinity(0, 0).unwrap().0.clone();
     assert_eq!(on(&a), [0, 1, 4, 5]);
