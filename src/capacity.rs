@@ -51,14 +51,15 @@ pub fn input_from(
     outstanding_kib: u64,
     cfg: &AdviceConfig,
 ) -> AdviceInput {
-    // In cores: at `--pin-granularity core|llc` the planner's loads are shares of a group's
-    // capacity (a floating vCPU's of the first group's, as the planner counts it).
-    let capacity = |slot: Option<usize>| cpu.cpus.get(slot.unwrap_or(0)).map_or(1.0, |c| c.capacity);
+    // In cores: at `--pin-granularity core|llc` the planner's loads are shares of the largest
+    // group's capacity, and a smaller group's fixed load includes what it lacks of it.
+    let unit = cpu.cpus.iter().map(|c| c.capacity).fold(1.0, f64::max);
     let mut demand: HashMap<&str, f64> = HashMap::new();
     for v in &cpu.vcpus {
-        *demand.entry(&v.domain).or_default() += v.demand * capacity(v.cpu);
+        *demand.entry(&v.domain).or_default() += v.demand * unit;
     }
-    let load_cores = cpu.cpus.iter().map(|c| c.fixed * c.capacity).sum::<f64>() + demand.values().sum::<f64>();
+    let fixed: f64 = cpu.cpus.iter().map(|c| (c.fixed * unit - (unit - c.capacity)).max(0.0)).sum();
+    let load_cores = fixed + demand.values().sum::<f64>();
     let cpus = cpu.cpus.iter().map(|c| c.group.as_ref().map_or(1, |g| g.0.len())).sum();
     let h = &snap.host;
     let pressure =

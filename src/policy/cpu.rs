@@ -138,8 +138,9 @@ pub struct CpuSlot {
     /// At `--pin-granularity core|llc`: the cpus this slot stands for (`id` is the lowest),
     /// what its vCPUs are pinned to. Its loads are shares of the group's capacity.
     pub group: Option<CpuSet>,
-    /// What the slot serves, in cores: 1 for a cpu; a group's capacity ([`groups`]). The
-    /// planner's loads are shares of it; times it, they are cores again.
+    /// What the slot serves, in cores: 1 for a cpu; a group's capacity ([`groups`]). At a
+    /// group granularity the planner's loads are shares of the largest slot's capacity, and a
+    /// smaller slot's fixed load includes what it lacks of that (`input_from`).
     pub capacity: f64,
 }
 

@@ -5,7 +5,8 @@
 //! last-level-cache domain (`llc`). Inside a group the kernel stays work-conserving; the
 //! planner balances the groups, each counted at its capacity (a core with both threads busy
 //! does about [`topo::SMT_YIELD`] cores of work), so its rules, written for a cpu of one core,
-//! read every load of a group as a share of that capacity.
+//! read every load as a share of the largest group's capacity (a smaller group carrying what
+//! it lacks as fixed load).
 
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
@@ -110,7 +111,8 @@ pub type BlockedPins = HashMap<String, HashSet<u32>>;
 /// At `core` or `llc` granularity a slot is a group ([`groups`]): a vCPU pinned to exactly a
 /// group's cpus is on that slot; one pinned to a single allowed cpu, or to a set inside one
 /// group (a group that lost or gained a cpu), is placed again (onto a group); every load
-/// (fixed, demand, peak) is divided by the group's capacity.
+/// (fixed, demand, peak) is a share of the largest group's capacity, a smaller group carrying
+/// what it lacks as fixed load.
 pub fn input_from(
     snap: &Snapshot,
     moved_at: &MovedAt,
@@ -155,23 +157,28 @@ pub fn input_from(
         }
     }
     let busy_of = |c: u32| busy_by_id.get(c as usize).copied();
-    let (mut cpus, scale): (Vec<CpuSlot>, Vec<f64>) = if grouped {
+    // At a group granularity every load is a share of the largest group's capacity (`unit`,
+    // cores), the same for every slot, so a vCPU weighs the same wherever it goes; a smaller
+    // group (`--cpus` taking one thread of a core, a cpu offline) carries the capacity it lacks
+    // as fixed load.
+    let unit = groups.iter().map(|(_, c)| *c).fold(1.0, f64::max);
+    let mut cpus: Vec<CpuSlot> = if grouped {
         groups
             .iter()
             .map(|(set, capacity)| {
                 let first = set.0[0];
-                let slot = CpuSlot {
+                let busy: f64 = set.0.iter().filter_map(|&c| busy_of(c)).sum();
+                CpuSlot {
                     id: first,
                     node: snap.host.topology.get(first).map_or(0, |t| t.node),
-                    fixed: set.0.iter().filter_map(|&c| busy_of(c)).sum::<f64>() / capacity,
+                    fixed: busy / unit + (unit - capacity) / unit,
                     settling: set.0.iter().any(settling),
                     sibling: None,
                     group: Some(set.clone()),
                     capacity: *capacity,
-                };
-                (slot, 1.0 / capacity)
+                }
             })
-            .unzip()
+            .collect()
     } else {
         let mut cpus: Vec<CpuSlot> = snap
             .host
@@ -192,9 +199,9 @@ pub fn input_from(
         for (c, s) in cpus.iter_mut().zip(topo::sibling_indices(&ids, |id| snap.host.topology.siblings(id), index_of)) {
             c.sibling = s;
         }
-        (cpus, Vec::new())
+        cpus
     };
-    let scale_of = |slot: usize| scale.get(slot).copied().unwrap_or(1.0);
+    let k = 1.0 / unit;
     // The group whose cpus are exactly `set`: the one of its first cpu, if that is all of it.
     let group_of = |set: &CpuSet| set.0.first().and_then(|&c| index_of(c)).filter(|&g| groups[g].0 == *set);
     let mut vcpus = Vec::with_capacity(snap.domains.iter().map(|d| d.vcpus.len()).sum());
@@ -246,11 +253,8 @@ pub fn input_from(
             }
             // Take what it ran out of the fixed load of the slot it ran on (none for a retired cpu).
             if let Some(i) = cpu.or_else(|| v.pcpu.and_then(index_of)) {
-                cpus[i].fixed -= rates.usage * scale_of(i);
+                cpus[i].fixed -= rates.usage * k;
             }
-            // Its loads as a share of the capacity of the slot it would be on (groups of one
-            // granularity are alike; the first one's scale stands for a floating vCPU's).
-            let k = scale_of(cpu.unwrap_or(0));
             let demand = rates.demand.clamp(0.0, 1.0);
             vcpus.push(VcpuSlot {
                 domain: Rc::clone(&name),

@@ -178,3 +178,34 @@ fn the_capacity_advice_reads_a_groups_loads_in_cores() {
     assert!((a.guests[0].cpu_cores - 1.5).abs() < 1e-9, "{:?}", a.guests);
     assert!((a.load_cores - 1.5).abs() < 1e-9, "{}", a.load_cores);
 }
+
+#[test]
+fn a_smaller_group_carries_what_it_lacks_as_fixed_load() {
+    // `--cpus 0-15,32-33` on the Xeon at core granularity: cores 0 and 1 with both threads
+    // (1.25 cores each), cores 2-15 with one (1 core each).
+    let mut snap = snapshot(xeon(), 0.0, &[("a", 0, &[2], 1.0)]);
+    snap.host.cpus = (0..16).chain(32..34).collect();
+    snap.host.cpu_busy = vec![0.0; 18];
+    snap.host.cpu_busy[2] = 1.0; // the vCPU runs there
+    let i = input(&snap, Granularity::Core);
+    assert_eq!(i.cpus.len(), 16);
+    assert_eq!(i.cpus[0].group, Some(set(&[0, 32])));
+    assert_eq!(i.cpus[2].group, Some(set(&[2])));
+    let unit = topo::SMT_YIELD;
+    assert!(i.cpus[0].fixed.abs() < 1e-9);
+    assert!((i.cpus[2].fixed - (unit - 1.0) / unit).abs() < 1e-9, "{}", i.cpus[2].fixed);
+    // One full vCPU weighs the same on either: a one-thread core holding it is full.
+    let v = &i.vcpus[0];
+    assert!((v.demand - 1.0 / unit).abs() < 1e-9);
+    assert!((i.cpus[2].fixed + v.demand - 1.0).abs() < 1e-9);
+    // The advice counts cores, not what a group lacks: one core of demand on an idle host.
+    let cfg = crate::capacity::AdviceConfig {
+        window: std::time::Duration::ZERO,
+        high: 0.75,
+        host_reserve_kib: 0,
+        host_psi_limit: 10.0,
+    };
+    let a = crate::capacity::input_from(&snap, &i, &HashMap::new(), 0, &cfg);
+    assert_eq!(a.cpus, 18);
+    assert!((a.load_cores - 1.0).abs() < 1e-9, "{}", a.load_cores);
+}
