@@ -94,8 +94,11 @@ pub struct Agent<H: Host> {
     advisor: Advisor,
     /// The scheduled re-pack and the safeguard.
     repacker: Repacker,
-    /// Pins of this `--pin-granularity` wait to be given back (a reload changed it).
+    /// Pins of this `--pin-granularity` (or a finer one) wait to be given back (a reload
+    /// changed it).
     give_back: Option<cpu::Granularity>,
+    /// The granularity the balancer last pinned at (acting, not in a dry run).
+    pinned_at: Option<cpu::Granularity>,
 }
 
 /// CPU time (user + system) of the calling thread, µs: what one `Agent::step` costs, even
@@ -132,11 +135,20 @@ impl<H: Host> Agent<H> {
             advisor: Advisor::default(),
             repacker: Repacker::default(),
             give_back: None,
+            pinned_at: None,
         }
     }
 
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
+    }
+
+    /// The granularity whose groups count as the agent's when its pins are given back: the
+    /// one in force, or a coarser one whose pins are still out (a coarser group holds the
+    /// finer ones: an LLC its cores, a core its threads).
+    pub fn release_granularity(&self) -> cpu::Granularity {
+        let now = self.cfg.cpu.as_ref().map_or(cpu::Granularity::Cpu, |p| p.granularity);
+        [self.give_back, self.pinned_at].into_iter().flatten().fold(now, Ord::max)
     }
 
     /// Takes new settings (SIGHUP) from the next quantum on, keeping all history: samples,
@@ -159,16 +171,15 @@ impl<H: Host> Agent<H> {
         for c in &changed {
             info!("settings reloaded: {c}");
         }
-        // A new pin granularity with the CPU balancer on before and after (not switching it on
-        // or off): the old granularity's pins are given back.
-        let old_g = self.cfg.cpu.as_ref().map(|p| p.granularity);
-        let regroup = matches!((old_g, new.cpu.as_ref()), (Some(a), Some(b)) if a != b.granularity);
-        self.cfg = new;
-        if let (true, Some(g)) = (regroup && !self.cfg.dry_run, old_g) {
-            // Pins of an earlier change still waiting are of that granularity.
-            self.give_back.get_or_insert(g);
-            self.give_back_for_new_granularity();
+        // The balancer now pins at another granularity than its last pins were made at (also
+        // after a dry run or a stretch with the balancer off): those pins are given back.
+        if let (Some(old), Some(p)) = (self.pinned_at, new.cpu.as_ref())
+            && old != p.granularity
+        {
+            self.give_back = Some(self.give_back.map_or(old, |g| g.max(old)));
         }
+        self.cfg = new;
+        self.give_back_for_new_granularity();
         self.collector.set_config(discovery_for(self.cfg.quantum));
         if let Some(t) = self.tracker.as_mut() {
             let mc = model_config(&self.cfg, t.topology());
@@ -182,7 +193,9 @@ impl<H: Host> Agent<H> {
     /// a clean stop) and the vCPUs are placed again. Tried at the reload and, while it fails
     /// (libvirtd down), at every quantum the connection is up.
     fn give_back_for_new_granularity(&mut self) {
-        let Some(g) = self.give_back else { return };
+        let Some(old) = self.give_back.filter(|_| !self.cfg.dry_run) else { return };
+        // Pins of the new granularity made meanwhile are given back with them.
+        let g = old.max(self.cfg.cpu.as_ref().map_or(old, |p| p.granularity));
         match crate::release::release_all(&mut self.host, g) {
             Ok(s) => {
                 info!(
@@ -190,6 +203,7 @@ impl<H: Host> Agent<H> {
                     s.restored, s.domains, s.failed
                 );
                 self.give_back = None;
+                self.pinned_at = None;
                 self.threads_set.clear();
                 self.moved_at.clear();
             }
@@ -333,8 +347,9 @@ impl<H: Host> Agent<H> {
         if !self.connect(now) {
             return report;
         }
-        if self.give_back.is_some() {
-            self.give_back_for_new_granularity();
+        self.give_back_for_new_granularity();
+        if let (None, false, Some(p)) = (self.give_back, self.cfg.dry_run, self.cfg.cpu.as_ref()) {
+            self.pinned_at = Some(p.granularity);
         }
         let want_balloons =
             self.cfg.mem.as_ref().is_some_and(|m| {

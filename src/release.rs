@@ -218,8 +218,9 @@ fn inside_one_group(set: &CpuSet, topology: &crate::host::Topology, granularity:
         Granularity::Core => t.core_key(),
         Granularity::Llc => (t.package, t.llc, 0),
     };
-    let keys: Option<Vec<_>> = set.0.iter().map(|c| topology.get(*c).map(key)).collect();
-    granularity != Granularity::Cpu && keys.is_some_and(|k| !k.is_empty() && k.windows(2).all(|w| w[0] == w[1]))
+    // A cpu the topology no longer lists (offline) does not count either way.
+    let keys: Vec<_> = set.0.iter().filter_map(|c| topology.get(*c).map(key)).collect();
+    granularity != Granularity::Cpu && !keys.is_empty() && keys.windows(2).all(|w| w[0] == w[1])
 }
 
 /// Gives back the pins recorded on one domain (vCPUs, emulator and I/O threads) and clears the
@@ -247,7 +248,9 @@ pub fn release_domain(
         };
     // A set the agent may have made: one cpu, or at a group granularity cpus of one group.
     let grouped = granularity != Granularity::Cpu && now.iter().flatten().any(|c| c.as_single().is_none());
-    let topology = if grouped { host.topology().ok() } else { None };
+    // Without the topology nothing can tell a group from an operator's set: the record is
+    // kept for a later try (`release`), not cleared with those pins left behind.
+    let topology = if grouped { Some(host.topology()?) } else { None };
     let agents = |cur: &CpuSet| {
         cur.as_single().is_some() || topology.as_ref().is_some_and(|t| inside_one_group(cur, t, granularity))
     };
@@ -354,7 +357,7 @@ pub fn stop_release<H: Host>(agent: &mut Agent<H>) -> Option<Result<Summary, Hos
     if cfg.dry_run {
         return None;
     }
-    let granularity = agent.config().cpu.as_ref().map_or(Granularity::Cpu, |p| p.granularity);
+    let granularity = agent.release_granularity();
     Some(release_all(&mut agent.host, granularity))
 }
 

@@ -447,13 +447,24 @@ fn a_new_pin_granularity_gives_the_pins_back_and_places_the_vcpus_again() {
     a.host.pin_fails = None;
     run(&mut a, 10);
     assert!(singles(&a), "back on single cpus: {:?}", (0..2).map(|v| a.host.sim.affinity(0, v)).collect::<Vec<_>>());
-    // Switching the CPU balancer off and on again gives nothing back.
+    // Switching the CPU balancer off and on again at the same granularity gives nothing back;
+    // on at another one (or after a dry run at another one), the pins are given back then.
     let calls = a.host.pin_calls;
     let mut off = with(Granularity::Cpu);
     off.cpu = None;
+    a.reconfigure(off.clone());
+    a.reconfigure(with(Granularity::Cpu));
+    assert_eq!(a.host.pin_calls, calls, "same granularity: nothing given back");
     a.reconfigure(off);
+    let mut dry = with(Granularity::Llc);
+    dry.dry_run = true;
+    a.reconfigure(dry);
+    run(&mut a, 3);
+    assert_eq!(a.host.pin_calls, calls, "a dry run gives nothing back");
     a.reconfigure(with(Granularity::Llc));
-    assert_eq!(a.host.pin_calls, calls, "no give-back when the balancer was off");
+    assert!(a.host.pin_calls > calls, "given back once the agent acts at llc");
+    run(&mut a, 3);
+    assert!(!singles(&a), "placed again on LLCs");
 }
 
 #[test]
@@ -509,4 +520,24 @@ fn at_llc_granularity_a_cache_domain_that_regains_a_cpu_takes_its_vcpus_back_who
     run(&mut a, 6);
     let back = on(&a);
     assert!(back == llc0 || back == llc1, "{back:?}");
+}
+
+#[test]
+fn at_llc_granularity_narrowing_cpus_to_one_llc_places_the_other_llcs_vcpus_again() {
+    // 8 cpus: LLCs {0, 1, 4, 5} and {2, 3, 6, 7}; two one-vCPU guests at 0.6, one on each.
+    let mut h = Faulty::new(8, &[("a", 1), ("b", 1)]);
+    h.sim.set_demand(0, 0, 0.6);
+    h.sim.set_demand(1, 0, 0.6);
+    let mut a = Agent::new(h, at(crate::policy::cpu::Granularity::Llc));
+    run(&mut a, 6);
+    let sets = |a: &Agent<Faulty>| (0..2).map(|g| a.host.sim.affinity(g, 0).unwrap().0.clone()).collect::<Vec<_>>();
+    let mut first = sets(&a);
+    first.sort();
+    assert_eq!(first, vec![vec![0, 1, 4, 5], vec![2, 3, 6, 7]]);
+    // A reload narrows --cpus to the first LLC: the vCPU on the second is placed again.
+    let mut narrow = at(crate::policy::cpu::Granularity::Llc);
+    narrow.cpus = Some(vec![0, 1, 4, 5]);
+    a.reconfigure(narrow);
+    run(&mut a, 6);
+    assert_eq!(sets(&a), vec![vec![0, 1, 4, 5], vec![0, 1, 4, 5]], "none left on cpus outside --cpus");
 }

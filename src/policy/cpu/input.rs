@@ -16,8 +16,9 @@ use crate::model::Snapshot;
 
 use super::{CpuInput, CpuPolicy, CpuSlot, MovedAt, VcpuSlot, topo};
 
-/// What a vCPU is pinned to (`--pin-granularity`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What a vCPU is pinned to (`--pin-granularity`), finest first: a coarser group holds finer
+/// ones (an LLC its cores, a core its threads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum Granularity {
     /// One cpu.
     #[default]
@@ -213,7 +214,21 @@ pub fn input_from(
             let Some(rates) = v.rates else { continue };
             let single = v.pinned_to.as_single();
             // Its slot: the allowed cpu it is pinned to, or the group whose cpus it is pinned to.
-            let cpu = if grouped { group_of(&v.pinned_to) } else { single.and_then(index_of) };
+            // (A group pin the host's cpuset narrowed, e.g. a machine slice allowing fewer cpus
+            // than `--cpus`, reads back as the group within the guest's default affinity.)
+            let narrowed = |g: usize| {
+                d.desc.default_affinity.as_ref().is_some_and(|def| {
+                    let within: Vec<u32> =
+                        groups[g].0.0.iter().copied().filter(|c| def.0.binary_search(c).is_ok()).collect();
+                    within == v.pinned_to.0
+                })
+            };
+            let cpu = if grouped {
+                group_of(&v.pinned_to)
+                    .or_else(|| v.pinned_to.0.first().and_then(|&c| index_of(c)).filter(|&g| narrowed(g)))
+            } else {
+                single.and_then(index_of)
+            };
             let cooling =
                 moved.and_then(|m| m.get(&v.id)).is_some_and(|&t| snap.t_ns < t.saturating_add(policy.cooldown_ns));
             let movable = d.cpu_excluded.is_none() && !cooling && !stuck.is_some_and(|s| s.contains(&v.id));
@@ -235,13 +250,12 @@ pub fn input_from(
             // Floating over a set someone chose (`virsh vcpupin web 0 2-3 --live`): left there.
             // At a group granularity a set inside one group is the agent's, as one allowed cpu
             // is at `cpu` granularity: a group that lost a cpu (offline, `--cpus` narrowed: the
-            // rest was allowed earlier in the run) or gained one (back online, `--cpus` widened)
-            // is placed again.
-            let in_one_group = grouped && single.is_none() && {
+            // rest was allowed earlier in the run), lost all of them, or gained one (back
+            // online, `--cpus` widened) is placed again.
+            let in_one_group = grouped && single.is_none() && !v.pinned_to.0.is_empty() && {
                 let mut slots = v.pinned_to.0.iter().filter_map(|&c| index_of(c));
                 let first = slots.next();
-                first.is_some()
-                    && slots.all(|g| Some(g) == first)
+                slots.all(|g| Some(g) == first)
                     && v.pinned_to.0.iter().all(|&c| index_of(c).is_some() || retired.contains(&c))
             };
             if cpu.is_none()
@@ -267,8 +281,9 @@ pub fn input_from(
             });
         }
     }
+    // A smaller group never looks roomier than what it lacks of the largest one.
     for c in &mut cpus {
-        c.fixed = c.fixed.max(0.0);
+        c.fixed = c.fixed.max((unit - c.capacity) / unit);
     }
     CpuInput { cpus, vcpus }
 }

@@ -209,3 +209,17 @@ fn a_smaller_group_carries_what_it_lacks_as_fixed_load() {
     assert_eq!(a.cpus, 18);
     assert!((a.load_cores - 1.0).abs() < 1e-9, "{}", a.load_cores);
 }
+
+#[test]
+fn a_group_pin_the_hosts_cpuset_narrowed_is_still_on_its_group() {
+    // Core {3, 35}, but the guest's cpuset (its default affinity) leaves out cpu 35: the
+    // kernel narrowed the agent's pin to {3}; it is on core 3's slot, not placed again.
+    let all: Vec<u32> = (0..64).filter(|&c| c != 35).collect();
+    let mut snap = snapshot(xeon(), 0.0, &[("a", 0, &[3], 0.5)]);
+    snap.domains[0].desc.default_affinity = Some(CpuSet(all));
+    let i = input(&snap, Granularity::Core);
+    assert_eq!(i.vcpus[0].cpu, Some(3), "{:?}", i.vcpus[0]);
+    // Without that cpuset, a vCPU on one cpu of a core is the agent's to place again.
+    snap.domains[0].desc.default_affinity = None;
+    assert_eq!(input(&snap, Granularity::Core).vcpus[0].cpu, None);
+}
