@@ -21,6 +21,14 @@ fn agent(host: Faulty) -> Agent<Faulty> {
     Agent::new(host, AgentConfig::from_flags(&flags(), false))
 }
 
+/// Two one-vCPU guests at 0.6 cores on a simulated host of `cpus` cpus, the agent at `g`.
+fn two_guests_at(cpus: u32, g: crate::policy::cpu::Granularity) -> Agent<Faulty> {
+    let mut h = Faulty::new(cpus, &[("a", 1), ("b", 1)]);
+    h.sim.set_demand(0, 0, 0.6);
+    h.sim.set_demand(1, 0, 0.6);
+    Agent::new(h, at(g))
+}
+
 /// The configuration of [`flags`] at a pin granularity.
 fn at(g: crate::policy::cpu::Granularity) -> AgentConfig {
     AgentConfig::from_flags(&Common { pin_granularity: g, ..flags() }, false)
@@ -470,10 +478,7 @@ fn a_new_pin_granularity_gives_the_pins_back_and_places_the_vcpus_again() {
 #[test]
 fn at_core_granularity_a_core_that_loses_a_thread_has_its_vcpus_placed_again() {
     // 4 cpus: cores {0, 2} and {1, 3}; two one-vCPU guests at 0.6, one per core.
-    let mut h = Faulty::new(4, &[("a", 1), ("b", 1)]);
-    h.sim.set_demand(0, 0, 0.6);
-    h.sim.set_demand(1, 0, 0.6);
-    let mut a = Agent::new(h, at(crate::policy::cpu::Granularity::Core));
+    let mut a = two_guests_at(4, crate::policy::cpu::Granularity::Core);
     run(&mut a, 6);
     let sets = |a: &Agent<Faulty>| {
         let mut s: Vec<Vec<u32>> = (0..2).map(|g| a.host.sim.affinity(g, 0).unwrap().0.clone()).collect();
@@ -525,10 +530,7 @@ fn at_llc_granularity_a_cache_domain_that_regains_a_cpu_takes_its_vcpus_back_who
 #[test]
 fn at_llc_granularity_narrowing_cpus_to_one_llc_places_the_other_llcs_vcpus_again() {
     // 8 cpus: LLCs {0, 1, 4, 5} and {2, 3, 6, 7}; two one-vCPU guests at 0.6, one on each.
-    let mut h = Faulty::new(8, &[("a", 1), ("b", 1)]);
-    h.sim.set_demand(0, 0, 0.6);
-    h.sim.set_demand(1, 0, 0.6);
-    let mut a = Agent::new(h, at(crate::policy::cpu::Granularity::Llc));
+    let mut a = two_guests_at(8, crate::policy::cpu::Granularity::Llc);
     run(&mut a, 6);
     let sets = |a: &Agent<Faulty>| (0..2).map(|g| a.host.sim.affinity(g, 0).unwrap().0.clone()).collect::<Vec<_>>();
     let mut first = sets(&a);

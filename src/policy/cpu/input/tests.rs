@@ -89,6 +89,17 @@ fn snapshot(topology: Topology, busy: f64, vcpus: &[(&str, u32, &[u32], f64)]) -
     }
 }
 
+/// The capacity advice's input from a planner input (`--high 0.75`, no reserve).
+fn advice_input(snap: &Snapshot, i: &CpuInput) -> crate::policy::advice::AdviceInput {
+    let cfg = crate::capacity::AdviceConfig {
+        window: std::time::Duration::ZERO,
+        high: 0.75,
+        host_reserve_kib: 0,
+        host_psi_limit: 10.0,
+    };
+    crate::capacity::input_from(snap, i, &HashMap::new(), 0, &cfg)
+}
+
 fn input(snap: &Snapshot, g: Granularity) -> CpuInput {
     let policy = CpuPolicy { granularity: g, ..CpuPolicy::default() };
     input_from(snap, &MovedAt::new(), &HashMap::new(), &BlockedPins::new(), &HashSet::new(), &policy)
@@ -167,13 +178,7 @@ fn the_capacity_advice_reads_a_groups_loads_in_cores() {
     let snap = snapshot(epyc(), 0.0, &[("a", 0, &llc0[..], 1.0), ("a", 1, &llc0[..], 0.5)]);
     let i = input(&snap, Granularity::Llc);
     assert!((i.vcpus[0].demand - 0.2).abs() < 1e-9, "the planner's share of the LLC");
-    let cfg = crate::capacity::AdviceConfig {
-        window: std::time::Duration::ZERO,
-        high: 0.75,
-        host_reserve_kib: 0,
-        host_psi_limit: 10.0,
-    };
-    let a = crate::capacity::input_from(&snap, &i, &HashMap::new(), 0, &cfg);
+    let a = advice_input(&snap, &i);
     assert_eq!(a.cpus, 32, "every allowed cpu, not one per group");
     assert!((a.guests[0].cpu_cores - 1.5).abs() < 1e-9, "{:?}", a.guests);
     assert!((a.load_cores - 1.5).abs() < 1e-9, "{}", a.load_cores);
@@ -199,13 +204,7 @@ fn a_smaller_group_carries_what_it_lacks_as_fixed_load() {
     assert!((v.demand - 1.0 / unit).abs() < 1e-9);
     assert!((i.cpus[2].fixed + v.demand - 1.0).abs() < 1e-9);
     // The advice counts cores, not what a group lacks: one core of demand on an idle host.
-    let cfg = crate::capacity::AdviceConfig {
-        window: std::time::Duration::ZERO,
-        high: 0.75,
-        host_reserve_kib: 0,
-        host_psi_limit: 10.0,
-    };
-    let a = crate::capacity::input_from(&snap, &i, &HashMap::new(), 0, &cfg);
+    let a = advice_input(&snap, &i);
     assert_eq!(a.cpus, 18);
     assert!((a.load_cores - 1.0).abs() < 1e-9, "{}", a.load_cores);
 }
