@@ -130,12 +130,12 @@ pub struct SimArgs {
     /// Fraction of its work a vCPU loses while it runs off its guest's home NUMA node. 0 to 0.9.
     #[arg(long, value_name = "FRACTION", default_value_t = crate::sim::host::topo::DEFAULT_REMOTE_PENALTY, value_parser = remote_penalty, env = "VM_BALANCER_REMOTE_PENALTY")]
     pub remote_penalty: f64,
-    /// Print one JSON document instead of a table.
     /// Also run the agent at `--pin-granularity core` and `llc` (the columns `vm-balancer-core`
     /// and `vm-balancer-llc`, every other flag the same), beside `vm-balancer` at the
     /// granularity given.
     #[arg(long, env = "VM_BALANCER_COMPARE_GRANULARITIES")]
     pub compare_granularities: bool,
+    /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
     /// Also draw the figures over time, one line per policy, into this SVG file (over several
@@ -435,18 +435,25 @@ impl Common {
                 self.starve_below, self.reclaim_above
             ));
         }
-        let g = self.pin_granularity;
-        if g != crate::policy::cpu::Granularity::Cpu {
-            let with = if self.consolidate { Some("--consolidate") } else { None };
-            let with = with.or(self.repack_schedule.as_ref().map(|_| "--repack-schedule"));
-            if let Some(other) = with {
-                return Err(format!(
-                    "--pin-granularity {}: {other} packs vCPUs onto single cpus; use --pin-granularity cpu with it",
-                    g.name()
-                ));
-            }
+        if self.consolidate {
+            self.packs_onto_single_cpus("--consolidate")?;
+        }
+        if self.repack_schedule.is_some() {
+            self.packs_onto_single_cpus("--repack-schedule")?;
         }
         Ok(())
+    }
+
+    /// `what` (consolidation, a re-pack) packs vCPUs onto single cpus: refused with
+    /// `--pin-granularity core|llc`.
+    pub fn packs_onto_single_cpus(&self, what: &str) -> Result<(), String> {
+        match self.pin_granularity {
+            crate::policy::cpu::Granularity::Cpu => Ok(()),
+            g => Err(format!(
+                "--pin-granularity {}: {what} packs vCPUs onto single cpus; use --pin-granularity cpu with it",
+                g.name()
+            )),
+        }
     }
 
     /// Checks the flags that name host cpus against the host's online cpus, once they are

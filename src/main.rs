@@ -203,12 +203,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if let Command::Diagnose { common, repack: true, .. } = &cli.command
-        && common.pin_granularity != Granularity::Cpu
+        && let Err(msg) = common.packs_onto_single_cpus("--repack")
     {
-        let g = common.pin_granularity.name();
-        eprintln!(
-            "error: --pin-granularity {g}: --repack packs vCPUs onto single cpus; use --pin-granularity cpu with it"
-        );
+        eprintln!("error: {msg}");
         return ExitCode::from(2);
     }
     // Flags naming host cpus, against the host's (`release` pins nothing new).

@@ -16,9 +16,10 @@
 //!   each recorded vCPU gets its prior affinity back and the record is cleared. A vCPU someone
 //!   else has since given another multi-cpu affinity is left as it is (the agent only ever sets
 //!   single cpus, or at `--pin-granularity core|llc` the cpus of one physical core or one LLC
-//!   domain: a set inside one of those counts as the agent's). A recorded emulator or I/O thread always gets its prior back: the agent pins
-//!   those to sets of cpus, so a set does not tell whose it is. A domain that went away is
-//!   skipped.
+//!   domain: a set inside one group of the granularity in force, or of a coarser one whose pins
+//!   are still out, counts as the agent's). A recorded emulator or I/O thread always gets its
+//!   prior back: the agent pins those to sets of cpus, so a set does not tell whose it is. A
+//!   domain that went away is skipped.
 
 use anyhow::Context as _;
 use log::{debug, info, warn};
@@ -213,13 +214,9 @@ pub struct Released {
 /// True when every cpu of `set` is in one group of `granularity` in `topology`: one physical
 /// core (`core`), one LLC domain (`llc`); never at `cpu`.
 fn inside_one_group(set: &CpuSet, topology: &crate::host::Topology, granularity: Granularity) -> bool {
-    let key = |t: &crate::host::CpuTopo| match granularity {
-        Granularity::Cpu => (u32::MAX, u32::MAX, t.cpu),
-        Granularity::Core => t.core_key(),
-        Granularity::Llc => (t.package, t.llc, 0),
-    };
     // A cpu the topology no longer lists (offline) does not count either way.
-    let keys: Vec<_> = set.0.iter().filter_map(|c| topology.get(*c).map(key)).collect();
+    let keys: Vec<_> =
+        set.0.iter().filter(|&&c| topology.get(c).is_some()).map(|&c| granularity.group_key(c, topology)).collect();
     granularity != Granularity::Cpu && !keys.is_empty() && keys.windows(2).all(|w| w[0] == w[1])
 }
 

@@ -76,8 +76,9 @@ macro_rules! generic {
 }
 
 /// Registers, on `conn`, for every domain, the events after which a domain's definition must
-/// be read again (the names go into `changed`) or the running domains listed again. All or nothing: on an error the events already
-/// registered are deregistered. Returns the callback ids.
+/// be read again (the names go into `changed`) or the running domains listed again. All or
+/// nothing: on an error the events already registered are deregistered. Returns the callback
+/// ids.
 pub fn watch(conn: &Connect, changed: &Changed) -> Result<Vec<c_int>, virt::error::Error> {
     let wanted: [(sys::virDomainEventID, sys::virConnectDomainEventGenericCallback); 5] = [
         // A domain started, stopped, crashed, ... (the listing changed), or its persistent

@@ -16,6 +16,9 @@ use crate::model::Snapshot;
 
 use super::{CpuInput, CpuPolicy, CpuSlot, MovedAt, VcpuSlot, topo};
 
+/// Which group of a granularity a cpu is in ([`Granularity::group_key`]): equal keys, one group.
+pub type GroupKey = (u8, u32, u32, u32);
+
 /// What a vCPU is pinned to (`--pin-granularity`), finest first: a coarser group holds finer
 /// ones (an LLC its cores, a core its threads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -48,6 +51,20 @@ impl Granularity {
             Granularity::Llc => "llc",
         }
     }
+
+    /// The group `cpu` belongs to at this granularity: the
+    /// cpu itself (also one the topology does not describe), its physical core, or its LLC
+    /// domain (named by its lowest cpu, unique on the host).
+    pub fn group_key(self, cpu: u32, topology: &Topology) -> GroupKey {
+        match (self, topology.get(cpu)) {
+            (Granularity::Cpu, _) | (_, None) => (0, 0, 0, cpu),
+            (Granularity::Core, Some(t)) => {
+                let (node, package, core) = t.core_key();
+                (1, node, package, core)
+            }
+            (Granularity::Llc, Some(t)) => (2, 0, 0, t.llc),
+        }
+    }
 }
 
 /// The groups of the allowed cpus `cpus` (sorted) at `granularity`, each sorted, in the order
@@ -55,21 +72,10 @@ impl Granularity {
 /// allowed thread, [`topo::SMT_YIELD`] per core with two or more. At `cpu` granularity every
 /// cpu is its own group. A cpu the topology does not describe is a group of its own.
 pub fn groups(cpus: &[u32], topology: &Topology, granularity: Granularity) -> Vec<(CpuSet, f64)> {
-    // Key of the group and of the physical core of each cpu.
-    let key = |c: u32| -> (u64, (u32, u32, u32)) {
-        let t = topology.get(c);
-        let core = t.map_or((u32::MAX, u32::MAX, c), |t| t.core_key());
-        let group = match (granularity, t) {
-            (Granularity::Cpu, _) | (_, None) => u64::from(c) | 1 << 40,
-            (Granularity::Core, Some(_)) => u64::from(core.0) << 42 | u64::from(core.1) << 21 | u64::from(core.2),
-            (Granularity::Llc, Some(t)) => u64::from(t.llc) | 2 << 40,
-        };
-        (group, core)
-    };
-    let mut by_group: Vec<(u64, Vec<u32>)> = Vec::new();
-    let mut at: HashMap<u64, usize> = HashMap::new();
+    let mut by_group: Vec<(GroupKey, Vec<u32>)> = Vec::new();
+    let mut at: HashMap<GroupKey, usize> = HashMap::new();
     for &c in cpus {
-        let (g, _) = key(c);
+        let g = granularity.group_key(c, topology);
         let i = *at.entry(g).or_insert_with(|| {
             by_group.push((g, Vec::new()));
             by_group.len() - 1
@@ -79,9 +85,10 @@ pub fn groups(cpus: &[u32], topology: &Topology, granularity: Granularity) -> Ve
     by_group
         .into_iter()
         .map(|(_, members)| {
-            let mut cores: Vec<((u32, u32, u32), usize)> = Vec::new();
+            // Allowed threads per physical core.
+            let mut cores: Vec<(GroupKey, usize)> = Vec::new();
             for &c in &members {
-                let k = key(c).1;
+                let k = Granularity::Core.group_key(c, topology);
                 match cores.iter_mut().find(|(x, _)| *x == k) {
                     Some((_, n)) => *n += 1,
                     None => cores.push((k, 1)),
