@@ -54,7 +54,7 @@ fn snapshot(cpus: u32, domains: usize) -> Snapshot {
     let mut snap = None;
     for _ in 0..3 {
         h.advance(QUANTUM_NS);
-        let raw = col.sample(&mut h, false).expect("sample");
+        let raw = col.sample(&mut h, None).expect("sample");
         snap = tracker.ingest(&raw).or(snap);
     }
     snap.expect("snapshot")

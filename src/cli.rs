@@ -179,6 +179,9 @@ fn interval(s: &str) -> Result<Duration, String> {
 fn long_duration(s: &str) -> Result<Duration, String> {
     units::parse_duration_in(s, Duration::ZERO, Duration::from_secs(86_400))
 }
+fn quiet_interval(s: &str) -> Result<Duration, String> {
+    units::parse_duration_in(s, Duration::ZERO, Duration::from_secs(3600))
+}
 fn smoothing(s: &str) -> Result<Duration, String> {
     units::parse_duration_in(s, Duration::from_millis(1), Duration::from_secs(3600))
 }
@@ -365,6 +368,12 @@ pub struct Common {
     /// How often the (costly) bulk balloon statistics call runs. 100ms to 1h.
     #[arg(long, default_value = "5s", value_parser = quantum, env = "VM_BALANCER_MEM_INTERVAL")]
     pub mem_interval: Duration,
+    /// A guest whose vCPUs used under 1% of a cpu since its balloon statistics were last read
+    /// is quiet: its memory cannot have changed, and that reading is used for up to this long
+    /// before it is read again (each read costs libvirtd a call to the guest's QEMU). 0 reads
+    /// every guest every --mem-interval. 0 to 1h.
+    #[arg(long, default_value = "30s", value_parser = quiet_interval, env = "VM_BALANCER_MEM_QUIET_INTERVAL")]
+    pub mem_quiet_interval: Duration,
     /// Never inflate a guest's balloon below this size.
     #[arg(long, default_value = "256MiB", value_parser = size, env = "VM_BALANCER_GUEST_FLOOR")]
     pub guest_floor: u64,

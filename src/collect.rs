@@ -16,6 +16,9 @@ use log::{debug, info, warn};
 
 use crate::host::{BalloonStats, DomainDesc, Host, HostError, HostSample, VcpuTimes};
 
+mod balloons;
+pub use balloons::{BalloonCounts, BalloonRead, QUIET_SHARE};
+
 /// One domain's raw counters of one quantum.
 #[derive(Debug, Clone)]
 pub struct RawDomain {
@@ -31,8 +34,11 @@ pub struct RawSample {
     pub epoch_s: u64,
     pub domains: Vec<RawDomain>,
     pub host: HostSample,
-    /// Present on quanta where the bulk balloon call ran.
+    /// Present on quanta where balloon statistics were asked for: read, or a quiet guest's
+    /// last reading carried forward (`read_age_s`).
     pub balloons: Option<Vec<(String, BalloonStats)>>,
+    /// How many of those were read and how many carried forward.
+    pub balloon_counts: BalloonCounts,
 }
 
 /// How often known domains are described again, and how much discovery a quantum may do.
@@ -71,6 +77,7 @@ pub struct Collector {
     described_at: HashMap<String, u64>,
     /// Domains whose discovery failed: not retried until their runtime id changes.
     failed: HashMap<String, u32>,
+    balloons: balloons::BalloonPoll,
 }
 
 impl Collector {
@@ -102,10 +109,15 @@ impl Collector {
         self.known.clear();
         self.described_at.clear();
         self.failed.clear();
+        self.balloons.reset();
     }
 
     /// Reads one quantum. A vanished domain is dropped, not an error; a lost connection is.
-    pub fn sample(&mut self, host: &mut dyn Host, with_balloons: bool) -> Result<RawSample, HostError> {
+    pub fn sample(
+        &mut self,
+        host: &mut dyn Host,
+        with_balloons: Option<BalloonRead<'_>>,
+    ) -> Result<RawSample, HostError> {
         let listed = host.list_domains()?;
         let changed = host.changed_domains();
         if let Some(names) = &changed {
@@ -179,8 +191,21 @@ impl Collector {
         }
         domains.sort_by(|a, b| a.desc.dom.name.cmp(&b.desc.dom.name));
         let host_sample = host.host_sample()?;
-        let balloons = if with_balloons { Some(host.balloon_stats()?) } else { None };
-        Ok(RawSample { t_ns: host.now_ns(), epoch_s: host.epoch_s(), domains, host: host_sample, balloons })
+        let (balloons, balloon_counts) = match with_balloons {
+            Some(how) => {
+                let (b, counts) = self.balloons.read(host, &domains, how)?;
+                (Some(b), counts)
+            }
+            None => (None, BalloonCounts::default()),
+        };
+        Ok(RawSample {
+            t_ns: host.now_ns(),
+            epoch_s: host.epoch_s(),
+            domains,
+            host: host_sample,
+            balloons,
+            balloon_counts,
+        })
     }
 
     /// Re-reads the definitions of the known domains described longest ago, within the budget.

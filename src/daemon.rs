@@ -51,6 +51,9 @@ pub struct StepReport {
     pub free_cpus: Vec<u32>,
     /// Why the end of the plan was dropped unapplied (it had grown stale), if it was.
     pub stale: Option<String>,
+    /// Guests whose balloon statistics were read this quantum, and quiet ones whose last
+    /// reading was carried forward (both 0 between memory intervals).
+    pub balloon_reads: crate::collect::BalloonCounts,
 }
 
 impl StepReport {
@@ -355,7 +358,14 @@ impl<H: Host> Agent<H> {
             self.cfg.mem.as_ref().is_some_and(|m| {
                 self.last_balloons_ns.is_none_or(|t| now.saturating_sub(t) + 1_000_000 >= ns(m.interval))
             });
-        let raw = match self.collector.sample(&mut self.host, want_balloons) {
+        let moving = if want_balloons { self.mem.moving() } else { Vec::new() };
+        let read = self
+            .cfg
+            .mem
+            .as_ref()
+            .filter(|_| want_balloons)
+            .map(|m| crate::collect::BalloonRead { quiet_ns: ns(m.quiet_interval), must_read: &moving });
+        let raw = match self.collector.sample(&mut self.host, read) {
             Ok(r) => r,
             Err(e) if e.is_disconnect() => {
                 self.disconnect(&e);
@@ -369,6 +379,7 @@ impl<H: Host> Agent<H> {
         if want_balloons {
             self.last_balloons_ns = Some(now);
         }
+        report.balloon_reads = raw.balloon_counts;
         self.follow_hotplug(&raw.host.cpu_ids);
         let Some(tracker) = self.tracker.as_mut() else { return report };
         let Some(snap) = tracker.ingest(&raw) else { return report };

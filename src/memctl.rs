@@ -94,6 +94,16 @@ impl MemTracker {
     }
 
     /// Names of guests whose definition should be read again (rediscovered), as of the last
+    /// Guests whose balloon is moving toward a target the agent set: their statistics are to
+    /// be read at the next interval whatever the guest did.
+    pub fn moving(&self) -> Vec<String> {
+        self.guests
+            .iter()
+            .filter(|(_, g)| g.target.is_some_and(|(_, _, reached)| !reached))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// [`MemTracker::input`]: their balloon reported a size above the maximum the agent knows,
     /// e.g. a maximum read before a memory hot-plug. The planner holds such a guest meanwhile.
     /// A guest is named once, then again every [`MemTiming::backoff_ns`] while it stays so.
@@ -272,7 +282,8 @@ fn stale(b: Option<&crate::host::BalloonStats>, epoch_s: u64, period_s: u32) -> 
         return Some("guest statistics carry no last-update time".into());
     };
     let limit = u64::from(period_s.max(1)).saturating_mul(3).max(10);
-    let age = epoch_s.saturating_sub(last);
+    // A quiet guest's reading carried forward is judged as of when it was read.
+    let age = epoch_s.saturating_sub(b.read_age_s).saturating_sub(last);
     if age > limit {
         return Some(format!("guest statistics are stale (last update {age}s ago)"));
     }

@@ -68,6 +68,11 @@ struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HowLabels {
+    how: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -120,6 +125,7 @@ pub struct Metrics {
     cpu_busy: Family<CpuLabels, FloatGauge>,
     repins: Family<KindLabels, Counter>,
     balloon_changes: Family<DirectionLabels, Counter>,
+    balloon_reads: Family<HowLabels, Counter>,
     balloon_current: Family<DomainLabels, Gauge>,
     balloon_max: Family<DomainLabels, Gauge>,
     balloon_usable: Family<DomainLabels, Gauge>,
@@ -179,6 +185,7 @@ impl Metrics {
             cpu_busy: Family::default(),
             repins: Family::default(),
             balloon_changes: Family::default(),
+            balloon_reads: Family::default(),
             balloon_current: Family::default(),
             balloon_max: Family::default(),
             balloon_usable: Family::default(),
@@ -258,6 +265,11 @@ impl Metrics {
             m.repins.clone(),
         );
         r.register("balloon_changes", "Balloon changes applied, by direction", m.balloon_changes.clone());
+        r.register(
+            "balloon_reads",
+            "Guests' balloon statistics per memory interval: read from the host (each read costs libvirtd a call to the guest's QEMU), or carried forward for a quiet guest (--mem-quiet-interval)",
+            m.balloon_reads.clone(),
+        );
         r.register_with_unit(
             "balloon_current",
             "Guest balloon size (last balloon statistics)",
@@ -315,6 +327,9 @@ impl Metrics {
         for direction in ["grow", "shrink"] {
             let _ = m.balloon_changes.get_or_create(&DirectionLabels { direction });
         }
+        for how in ["read", "carried"] {
+            let _ = m.balloon_reads.get_or_create(&HowLabels { how });
+        }
         for n in NotGranted::ALL {
             let _ = m.grants_refused.get_or_create(&ReasonLabels { reason: n.as_str() });
         }
@@ -351,6 +366,8 @@ impl Metrics {
                 Action::PinThread { .. } => continue,
             };
         }
+        self.balloon_reads.get_or_create(&HowLabels { how: "read" }).inc_by(r.balloon_reads.read);
+        self.balloon_reads.get_or_create(&HowLabels { how: "carried" }).inc_by(r.balloon_reads.carried);
         for v in &r.mem_verdicts {
             if let Some(n) = v.not_granted {
                 self.grants_refused.get_or_create(&ReasonLabels { reason: n.as_str() }).inc();

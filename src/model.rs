@@ -366,6 +366,7 @@ mod tests {
                 mem_pressure_some_avg10: None,
             },
             balloons: None,
+            balloon_counts: crate::collect::BalloonCounts::default(),
         }
     }
 

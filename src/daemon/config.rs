@@ -89,6 +89,7 @@ impl AgentConfig {
                     credit_timeout_ns: 86_400_000_000_000,
                 },
                 interval: c.mem_interval,
+                quiet_interval: c.mem_quiet_interval,
                 set_stats_period: !c.no_stats_period,
             }),
             dry_run,
@@ -143,8 +144,11 @@ pub(super) fn ns(d: Duration) -> u64 {
 pub struct MemConfig {
     pub policy: MemPolicy,
     pub timing: MemTiming,
-    /// Cadence of the bulk balloon statistics call (and so of memory plans).
+    /// Cadence of the balloon statistics (and so of memory plans).
     pub interval: Duration,
+    /// A quiet guest's last reading is carried forward this long at most (0: every guest is
+    /// read every interval).
+    pub quiet_interval: Duration,
     /// Turn on the balloon stats period of guests that have a balloon but no period.
     pub set_stats_period: bool,
 }

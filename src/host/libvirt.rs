@@ -273,6 +273,23 @@ impl Host for LibvirtHost {
         Ok(recs.iter().filter_map(|r| balloon_from_stats(r).map(|b| (r.name.clone(), b))).collect())
     }
 
+    fn balloon_stats_of(&mut self, doms: &[DomainRef]) -> Result<Vec<(String, BalloonStats)>, HostError> {
+        let mut handles = Vec::with_capacity(doms.len());
+        for dom in doms {
+            match self.lookup(dom) {
+                Ok(d) => handles.push(d),
+                Err(HostError::DomainGone(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if handles.is_empty() {
+            return Ok(Vec::new());
+        }
+        let r = stats::list_domain_stats(&handles, stats::groups::BALLOON);
+        let recs = r.map_err(|e| self.fail("balloon stats", "host", e))?;
+        Ok(recs.iter().filter_map(|r| balloon_from_stats(r).map(|b| (r.name.clone(), b))).collect())
+    }
+
     fn host_sample(&mut self) -> Result<HostSample, HostError> {
         pfs::host_sample(&self.root)
     }
@@ -471,6 +488,7 @@ pub fn balloon_from_stats(r: &DomainStats) -> Option<BalloonStats> {
         swap_in_kib: r.get_u64("balloon.swap_in"),
         major_fault: r.get_u64("balloon.major_fault"),
         last_update_s: r.get_u64("balloon.last-update"),
+        read_age_s: 0,
     })
 }
 

@@ -273,6 +273,10 @@ pub struct BalloonStats {
     pub major_fault: Option<u64>,
     /// Epoch seconds of the guest's last stats update.
     pub last_update_s: Option<u64>,
+    /// Seconds since the agent read these statistics from the host: 0 when read this
+    /// interval, more for a quiet guest's reading carried forward (`collect::balloons`).
+    #[serde(skip)]
+    pub read_age_s: u64,
 }
 
 /// Cumulative busy time of each host cpu (from `/proc/stat`), ns, indexed by position in
@@ -371,6 +375,13 @@ pub trait Host {
     fn vcpu_times(&mut self, desc: &DomainDesc) -> Result<Vec<Option<VcpuTimes>>, HostError>;
     /// One bulk call: balloon statistics of every running domain, keyed by name.
     fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError>;
+    /// The same for the running domains given only (libvirt asks each guest's QEMU over its
+    /// monitor: the cost is per domain). A domain that is gone is left out, not an error.
+    fn balloon_stats_of(&mut self, doms: &[DomainRef]) -> Result<Vec<(String, BalloonStats)>, HostError> {
+        let mut all = self.balloon_stats()?;
+        all.retain(|(n, _)| doms.iter().any(|d| &d.name == n));
+        Ok(all)
+    }
     /// Host cpu busy times and memory.
     fn host_sample(&mut self) -> Result<HostSample, HostError>;
     /// Host cpu topology (read at start, after reconnects, and when the online cpus change).

@@ -1,7 +1,8 @@
-//! Safe wrapper of `virConnectGetAllDomainStats`, the bulk statistics call.
+//! Safe wrappers of the bulk statistics calls, `virConnectGetAllDomainStats` (every running
+//! domain) and `virDomainListGetStats` (the domains given).
 //!
 //! The `virt` crate's `Connect::all_domain_stats` hands back raw record pointers and frees only
-//! the array, leaking the records; this module makes the call through `virt::sys`, copies every
+//! the array, leaking the records; this module makes the calls through `virt::sys`, copies every
 //! typed parameter into owned Rust values, and frees the whole list with
 //! `virDomainStatsRecordListFree`, in one place. The only other `unsafe` code is the one call
 //! in `iothread.rs` beside it.
@@ -10,6 +11,7 @@ use std::ffi::CStr;
 use std::os::raw::c_uint;
 
 use virt::connect::Connect;
+use virt::domain::Domain;
 use virt::sys;
 
 /// One typed parameter value, owned.
@@ -78,6 +80,28 @@ pub fn all_domain_stats(conn: &Connect, stat_groups: u32) -> Result<Vec<DomainSt
             (sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE | STATS_NOWAIT) as c_uint,
         )
     };
+    collect_records(n, records)
+}
+
+/// Runs `virDomainListGetStats(doms, groups, NOWAIT)`: the same records for the given domains
+/// only (libvirt skips a domain that is no longer defined; one that stopped has no record
+/// of the group). Each domain costs libvirtd what it costs in the call for all of them.
+pub fn list_domain_stats(doms: &[Domain], stat_groups: u32) -> Result<Vec<DomainStats>, virt::error::Error> {
+    // libvirt wants a NULL-terminated array of domain pointers.
+    // SAFETY: `as_ptr` only reads the handle; each stays owned by its `Domain` in `doms`.
+    let mut ptrs: Vec<sys::virDomainPtr> = doms.iter().map(|d| unsafe { d.as_ptr() }).collect();
+    ptrs.push(std::ptr::null_mut());
+    let mut records: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+    // SAFETY: every pointer in `ptrs` is a live domain reference owned by `doms`, which
+    // outlives the call; the array is NULL-terminated; `records` is a valid out-pointer that
+    // libvirt fills with a NULL-terminated array it allocates.
+    let n = unsafe {
+        sys::virDomainListGetStats(ptrs.as_mut_ptr(), stat_groups as c_uint, &mut records, STATS_NOWAIT as c_uint)
+    };
+    collect_records(n, records)
+}
+
+fn collect_records(n: i32, records: *mut sys::virDomainStatsRecordPtr) -> Result<Vec<DomainStats>, virt::error::Error> {
     if n < 0 {
         return Err(virt::error::Error::last_error());
     }

@@ -24,6 +24,7 @@ fn snap(t_s: u64, avail_mib: u64, guests: &[G]) -> Snapshot {
                 swap_in_kib: Some(0),
                 major_fault: Some(0),
                 last_update_s: Some(1000 + t_s),
+                read_age_s: 0,
             };
             DomainView {
                 desc: DomainDesc {
@@ -224,4 +225,23 @@ fn history_stays_bounded_whatever_the_window_and_interval() {
     assert!(m.history_entries("a").unwrap() <= crate::window::BUCKETS, "{:?}", m.history_entries("a"));
     // The early peak is still remembered (within the window): usable at peak use = 100 MiB.
     assert_eq!(last, Some(100 * MIB));
+}
+
+#[test]
+fn a_reading_carried_forward_is_judged_stale_as_of_when_it_was_read() {
+    let t = timing(600);
+    let mut m = MemTracker::new();
+    let hold = |m: &mut MemTracker, last_update_age: u64, read_age: u64| {
+        let mut s = snap(100, 2000, &[("quiet", 1, 1024, 1024, 900)]);
+        let b = &mut s.domains[0].balloon.as_mut().unwrap().0;
+        b.last_update_s = Some(s.epoch_s - last_update_age);
+        b.read_age_s = read_age;
+        m.input(&s, &t).0[0].hold.clone()
+    };
+    // Read 30 s ago, when the guest's report was 1 s old: good for this interval.
+    assert_eq!(hold(&mut m, 31, 30), None);
+    // The same report read now would be stale (the guest stopped reporting 31 s ago).
+    assert!(matches!(hold(&mut m, 31, 0), Some(Hold::NoReport(ref why)) if why.contains("stale")));
+    // Stale already when it was read: stale still.
+    assert!(matches!(hold(&mut m, 60, 30), Some(Hold::NoReport(ref why)) if why.contains("stale")));
 }

@@ -201,6 +201,8 @@ pub struct ActionCounts {
     pub placements: u64,
     /// Σ balloon growth asked for (target above current), KiB.
     pub grants_kib: u64,
+    /// Guests whose balloon statistics were read (what a read costs libvirtd is per guest).
+    pub balloon_reads: u64,
 }
 
 /// The simulated host. See the module documentation for the model.
@@ -681,6 +683,7 @@ impl SimHost {
             swap_in_kib: Some(swap),
             major_fault: Some(swap / 4),
             last_update_s: Some(self.epoch_s()),
+            read_age_s: 0,
         }
     }
 }

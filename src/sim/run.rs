@@ -89,6 +89,9 @@ pub struct PolicyReport {
     pub mem_reclaimed_fraction: f64,
     /// Guest-quanta in which a guest swapped (need above its balloon size).
     pub starvation_events: u64,
+    /// Balloon statistics read from the host per guest-hour (each read costs libvirtd a call
+    /// to the guest's QEMU; 720 is every guest every 5 s).
+    pub balloon_reads_per_guest_hour: f64,
     /// Quanta whose balloon grants left committed host MemAvailable below the reserve.
     pub host_reserve_violations: u64,
     /// Policy CPU time per quantum (this thread, getrusage), µs.
@@ -155,6 +158,7 @@ impl Report {
                     placements: mu(|p| p.placements),
                     mem_reclaimed_fraction: m(|p| p.mem_reclaimed_fraction),
                     starvation_events: mu(|p| p.starvation_events),
+                    balloon_reads_per_guest_hour: m(|p| p.balloon_reads_per_guest_hour),
                     host_reserve_violations: all.iter().map(|p| p.host_reserve_violations).max().unwrap_or(0),
                     agent_cpu_us_per_quantum: m(|p| p.agent_cpu_us_per_quantum),
                     free_cpus_mean: m(|p| p.free_cpus_mean),
@@ -270,6 +274,7 @@ fn run_with(
     let (mut delay, mut reclaimed, mut reclaimable) = (0.0f64, 0.0f64, 0.0f64);
     let (mut smt_lost, mut remote, mut remote_lost) = (0.0f64, 0.0f64, 0.0f64);
     let (mut starving, mut violations, mut repins, mut placements, mut cpu_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut balloon_reads = 0u64;
     let mut series = Recorder::new(spec.quanta, spec.quantum.as_secs_f64());
     let mut advised = 0u64;
     let mut free_sum = 0u64;
@@ -306,6 +311,7 @@ fn run_with(
         free_sum += free_cpus(host, &counts);
         repins += a.repins;
         placements += a.placements;
+        balloon_reads += a.balloon_reads;
         if a.grants_kib > 0 && host.mem_available_committed_kib() < reserve {
             violations += 1;
         }
@@ -334,6 +340,11 @@ fn run_with(
         placements,
         mem_reclaimed_fraction: if reclaimable > 0.0 { reclaimed / reclaimable } else { 1.0 },
         starvation_events: starving,
+        balloon_reads_per_guest_hour: if hours > 0.0 && !counts.is_empty() {
+            balloon_reads as f64 / (counts.len() as f64 * hours)
+        } else {
+            0.0
+        },
         host_reserve_violations: violations,
         agent_cpu_us_per_quantum: if spec.quanta > 0 { cpu_us as f64 / spec.quanta as f64 } else { 0.0 },
         free_cpus_mean: free_sum as f64 / spec.quanta.max(1) as f64,
@@ -404,7 +415,7 @@ fn ratio(a: f64, b: f64) -> String {
 pub fn render_table(r: &Report) -> String {
     use std::fmt::Write as _;
     type Row = (&'static str, fn(&PolicyReport) -> f64);
-    let rows: [Row; 14] = [
+    let rows: [Row; 15] = [
         ("busiest/bound mean", |p| p.busiest_over_bound_mean),
         ("busiest/bound mean converged", |p| p.busiest_over_bound_mean_converged),
         ("busiest/bound p99", |p| p.busiest_over_bound_p99),
@@ -416,6 +427,7 @@ pub fn render_table(r: &Report) -> String {
         ("initial placements", |p| p.placements as f64),
         ("memory reclaimed fraction", |p| p.mem_reclaimed_fraction),
         ("starvation (guest-quanta)", |p| p.starvation_events as f64),
+        ("balloon reads per guest-hour", |p| p.balloon_reads_per_guest_hour),
         ("host-reserve violations", |p| p.host_reserve_violations as f64),
         ("policy CPU µs/quantum", |p| p.agent_cpu_us_per_quantum),
         ("free cpus mean", |p| p.free_cpus_mean),

@@ -54,7 +54,18 @@ impl Host for SimHost {
             .collect())
     }
     fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError> {
+        self.actions.balloon_reads += self.guests.len() as u64;
         Ok(self.guests.iter().map(|g| (g.dom.name.clone(), self.balloon_of(g))).collect())
+    }
+    fn balloon_stats_of(&mut self, doms: &[DomainRef]) -> Result<Vec<(String, BalloonStats)>, HostError> {
+        let out: Vec<(String, BalloonStats)> = self
+            .guests
+            .iter()
+            .filter(|g| doms.iter().any(|d| d.name == g.dom.name && d.id == g.dom.id))
+            .map(|g| (g.dom.name.clone(), self.balloon_of(g)))
+            .collect();
+        self.actions.balloon_reads += out.len() as u64;
+        Ok(out)
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     fn host_sample(&mut self) -> Result<HostSample, HostError> {
