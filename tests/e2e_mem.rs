@@ -204,3 +204,34 @@ fn two_starving_guests_together_get_no_more_than_the_budget() {
     assert!(most <= allowed + 16 * MIB, "granted {most} KiB together, budget {allowed} KiB\n{log}");
     assert!(log.contains("on credit"), "no verdict names the credit\n{log}");
 }
+
+/// How many of the agent's memory intervals read `name`'s balloon statistics.
+fn reads_of(log: &str, name: &str) -> usize {
+    log.lines()
+        .filter_map(|l| l.split_once("balloon statistics: read [").map(|(_, r)| r))
+        .filter(|r| r.split(']').next().is_some_and(|names| names.split(' ').any(|n| n == name)))
+        .count()
+}
+
+#[test]
+fn a_quiet_guest_is_read_only_every_quiet_interval_and_a_busy_one_every_interval() {
+    let _lab = lab();
+    // Both at their floor: the balancer has nothing to do, only statistics to read.
+    let quiet = Guest::start("quiet", &GuestSpec { memory_mib: 256, current_mib: 256, ..GuestSpec::default() });
+    let busy = Guest::start("busy", &GuestSpec { memory_mib: 256, current_mib: 256, burn: 1, ..GuestSpec::default() });
+    std::thread::sleep(Duration::from_secs(5));
+    let mut args = FAST.to_vec();
+    args.extend(["--guest-floor", "256MiB", "--mem-quiet-interval", "5s"]);
+    let agent = Agent::start(&args);
+    let intervals = |log: &str| log.matches("balloon statistics: read [").count();
+    let enough = wait_for(Duration::from_secs(60), || intervals(&agent.log()) >= 15);
+    let log = agent.log();
+    let (q, b, intervals) = (reads_of(&log, &quiet.name), reads_of(&log, &busy.name), intervals(&log));
+    assert!(enough, "{intervals} memory intervals in 60 s\n{log}");
+    eprintln!("quiet guest read {q} times, busy guest {b} times, in {intervals} memory intervals");
+    // 15 intervals of 1 s: the busy guest at each one, the quiet one at the first and then
+    // every 5 s (a few more if it happened to run a little between two).
+    assert!(b + 1 >= intervals, "busy guest read {b} times in {intervals} intervals\n{log}");
+    assert!((2..=intervals / 2).contains(&q), "quiet guest read {q} times in {intervals} intervals\n{log}");
+    assert!(log.contains("quiet guest(s) carried forward"), "{log}");
+}

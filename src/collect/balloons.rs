@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use log::debug;
+
 use crate::host::{BalloonStats, DomainRef, Host, HostError};
 
 use super::RawDomain;
@@ -112,6 +114,10 @@ impl BalloonPoll {
                 // and not the old one either.
                 self.last.remove(name);
             }
+        }
+        if log::log_enabled!(log::Level::Debug) {
+            let read: Vec<&str> = out.iter().filter(|(_, b)| b.read_age_s == 0).map(|(n, _)| n.as_str()).collect();
+            debug!("balloon statistics: read [{}], {} quiet guest(s) carried forward", read.join(" "), counts.carried);
         }
         Ok((out, counts))
     }
