@@ -35,7 +35,7 @@ pub struct RawSample {
     pub domains: Vec<RawDomain>,
     pub host: HostSample,
     /// Present on quanta where balloon statistics were asked for: read, or a quiet guest's
-    /// last reading carried forward (`read_age_s`).
+    /// last reading carried forward (`carried_for_s`).
     pub balloons: Option<Vec<(String, BalloonStats)>>,
     /// How many of those were read and how many carried forward.
     pub balloon_counts: BalloonCounts,
@@ -125,6 +125,7 @@ impl Collector {
                 debug!("changed, to describe again: {}", names.join(", "));
             }
             self.rediscover(names);
+            self.balloons.changed(names);
         }
         let refresh_ns = if changed.is_some() { self.cfg.watched_refresh_ns } else { self.cfg.refresh_ns };
         self.known.retain(|name, d| listed.iter().any(|l| &l.name == name && l.id == d.dom.id));

@@ -83,6 +83,9 @@ pub struct Agent<H: Host> {
     touched_at: HashMap<u32, u64>,
     mem: MemTracker,
     last_balloons_ns: Option<u64>,
+    /// Guests the last memory plan left steady (and not cooling down): only their readings
+    /// may be carried forward while they are quiet (`collect::balloons`).
+    mem_steady: HashSet<String>,
     /// Domains (name, runtime id) whose stats period the agent turned on (or tried to).
     period_set: HashMap<String, u32>,
     /// Actions that failed, by class: what not to try again, and for how long.
@@ -131,6 +134,7 @@ impl<H: Host> Agent<H> {
             touched_at: HashMap::new(),
             mem: MemTracker::new(),
             last_balloons_ns: None,
+            mem_steady: HashSet::new(),
             period_set: HashMap::new(),
             failures: Failures::new(),
             threads_set: HashMap::new(),
@@ -358,13 +362,11 @@ impl<H: Host> Agent<H> {
             self.cfg.mem.as_ref().is_some_and(|m| {
                 self.last_balloons_ns.is_none_or(|t| now.saturating_sub(t) + 1_000_000 >= ns(m.interval))
             });
-        let moving = if want_balloons { self.mem.moving() } else { Vec::new() };
-        let read = self
-            .cfg
-            .mem
-            .as_ref()
-            .filter(|_| want_balloons)
-            .map(|m| crate::collect::BalloonRead { quiet_ns: ns(m.quiet_interval), must_read: &moving });
+        let read = self.cfg.mem.as_ref().filter(|_| want_balloons).map(|m| crate::collect::BalloonRead {
+            quiet_ns: ns(m.quiet_interval),
+            interval_ns: ns(m.interval),
+            may_carry: &self.mem_steady,
+        });
         let raw = match self.collector.sample(&mut self.host, read) {
             Ok(r) => r,
             Err(e) if e.is_disconnect() => {
@@ -469,6 +471,26 @@ impl<H: Host> Agent<H> {
                 }
                 None => true,
             });
+            // Nothing is done on a quiet guest's carried reading: it is read first, next interval
+            // (its verdict is no longer steady).
+            mp.actions.retain(|a| {
+                let carried = snap.domains.iter().find(|d| d.dom.name == a.domain()).and_then(|d| d.balloon.as_ref());
+                let Some(age) = carried.and_then(|(b, _)| b.carried_for_s) else { return true };
+                if let Some(v) = mp.verdicts.iter_mut().find(|v| v.name == a.domain()) {
+                    v.state = State::Hold;
+                    v.why = format!("{}; waits for fresh statistics (these were read {age}s ago)", v.why);
+                }
+                false
+            });
+            // Only a guest left steady, and not about to be changed again once its cooldown
+            // ends, may have its reading carried forward while it is quiet.
+            self.mem_steady = mp
+                .verdicts
+                .iter()
+                .filter(|v| v.state == State::Steady)
+                .filter(|v| guests.iter().any(|g| g.name == v.name && !g.cooling))
+                .map(|v| v.name.clone())
+                .collect();
             plan.extend(mp.actions);
             self.advisor.memory_plan(&mp.verdicts);
             report.mem_verdicts = mp.verdicts;

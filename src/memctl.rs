@@ -34,6 +34,9 @@ pub struct MemTiming {
     /// it is taken back, or this long has passed ([`credit`]); 0 keeps no credit at all
     /// (grants on credit: the old behaviour).
     pub credit_timeout_ns: u64,
+    /// The memory interval: swap and fault counts over a longer span (a quiet guest read
+    /// again after its reading was carried forward) are scaled to one interval.
+    pub interval_ns: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -42,6 +45,8 @@ struct GuestState {
     first_seen_ns: u64,
     prev_swap_in: Option<u64>,
     prev_major_fault: Option<u64>,
+    /// When (host clock, ns) the counters above were read.
+    prev_counters_ns: u64,
     /// (target KiB, set at ns, reached)
     target: Option<(u64, u64, bool)>,
     last_change_ns: Option<u64>,
@@ -94,16 +99,6 @@ impl MemTracker {
     }
 
     /// Names of guests whose definition should be read again (rediscovered), as of the last
-    /// Guests whose balloon is moving toward a target the agent set: their statistics are to
-    /// be read at the next interval whatever the guest did.
-    pub fn moving(&self) -> Vec<String> {
-        self.guests
-            .iter()
-            .filter(|(_, g)| g.target.is_some_and(|(_, _, reached)| !reached))
-            .map(|(n, _)| n.clone())
-            .collect()
-    }
-
     /// [`MemTracker::input`]: their balloon reported a size above the maximum the agent knows,
     /// e.g. a maximum read before a memory hot-plug. The planner holds such a guest meanwhile.
     /// A guest is named once, then again every [`MemTiming::backoff_ns`] while it stays so.
@@ -161,17 +156,22 @@ impl MemTracker {
             let mut deflated = false;
             let (mut swap_d, mut fault_d) = (0, 0);
             if let Some(b) = b {
-                // Swap counters: growth since the previous report (a guest reboot resets them).
-                swap_d = match (st.prev_swap_in, b.swap_in_kib) {
-                    (Some(p), Some(c)) => c.saturating_sub(p),
-                    _ => 0,
-                };
-                fault_d = match (st.prev_major_fault, b.major_fault) {
-                    (Some(p), Some(c)) => c.saturating_sub(p),
-                    _ => 0,
-                };
-                st.prev_swap_in = b.swap_in_kib;
-                st.prev_major_fault = b.major_fault;
+                // Swap counters: growth since the previous report (a guest reboot resets them),
+                // per interval. A carried reading repeats the counters: no growth.
+                if b.carried_for_s.is_none() {
+                    let per_interval = |d: u64| scale(d, t.interval_ns, now.saturating_sub(st.prev_counters_ns));
+                    swap_d = match (st.prev_swap_in, b.swap_in_kib) {
+                        (Some(p), Some(c)) => per_interval(c.saturating_sub(p)),
+                        _ => 0,
+                    };
+                    fault_d = match (st.prev_major_fault, b.major_fault) {
+                        (Some(p), Some(c)) => per_interval(c.saturating_sub(p)),
+                        _ => 0,
+                    };
+                    st.prev_swap_in = b.swap_in_kib;
+                    st.prev_major_fault = b.major_fault;
+                    st.prev_counters_ns = now;
+                }
                 // Did the balloon reach the last target, run out of time, or deflate by itself?
                 if let Some((target, set_at, reached)) = st.target {
                     if close(b.current_kib, target) {
@@ -264,6 +264,17 @@ pub fn max_kib(configured_kib: u64, balloon_maximum_kib: u64) -> u64 {
     if balloon_maximum_kib > 0 { balloon_maximum_kib.min(configured_kib) } else { configured_kib }
 }
 
+/// `delta` counted over `span_ns`, as a count per `interval_ns` when the span is longer than
+/// one and a half intervals (a quiet guest's counters read again after a carried reading);
+/// as it is otherwise. Rounded up: any growth stays growth.
+fn scale(delta: u64, interval_ns: u64, span_ns: u64) -> u64 {
+    if interval_ns == 0 || span_ns.saturating_mul(2) <= interval_ns.saturating_mul(3) {
+        return delta;
+    }
+    let scaled = (u128::from(delta) * u128::from(interval_ns)).div_ceil(u128::from(span_ns));
+    u64::try_from(scaled).unwrap_or(u64::MAX)
+}
+
 /// A guest's age: from its QEMU process start when known, else since the agent first saw it.
 fn age_ns(started_epoch_s: Option<u64>, epoch_s: u64, seen_ns: u64) -> u64 {
     match started_epoch_s {
@@ -283,7 +294,7 @@ fn stale(b: Option<&crate::host::BalloonStats>, epoch_s: u64, period_s: u32) -> 
     };
     let limit = u64::from(period_s.max(1)).saturating_mul(3).max(10);
     // A quiet guest's reading carried forward is judged as of when it was read.
-    let age = epoch_s.saturating_sub(b.read_age_s).saturating_sub(last);
+    let age = epoch_s.saturating_sub(b.carried_for_s.unwrap_or(0)).saturating_sub(last);
     if age > limit {
         return Some(format!("guest statistics are stale (last update {age}s ago)"));
     }

@@ -233,5 +233,10 @@ fn a_quiet_guest_is_read_only_every_quiet_interval_and_a_busy_one_every_interval
     // every 5 s (a few more if it happened to run a little between two).
     assert!(b + 1 >= intervals, "busy guest read {b} times in {intervals} intervals\n{log}");
     assert!((2..=intervals / 2).contains(&q), "quiet guest read {q} times in {intervals} intervals\n{log}");
-    assert!(log.contains("quiet guest(s) carried forward"), "{log}");
+    let carried_once = log.lines().any(|l| {
+        l.split_once("], ")
+            .and_then(|(_, r)| r.strip_suffix(" quiet guest(s) carried forward"))
+            .is_some_and(|n| n != "0")
+    });
+    assert!(carried_once, "no interval carried the quiet guest's reading forward\n{log}");
 }

@@ -2,13 +2,16 @@
 //!
 //! Reading them is what the memory balancer costs libvirtd: libvirt asks each guest's QEMU
 //! over its monitor, about 0.2 ms of libvirtd's time per guest (docs/design.md). A guest's
-//! memory use can only change while its vCPUs run (the guest touches, frees or swaps pages,
-//! its balloon driver moves), so a guest that barely ran since its last reading is *quiet*:
-//! that reading still holds and is carried forward, for at most `--mem-quiet-interval`. A
-//! guest is read again at once when it ran, when its vCPU counters are unknown, when its
-//! balloon is moving toward a target the agent set, or when it is new or restarted.
+//! memory use changes only while its vCPUs run (the guest touches, frees or swaps pages, its
+//! balloon driver moves), so a guest that barely ran since its last reading is *quiet*: that
+//! reading is carried forward, for at most `--mem-quiet-interval`, if the memory planner left
+//! the guest steady (not reclaiming, granting, moving its balloon or about to). A carried
+//! reading is for looking only: the daemon does nothing to a guest on one, it reads it first.
+//! A guest is read at the next interval when it ran, when its vCPU counters are unknown, when
+//! it is new or restarted, when libvirt reported a change to it, when its last reading was
+//! incomplete, and when the planner did not leave it steady.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use log::debug;
 
@@ -17,9 +20,8 @@ use crate::host::{BalloonStats, DomainRef, Host, HostError};
 use super::RawDomain;
 
 /// A guest is quiet while its vCPUs together ran less than this share of one cpu since its
-/// last reading: 1%, about what an idle Linux guest's timer ticks cost; touching memory at
-/// that rate moves at most some tens of MiB per second, and the reading is renewed at least
-/// every `--mem-quiet-interval` all the same.
+/// last reading and in the last interval: 1%, about what an idle Linux guest's timer ticks
+/// cost. Touching memory costs the guest CPU time, so a quiet guest's use has changed little.
 pub const QUIET_SHARE: f64 = 0.01;
 
 /// What the balloon statistics of one quantum read.
@@ -28,8 +30,11 @@ pub struct BalloonRead<'a> {
     /// A quiet guest's reading is carried forward this long at most, ns; 0 reads every guest
     /// every time.
     pub quiet_ns: u64,
-    /// Guests to read whatever they did (their balloon is moving toward a target).
-    pub must_read: &'a [String],
+    /// The memory interval, ns: a reading due before the next interval is read at this one.
+    pub interval_ns: u64,
+    /// The only guests whose reading may be carried forward (the memory planner left them
+    /// steady); every other guest is read whatever it did.
+    pub may_carry: &'a HashSet<String>,
 }
 
 /// How many guests were read and how many carried forward, in one quantum.
@@ -49,10 +54,14 @@ struct Reading {
     run_ns: u64,
 }
 
-/// The last reading of each guest.
+/// The last reading of each guest, and what each guest's vCPUs had run at the last interval.
 #[derive(Debug, Default)]
 pub struct BalloonPoll {
     last: HashMap<String, Reading>,
+    /// (host clock, Σ vCPU run ns) of each guest at the last interval.
+    seen: HashMap<String, (u64, u64)>,
+    /// Guests libvirt reported changed since their last reading.
+    changed: HashSet<String>,
 }
 
 /// Sum of a domain's vCPU run times, when every one is known.
@@ -60,20 +69,35 @@ fn run_ns(d: &RawDomain) -> Option<u64> {
     d.vcpus.iter().try_fold(0u64, |sum, v| v.as_ref().map(|t| sum.saturating_add(t.run_ns)))
 }
 
+/// Ran at least [`QUIET_SHARE`] of a cpu between two points (or its counters went back).
 #[allow(clippy::cast_precision_loss)]
-fn ran(now_run: u64, then_run: u64, elapsed_ns: u64) -> bool {
-    now_run < then_run || (now_run - then_run) as f64 >= QUIET_SHARE * elapsed_ns as f64
+fn ran(now: (u64, u64), then: (u64, u64)) -> bool {
+    let (t1, r1) = now;
+    let (t0, r0) = then;
+    r1 < r0 || (r1 - r0) as f64 >= QUIET_SHARE * t1.saturating_sub(t0) as f64
+}
+
+/// A reading worth carrying: the guest's own figures and when it made them.
+fn complete(b: &BalloonStats) -> bool {
+    b.last_update_s.is_some() && (b.usable_kib.is_some() || b.available_kib.is_some())
 }
 
 impl BalloonPoll {
     /// Forgets every reading (after a reconnect).
     pub fn reset(&mut self) {
         self.last.clear();
+        self.seen.clear();
+        self.changed.clear();
+    }
+
+    /// Domains libvirt reported changed: read them at the next interval.
+    pub fn changed(&mut self, names: &[String]) {
+        self.changed.extend(names.iter().cloned());
     }
 
     /// Reads the guests that are due (all of them in one bulk call when more than half are)
-    /// and returns a reading for every guest that has one: fresh, or carried forward with
-    /// its age in [`BalloonStats::read_age_s`].
+    /// and returns a reading for every guest that has one: fresh, or carried forward
+    /// ([`BalloonStats::carried_for_s`]).
     pub fn read(
         &mut self,
         host: &mut dyn Host,
@@ -81,57 +105,78 @@ impl BalloonPoll {
         how: BalloonRead<'_>,
     ) -> Result<(Vec<(String, BalloonStats)>, BalloonCounts), HostError> {
         let now = host.now_ns();
-        self.last.retain(|n, r| domains.iter().any(|d| &d.desc.dom.name == n && d.desc.dom.id == r.id));
+        let running: HashMap<&str, u32> = domains.iter().map(|d| (d.desc.dom.name.as_str(), d.desc.dom.id)).collect();
+        self.last.retain(|n, r| running.get(n.as_str()) == Some(&r.id));
+        self.seen.retain(|n, _| running.contains_key(n.as_str()));
         let due: Vec<DomainRef> =
             domains.iter().filter(|d| self.due(d, now, &how)).map(|d| d.desc.dom.clone()).collect();
-        let fresh = if due.is_empty() {
-            Vec::new()
+        let fresh: HashMap<String, BalloonStats> = if due.is_empty() {
+            HashMap::new()
         } else if due.len() * 2 > domains.len() {
-            host.balloon_stats()?
+            host.balloon_stats()?.into_iter().collect()
         } else {
-            host.balloon_stats_of(&due)?
+            host.balloon_stats_of(&due)?.into_iter().collect()
         };
-        let (at_ns, at_epoch_s) = (now, host.epoch_s());
+        let due: HashSet<&str> = due.iter().map(|d| d.name.as_str()).collect();
+        let at_epoch_s = host.epoch_s();
         let mut counts = BalloonCounts::default();
         let mut out = Vec::with_capacity(domains.len());
+        let mut read_names = Vec::new();
         for d in domains {
             let name = &d.desc.dom.name;
-            if let Some((_, b)) = fresh.iter().find(|(n, _)| n == name) {
+            let run = run_ns(d);
+            if let Some(b) = fresh.get(name) {
                 counts.read += 1;
+                read_names.push(name.as_str());
                 out.push((name.clone(), b.clone()));
-                let run_ns = run_ns(d).unwrap_or(0);
-                let r = Reading { id: d.desc.dom.id, stats: b.clone(), at_ns, at_epoch_s, run_ns };
-                self.last.insert(name.clone(), r);
-            } else if due.iter().all(|r| &r.name != name)
+                self.changed.remove(name);
+                match run {
+                    // An incomplete reading (no guest figures yet, its monitor was busy) is
+                    // not carried: the guest stays due.
+                    Some(run_ns) if complete(b) => {
+                        let r = Reading { id: d.desc.dom.id, stats: b.clone(), at_ns: now, at_epoch_s, run_ns };
+                        self.last.insert(name.clone(), r);
+                    }
+                    _ => {
+                        self.last.remove(name);
+                    }
+                }
+            } else if !due.contains(name.as_str())
                 && let Some(r) = self.last.get(name)
             {
                 counts.carried += 1;
                 let mut b = r.stats.clone();
-                b.read_age_s = at_epoch_s.saturating_sub(r.at_epoch_s);
+                b.carried_for_s = Some(at_epoch_s.saturating_sub(r.at_epoch_s));
                 out.push((name.clone(), b));
             } else {
-                // Due but not answered (its monitor busy, it stopped): no reading this time,
+                // Due but not answered (it stopped, it has no balloon): no reading this time,
                 // and not the old one either.
                 self.last.remove(name);
             }
+            match run {
+                Some(r) => self.seen.insert(name.clone(), (now, r)),
+                None => self.seen.remove(name),
+            };
         }
-        if log::log_enabled!(log::Level::Debug) {
-            let read: Vec<&str> = out.iter().filter(|(_, b)| b.read_age_s == 0).map(|(n, _)| n.as_str()).collect();
-            debug!("balloon statistics: read [{}], {} quiet guest(s) carried forward", read.join(" "), counts.carried);
-        }
+        debug!(
+            "balloon statistics: read [{}], {} quiet guest(s) carried forward",
+            read_names.join(" "),
+            counts.carried
+        );
         Ok((out, counts))
     }
 
     fn due(&self, d: &RawDomain, now: u64, how: &BalloonRead<'_>) -> bool {
-        let name = &d.desc.dom.name;
+        let name = d.desc.dom.name.as_str();
         let Some(r) = self.last.get(name) else { return true };
-        if how.quiet_ns == 0 || how.must_read.contains(name) || now.saturating_sub(r.at_ns) >= how.quiet_ns {
+        // Read at this interval what would be past the quiet interval at the next one.
+        let age = now.saturating_sub(r.at_ns).saturating_add(how.interval_ns / 2);
+        if how.quiet_ns == 0 || !how.may_carry.contains(name) || self.changed.contains(name) || age >= how.quiet_ns {
             return true;
         }
-        match run_ns(d) {
-            Some(run) => ran(run, r.run_ns, now.saturating_sub(r.at_ns)),
-            None => true,
-        }
+        let Some(run) = run_ns(d) else { return true };
+        // Quiet since the reading, and in the last interval (a burst since is not averaged away).
+        ran((now, run), (r.at_ns, r.run_ns)) || self.seen.get(name).is_none_or(|&last| ran((now, run), last))
     }
 }
 

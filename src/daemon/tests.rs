@@ -543,3 +543,66 @@ fn at_llc_granularity_narrowing_cpus_to_one_llc_places_the_other_llcs_vcpus_agai
     run(&mut a, 6);
     assert_eq!(sets(&a), vec![vec![0, 1, 4, 5], vec![0, 1, 4, 5]], "none left on cpus outside --cpus");
 }
+
+/// Steps `a` for `quanta` quanta: (balloon changes applied, each checked to be planned on a
+/// reading of its interval; readings carried forward; verdicts that waited for a fresh one).
+fn balloon_steps(a: &mut Agent<Faulty>, quanta: usize) -> (usize, u64, usize) {
+    let (mut changes, mut carried, mut waited) = (0, 0, 0);
+    for _ in 0..quanta {
+        a.host.sim.advance(Q);
+        let r = a.step();
+        carried += r.balloon_reads.carried;
+        waited += r.mem_verdicts.iter().filter(|v| v.why.contains("waits for fresh statistics")).count();
+        let Some(snap) = &r.snapshot else { continue };
+        for (act, _) in r.plan.iter().zip(&r.was_applied).filter(|(_, ok)| **ok) {
+            let Action::Balloon { domain, .. } = act else { continue };
+            let d = snap.domains.iter().find(|d| &d.dom.name == domain).unwrap();
+            let carried_for = d.balloon.as_ref().map(|(b, _)| b.carried_for_s);
+            assert_eq!(carried_for, Some(None), "a balloon change planned on a carried reading: {act:?}");
+            changes += 1;
+        }
+    }
+    (changes, carried, waited)
+}
+
+fn quiet_flags() -> Common {
+    let mut c = Common::defaults().unwrap();
+    c.quantum = Duration::from_nanos(Q);
+    c.mem_interval = Duration::from_secs(1);
+    c.mem_quiet_interval = Duration::from_secs(30);
+    c.mem_cooldown = Duration::from_secs(3);
+    c.min_age = Duration::ZERO;
+    c.no_cpu = true;
+    c
+}
+
+#[test]
+fn a_quiet_guest_is_reclaimed_on_fresh_statistics_then_carried_forward() {
+    // One idle guest (its vCPU never runs) with most of its 1 GiB unused: reclaimed step by
+    // step on fresh readings (its balloon moving, it is not steady), then left at the floor,
+    // quiet: carried forward.
+    let mut h = Faulty::new(2, &[("idle", 1)]);
+    h.sim.set_mem_need(0, 64 << 10);
+    let mut a = Agent::new(h, AgentConfig::from_flags(&quiet_flags(), false));
+    let (changes, carried, _) = balloon_steps(&mut a, 120);
+    assert_eq!(changes, 3, "reclaimed in 3 steps of 256 MiB");
+    assert_eq!(a.host.sim.guest_sizes_kib()[0], 256 << 10, "down to the floor");
+    assert!(carried >= 30, "carried {carried} times at the floor");
+}
+
+#[test]
+fn a_steady_quiet_guest_the_planner_would_change_is_read_first() {
+    // A steady guest (a quarter of its 1 GiB usable), quiet: carried forward. Then the host
+    // runs short of its reserve (its own figures say so at once): the guest is to give
+    // memory back, but only after a fresh reading.
+    let mut h = Faulty::new(2, &[("steady", 1)]);
+    h.sim.set_mem_need(0, 768 << 10);
+    let mut a = Agent::new(h, AgentConfig::from_flags(&quiet_flags(), false));
+    let (changes, carried, waited) = balloon_steps(&mut a, 20);
+    assert_eq!((changes, waited), (0, 0), "a steady guest is left alone");
+    assert!(carried >= 5, "carried {carried}");
+    a.host.mem_available_kib = Some(512 << 10);
+    let (changes, _, waited) = balloon_steps(&mut a, 10);
+    assert_eq!(waited, 1, "the first plan under pressure waited for a fresh reading");
+    assert_eq!(changes, 1, "then the guest gave memory back");
+}

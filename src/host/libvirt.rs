@@ -278,8 +278,9 @@ impl Host for LibvirtHost {
         for dom in doms {
             match self.lookup(dom) {
                 Ok(d) => handles.push(d),
-                Err(HostError::DomainGone(_)) => {}
-                Err(e) => return Err(e),
+                Err(e) if e.is_disconnect() => return Err(e),
+                // Gone, or a lookup that failed: no reading of this one this time.
+                Err(e) => log::debug!("no balloon statistics of {}: {}", dom.name, crate::host::chain(&e)),
             }
         }
         if handles.is_empty() {
@@ -488,7 +489,7 @@ pub fn balloon_from_stats(r: &DomainStats) -> Option<BalloonStats> {
         swap_in_kib: r.get_u64("balloon.swap_in"),
         major_fault: r.get_u64("balloon.major_fault"),
         last_update_s: r.get_u64("balloon.last-update"),
-        read_age_s: 0,
+        carried_for_s: None,
     })
 }
 

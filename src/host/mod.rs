@@ -273,10 +273,11 @@ pub struct BalloonStats {
     pub major_fault: Option<u64>,
     /// Epoch seconds of the guest's last stats update.
     pub last_update_s: Option<u64>,
-    /// Seconds since the agent read these statistics from the host: 0 when read this
-    /// interval, more for a quiet guest's reading carried forward (`collect::balloons`).
+    /// `None` when read from the host this interval; for a quiet guest's last reading carried
+    /// forward (`collect::balloons`), how long ago it was read, seconds. Nothing is done to a
+    /// guest on a carried reading: it is read again first.
     #[serde(skip)]
-    pub read_age_s: u64,
+    pub carried_for_s: Option<u64>,
 }
 
 /// Cumulative busy time of each host cpu (from `/proc/stat`), ns, indexed by position in

@@ -84,8 +84,9 @@ pub fn all_domain_stats(conn: &Connect, stat_groups: u32) -> Result<Vec<DomainSt
 }
 
 /// Runs `virDomainListGetStats(doms, groups, NOWAIT)`: the same records for the given domains
-/// only (libvirt skips a domain that is no longer defined; one that stopped has no record
-/// of the group). Each domain costs libvirtd what it costs in the call for all of them.
+/// only (libvirt skips a domain that is no longer defined; one that stopped, or whose monitor
+/// is busy, gets a record without the guest's figures). Each domain costs libvirtd what it
+/// costs in the call for all of them. No list filter flag: libvirt rejects them with a list.
 pub fn list_domain_stats(doms: &[Domain], stat_groups: u32) -> Result<Vec<DomainStats>, virt::error::Error> {
     // libvirt wants a NULL-terminated array of domain pointers.
     // SAFETY: `as_ptr` only reads the handle; each stays owned by its `Domain` in `doms`.
@@ -123,7 +124,8 @@ struct RecordList(*mut sys::virDomainStatsRecordPtr);
 impl Drop for RecordList {
     fn drop(&mut self) {
         if !self.0.is_null() {
-            // SAFETY: the pointer came from virConnectGetAllDomainStats and is freed exactly once.
+            // SAFETY: the pointer came from virConnectGetAllDomainStats or virDomainListGetStats
+            // and is freed exactly once.
             unsafe { sys::virDomainStatsRecordListFree(self.0) };
         }
     }

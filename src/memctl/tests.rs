@@ -24,7 +24,7 @@ fn snap(t_s: u64, avail_mib: u64, guests: &[G]) -> Snapshot {
                 swap_in_kib: Some(0),
                 major_fault: Some(0),
                 last_update_s: Some(1000 + t_s),
-                read_age_s: 0,
+                carried_for_s: None,
             };
             DomainView {
                 desc: DomainDesc {
@@ -71,6 +71,7 @@ fn timing(credit_timeout_s: u64) -> MemTiming {
         backoff_ns: 300 * S,
         reclaim_window_ns: 600 * S,
         credit_timeout_ns: credit_timeout_s * S,
+        interval_ns: S,
     }
 }
 
@@ -235,7 +236,7 @@ fn a_reading_carried_forward_is_judged_stale_as_of_when_it_was_read() {
         let mut s = snap(100, 2000, &[("quiet", 1, 1024, 1024, 900)]);
         let b = &mut s.domains[0].balloon.as_mut().unwrap().0;
         b.last_update_s = Some(s.epoch_s - last_update_age);
-        b.read_age_s = read_age;
+        b.carried_for_s = (read_age > 0).then_some(read_age);
         m.input(&s, &t).0[0].hold.clone()
     };
     // Read 30 s ago, when the guest's report was 1 s old: good for this interval.
@@ -244,4 +245,29 @@ fn a_reading_carried_forward_is_judged_stale_as_of_when_it_was_read() {
     assert!(matches!(hold(&mut m, 31, 0), Some(Hold::NoReport(ref why)) if why.contains("stale")));
     // Stale already when it was read: stale still.
     assert!(matches!(hold(&mut m, 60, 30), Some(Hold::NoReport(ref why)) if why.contains("stale")));
+}
+
+#[test]
+fn counts_over_a_carried_span_are_per_interval_and_any_growth_stays_growth() {
+    let t = MemTiming { interval_ns: 5 * S, ..timing(600) };
+    let mut m = MemTracker::new();
+    let at = |t_s: u64, swap: u64, faults: u64| {
+        let mut s = snap(t_s, 2000, &[("quiet", 1, 1024, 1024, 300)]);
+        let b = &mut s.domains[0].balloon.as_mut().unwrap().0;
+        b.swap_in_kib = Some(swap);
+        b.major_fault = Some(faults);
+        s
+    };
+    m.input(&at(100, 0, 0), &t);
+    // The same counters carried forward: no growth.
+    let mut carried = at(105, 0, 0);
+    carried.domains[0].balloon.as_mut().unwrap().0.carried_for_s = Some(5);
+    assert_eq!(m.input(&carried, &t).0[0].major_fault_delta, 0);
+    // Read again 30 s after the last reading: 120 faults are 20 per 5 s interval, 4 KiB of
+    // swap is still swap.
+    let g = &m.input(&at(130, 4, 120), &t).0[0];
+    assert_eq!((g.major_fault_delta, g.swap_in_delta_kib), (20, 1));
+    // One interval later: as counted.
+    let g = &m.input(&at(135, 4, 220), &t).0[0];
+    assert_eq!((g.major_fault_delta, g.swap_in_delta_kib), (100, 0));
 }

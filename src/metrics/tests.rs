@@ -250,10 +250,10 @@ fn applied_balloon_changes_and_refused_grants_are_counted() {
     let shrinks = shrinks as f64;
     assert_eq!(value(&s, "vm_balancer_balloon_changes_total", &[("direction", "shrink")]), Some(shrinks));
     assert_eq!(value(&s, "vm_balancer_balloon_changes_total", &[("direction", "grow")]), Some(0.0));
-    // Balloon statistics: read or carried forward (the guests' vCPUs do not run here).
+    // Balloon statistics read (none carried forward: neither guest is left steady).
     let (read, carried) =
         reports.iter().fold((0, 0), |(r, c), x| (r + x.balloon_reads.read, c + x.balloon_reads.carried));
-    assert!(read >= 2 && carried >= 1, "read {read}, carried {carried}");
+    assert!(read >= 4, "read {read}, carried {carried}");
     #[allow(clippy::cast_precision_loss)]
     let (read, carried) = (read as f64, carried as f64);
     assert_eq!(value(&s, "vm_balancer_balloon_reads_total", &[("how", "read")]), Some(read));

@@ -40,6 +40,9 @@ pub struct Faulty {
     /// Domain events: `Some` (the names reported changed, drained by each quantum) makes this
     /// a host that reports changes; `None` one that cannot.
     pub events: Option<Vec<String>>,
+    /// The host's `MemAvailable` as sampled, instead of the model's (memory taken by
+    /// something other than the guests).
+    pub mem_available_kib: Option<u64>,
 }
 
 impl Faulty {
@@ -76,6 +79,7 @@ impl Faulty {
             vanish_on_describe: vec![],
             gone: vec![],
             events: None,
+            mem_available_kib: None,
         }
     }
 }
@@ -128,7 +132,9 @@ impl Host for Faulty {
         Ok(self.sim.balloon_stats()?.into_iter().filter(|(n, _)| !self.gone.contains(n)).collect())
     }
     fn host_sample(&mut self) -> Result<HostSample, HostError> {
-        self.sim.host_sample()
+        let mut s = self.sim.host_sample()?;
+        s.mem_available_kib = self.mem_available_kib.unwrap_or(s.mem_available_kib);
+        Ok(s)
     }
     fn topology(&mut self) -> Result<Topology, HostError> {
         self.sim.topology()

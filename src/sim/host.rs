@@ -683,7 +683,7 @@ impl SimHost {
             swap_in_kib: Some(swap),
             major_fault: Some(swap / 4),
             last_update_s: Some(self.epoch_s()),
-            read_age_s: 0,
+            carried_for_s: None,
         }
     }
 }

@@ -13,14 +13,17 @@ fn host(guests: usize) -> SimHost {
     SimHost::new(SimConfig::new(4, 64 << 20, 1 << 20), &specs).unwrap()
 }
 
-/// Advances 5 s and reads the balloons: (names read, names carried with their age in s).
-fn tick(c: &mut Collector, h: &mut SimHost, quiet_s: u64, must: &[String]) -> (Vec<String>, Vec<(String, u64)>) {
+/// Advances 5 s and reads the balloons, every guest but those in `not_steady` left steady by
+/// the planner: (names read, names carried with their age in s).
+fn tick(c: &mut Collector, h: &mut SimHost, quiet_s: u64, not_steady: &[String]) -> (Vec<String>, Vec<(String, u64)>) {
     h.advance(5 * S);
-    let raw = c.sample(h, Some(BalloonRead { quiet_ns: quiet_s * S, must_read: must })).unwrap();
+    let steady: HashSet<String> =
+        (0..h.guests()).map(|i| format!("g{i}")).filter(|n| !not_steady.contains(n)).collect();
+    let how = BalloonRead { quiet_ns: quiet_s * S, interval_ns: 5 * S, may_carry: &steady };
+    let raw = c.sample(h, Some(how)).unwrap();
     let b = raw.balloons.unwrap();
-    let read: Vec<String> = b.iter().filter(|(_, s)| s.read_age_s == 0).map(|(n, _)| n.clone()).collect();
-    let carried: Vec<(String, u64)> =
-        b.iter().filter(|(_, s)| s.read_age_s > 0).map(|(n, s)| (n.clone(), s.read_age_s)).collect();
+    let read: Vec<String> = b.iter().filter(|(_, s)| s.carried_for_s.is_none()).map(|(n, _)| n.clone()).collect();
+    let carried: Vec<(String, u64)> = b.iter().filter_map(|(n, s)| s.carried_for_s.map(|a| (n.clone(), a))).collect();
     assert_eq!(raw.balloon_counts.read, read.len() as u64);
     assert_eq!(raw.balloon_counts.carried, carried.len() as u64);
     assert_eq!(read.len() + carried.len(), h.guests(), "every guest has a reading");
@@ -78,7 +81,7 @@ fn moving_new_and_restarted_guests_are_read_and_zero_reads_everyone() {
     let mut h = host(3);
     let mut c = Collector::new();
     tick(&mut c, &mut h, 60, &[]);
-    // The agent set g2's balloon target: read it until it gets there.
+    // The planner did not leave g2 steady (its balloon is moving, say): read it.
     assert_eq!(tick(&mut c, &mut h, 60, &names(&["g2"])).0, names(&["g2"]));
     // g0 restarted: a new runtime id, read at once.
     h.restart_guest(0);
@@ -90,4 +93,51 @@ fn moving_new_and_restarted_guests_are_read_and_zero_reads_everyone() {
     // After a reconnect nothing is carried.
     c.reset();
     assert_eq!(tick(&mut c, &mut h, 60, &[]).0, names(&["g0", "g1", "g2"]));
+}
+
+#[test]
+fn a_burst_in_the_last_interval_is_not_averaged_away() {
+    let mut h = host(2);
+    let mut c = Collector::new();
+    tick(&mut c, &mut h, 60, &[]);
+    tick(&mut c, &mut h, 60, &[]);
+    tick(&mut c, &mut h, 60, &[]);
+    // 15 s after the reading g0 runs at 1.5% for one interval: 0.5% since the reading, but
+    // not quiet in the last interval.
+    h.set_demand(0, 0, 1.5 * QUIET_SHARE);
+    assert_eq!(tick(&mut c, &mut h, 60, &[]).0, names(&["g0"]));
+}
+
+#[test]
+fn a_guest_libvirt_reports_changed_or_with_unknown_counters_is_read() {
+    let mut h = host(3);
+    let mut c = Collector::new();
+    tick(&mut c, &mut h, 60, &[]);
+    c.balloons.changed(&names(&["g1"]));
+    assert_eq!(tick(&mut c, &mut h, 60, &[]).0, names(&["g1"]));
+    assert_eq!(tick(&mut c, &mut h, 60, &[]).0, Vec::<String>::new(), "read once, then quiet again");
+    // g2's vCPU thread is unknown this quantum: nothing says it was quiet.
+    h.advance(5 * S);
+    let mut raw = c.sample(&mut h, None).unwrap();
+    raw.domains[2].vcpus = vec![None];
+    let steady: HashSet<String> = names(&["g0", "g1", "g2"]).into_iter().collect();
+    let how = BalloonRead { quiet_ns: 60 * S, interval_ns: 5 * S, may_carry: &steady };
+    let (out, counts) = c.balloons.read(&mut h, &raw.domains, how).unwrap();
+    assert_eq!(counts, BalloonCounts { read: 1, carried: 2 });
+    assert!(out.iter().any(|(n, b)| n == "g2" && b.carried_for_s.is_none()), "{out:?}");
+}
+
+#[test]
+fn only_a_reading_with_the_guests_own_figures_is_carried() {
+    let full = BalloonStats {
+        current_kib: 1 << 20,
+        maximum_kib: 1 << 20,
+        usable_kib: Some(1 << 19),
+        last_update_s: Some(1),
+        ..BalloonStats::default()
+    };
+    assert!(complete(&full));
+    // What libvirt returns for a guest whose monitor was busy, or without a stats period.
+    assert!(!complete(&BalloonStats { usable_kib: None, available_kib: None, ..full.clone() }));
+    assert!(!complete(&BalloonStats { last_update_s: None, ..full }));
 }
