@@ -368,9 +368,9 @@ pub struct Common {
     /// How often the (costly) bulk balloon statistics call runs. 100ms to 1h.
     #[arg(long, default_value = "5s", value_parser = quantum, env = "VM_BALANCER_MEM_INTERVAL")]
     pub mem_interval: Duration,
-    /// A guest the memory balancer left steady whose vCPUs used under 1% of a cpu since its
-    /// balloon statistics were last read (and in the last interval) is quiet: its memory has
-    /// changed little, and that reading is shown for up to this long before it is read again
+    /// A guest the memory balancer left steady, with room above starving, whose vCPUs used
+    /// under 1% of a cpu since its balloon statistics were last read (and in the last
+    /// interval) is quiet: that reading is kept for up to this long before it is read again
     /// (each read costs libvirtd a call to the guest's QEMU); nothing is done to a guest
     /// before a fresh reading. 0 reads every guest every --mem-interval. 0 to 1h.
     #[arg(long, default_value = "30s", value_parser = quiet_interval, env = "VM_BALANCER_MEM_QUIET_INTERVAL")]

@@ -185,6 +185,8 @@ impl<H: Host> Agent<H> {
         {
             self.give_back = Some(self.give_back.map_or(old, |g| g.max(old)));
         }
+        // Only a plan made under the new settings may let a reading be carried.
+        self.mem_steady.clear();
         self.cfg = new;
         self.give_back_for_new_granularity();
         self.collector.set_config(discovery_for(self.cfg.quantum));
@@ -291,6 +293,7 @@ impl<H: Host> Agent<H> {
                 self.tracker = Some(Tracker::new(mc, topo));
                 self.collector.reset();
                 self.last_balloons_ns = None;
+                self.mem_steady.clear();
                 self.link = Link::Up;
                 true
             }
@@ -482,15 +485,21 @@ impl<H: Host> Agent<H> {
                 }
                 false
             });
-            // Only a guest left steady, and not about to be changed again once its cooldown
-            // ends, may have its reading carried forward while it is quiet.
-            self.mem_steady = mp
-                .verdicts
-                .iter()
-                .filter(|v| v.state == State::Steady)
-                .filter(|v| guests.iter().any(|g| g.name == v.name && !g.cooling))
-                .map(|v| v.name.clone())
-                .collect();
+            // Only a guest left steady, with a margin above starving, not about to be changed
+            // again once its cooldown ends, and not holding a grant the host has not paid for
+            // yet, may have its reading carried forward while it is quiet; none while the host
+            // is short of memory (every guest may be asked to give some back).
+            self.mem_steady = if mem::host_pressure(&host, &m.policy) {
+                HashSet::new()
+            } else {
+                mp.verdicts
+                    .iter()
+                    .filter(|v| v.state == State::Steady)
+                    .filter_map(|v| guests.iter().find(|g| g.name == v.name))
+                    .filter(|g| !g.cooling && mem::comfortable(g, &m.policy) && !self.mem.on_credit(&g.name))
+                    .map(|g| g.name.clone())
+                    .collect()
+            };
             plan.extend(mp.actions);
             self.advisor.memory_plan(&mp.verdicts);
             report.mem_verdicts = mp.verdicts;

@@ -34,9 +34,6 @@ pub struct MemTiming {
     /// it is taken back, or this long has passed ([`credit`]); 0 keeps no credit at all
     /// (grants on credit: the old behaviour).
     pub credit_timeout_ns: u64,
-    /// The memory interval: swap and fault counts over a longer span (a quiet guest read
-    /// again after its reading was carried forward) are scaled to one interval.
-    pub interval_ns: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -45,8 +42,6 @@ struct GuestState {
     first_seen_ns: u64,
     prev_swap_in: Option<u64>,
     prev_major_fault: Option<u64>,
-    /// When (host clock, ns) the counters above were read.
-    prev_counters_ns: u64,
     /// (target KiB, set at ns, reached)
     target: Option<(u64, u64, bool)>,
     last_change_ns: Option<u64>,
@@ -96,6 +91,11 @@ impl MemTracker {
     /// Granted KiB the host has not paid for yet (as of the last [`MemTracker::input`]).
     pub fn outstanding_kib(&self) -> u64 {
         self.credits.outstanding_kib()
+    }
+
+    /// A grant to this guest is still on credit (the host has not paid for it yet).
+    pub fn on_credit(&self, name: &str) -> bool {
+        self.credits.on_credit(name)
     }
 
     /// Names of guests whose definition should be read again (rediscovered), as of the last
@@ -156,22 +156,20 @@ impl MemTracker {
             let mut deflated = false;
             let (mut swap_d, mut fault_d) = (0, 0);
             if let Some(b) = b {
-                // Swap counters: growth since the previous report (a guest reboot resets them),
-                // per interval. A carried reading repeats the counters: no growth.
-                if b.carried_for_s.is_none() {
-                    let per_interval = |d: u64| scale(d, t.interval_ns, now.saturating_sub(st.prev_counters_ns));
-                    swap_d = match (st.prev_swap_in, b.swap_in_kib) {
-                        (Some(p), Some(c)) => per_interval(c.saturating_sub(p)),
-                        _ => 0,
-                    };
-                    fault_d = match (st.prev_major_fault, b.major_fault) {
-                        (Some(p), Some(c)) => per_interval(c.saturating_sub(p)),
-                        _ => 0,
-                    };
-                    st.prev_swap_in = b.swap_in_kib;
-                    st.prev_major_fault = b.major_fault;
-                    st.prev_counters_ns = now;
-                }
+                // Swap counters: growth since the previous report (a guest reboot resets them).
+                // A carried reading repeats the counters: no growth. Read again after one, a
+                // guest's growth is counted whole, as if in this interval: it was quiet until
+                // it ran, and the counts come from when it ran (erring toward granting).
+                swap_d = match (st.prev_swap_in, b.swap_in_kib) {
+                    (Some(p), Some(c)) => c.saturating_sub(p),
+                    _ => 0,
+                };
+                fault_d = match (st.prev_major_fault, b.major_fault) {
+                    (Some(p), Some(c)) => c.saturating_sub(p),
+                    _ => 0,
+                };
+                st.prev_swap_in = b.swap_in_kib;
+                st.prev_major_fault = b.major_fault;
                 // Did the balloon reach the last target, run out of time, or deflate by itself?
                 if let Some((target, set_at, reached)) = st.target {
                     if close(b.current_kib, target) {
@@ -262,17 +260,6 @@ fn fresh_usable(d: &crate::model::DomainView, now: u64) -> Option<(u64, u64)> {
 /// (both from libvirt, trusted), the tighter of the two; 0 means not reported.
 pub fn max_kib(configured_kib: u64, balloon_maximum_kib: u64) -> u64 {
     if balloon_maximum_kib > 0 { balloon_maximum_kib.min(configured_kib) } else { configured_kib }
-}
-
-/// `delta` counted over `span_ns`, as a count per `interval_ns` when the span is longer than
-/// one and a half intervals (a quiet guest's counters read again after a carried reading);
-/// as it is otherwise. Rounded up: any growth stays growth.
-fn scale(delta: u64, interval_ns: u64, span_ns: u64) -> u64 {
-    if interval_ns == 0 || span_ns.saturating_mul(2) <= interval_ns.saturating_mul(3) {
-        return delta;
-    }
-    let scaled = (u128::from(delta) * u128::from(interval_ns)).div_ceil(u128::from(span_ns));
-    u64::try_from(scaled).unwrap_or(u64::MAX)
 }
 
 /// A guest's age: from its QEMU process start when known, else since the agent first saw it.

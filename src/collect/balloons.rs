@@ -108,6 +108,7 @@ impl BalloonPoll {
         let running: HashMap<&str, u32> = domains.iter().map(|d| (d.desc.dom.name.as_str(), d.desc.dom.id)).collect();
         self.last.retain(|n, r| running.get(n.as_str()) == Some(&r.id));
         self.seen.retain(|n, _| running.contains_key(n.as_str()));
+        self.changed.retain(|n| running.contains_key(n.as_str()));
         let due: Vec<DomainRef> =
             domains.iter().filter(|d| self.due(d, now, &how)).map(|d| d.desc.dom.clone()).collect();
         let fresh: HashMap<String, BalloonStats> = if due.is_empty() {
@@ -132,7 +133,8 @@ impl BalloonPoll {
                 self.changed.remove(name);
                 match run {
                     // An incomplete reading (no guest figures yet, its monitor was busy) is
-                    // not carried: the guest stays due.
+                    // not carried: the guest stays due (the planner holds such a guest, so it
+                    // is not left steady either; this does not depend on that).
                     Some(run_ns) if complete(b) => {
                         let r = Reading { id: d.desc.dom.id, stats: b.clone(), at_ns: now, at_epoch_s, run_ns };
                         self.last.insert(name.clone(), r);

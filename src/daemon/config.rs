@@ -87,7 +87,6 @@ impl AgentConfig {
                     // A grant the host has not paid for yet counts against the budget a day at
                     // most (memctl/credit.rs: shorter timeouts broke the reserve in the simulator).
                     credit_timeout_ns: 86_400_000_000_000,
-                    interval_ns: ns(c.mem_interval),
                 },
                 interval: c.mem_interval,
                 quiet_interval: c.mem_quiet_interval,

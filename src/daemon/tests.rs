@@ -584,8 +584,9 @@ fn a_quiet_guest_is_reclaimed_on_fresh_statistics_then_carried_forward() {
     let mut h = Faulty::new(2, &[("idle", 1)]);
     h.sim.set_mem_need(0, 64 << 10);
     let mut a = Agent::new(h, AgentConfig::from_flags(&quiet_flags(), false));
-    let (changes, carried, _) = balloon_steps(&mut a, 120);
+    let (changes, carried, waited) = balloon_steps(&mut a, 120);
     assert_eq!(changes, 3, "reclaimed in 3 steps of 256 MiB");
+    assert_eq!(waited, 0, "never carried while reclaimed from or cooling down");
     assert_eq!(a.host.sim.guest_sizes_kib()[0], 256 << 10, "down to the floor");
     assert!(carried >= 30, "carried {carried} times at the floor");
 }
@@ -602,7 +603,37 @@ fn a_steady_quiet_guest_the_planner_would_change_is_read_first() {
     assert_eq!((changes, waited), (0, 0), "a steady guest is left alone");
     assert!(carried >= 5, "carried {carried}");
     a.host.mem_available_kib = Some(512 << 10);
-    let (changes, _, waited) = balloon_steps(&mut a, 10);
+    let (changes, carried, waited) = balloon_steps(&mut a, 10);
     assert_eq!(waited, 1, "the first plan under pressure waited for a fresh reading");
     assert_eq!(changes, 1, "then the guest gave memory back");
+    assert_eq!(carried, 1, "and nothing is carried while the host is short");
+}
+
+#[test]
+fn a_guest_near_starving_or_without_its_own_figures_is_read_every_interval() {
+    // All steady and quiet; "tight" has 14% of its 1 GiB usable (under twice the 10%
+    // starving threshold), "blind" reports no figures of its own; the others 25%. (Two due of
+    // five: the others are not read along in a call for all.)
+    let mut h = Faulty::new(2, &[("tight", 1), ("blind", 1), ("roomy", 1), ("roomy2", 1), ("roomy3", 1)]);
+    h.sim.set_mem_need(0, 880 << 10);
+    for g in 1..5 {
+        h.sim.set_mem_need(g, 768 << 10);
+    }
+    h.no_guest_figures = vec!["blind".into()];
+    let mut a = Agent::new(h, AgentConfig::from_flags(&quiet_flags(), false));
+    let mut carried: HashMap<String, u64> = HashMap::new();
+    for _ in 0..20 {
+        a.host.sim.advance(Q);
+        let r = a.step();
+        for d in r.snapshot.iter().flat_map(|s| &s.domains) {
+            if d.balloon
+                .as_ref()
+                .is_some_and(|(b, t)| *t == r.snapshot.as_ref().unwrap().t_ns && b.carried_for_s.is_some())
+            {
+                *carried.entry(d.dom.name.clone()).or_default() += 1;
+            }
+        }
+    }
+    assert!(carried.get("roomy").is_some_and(|&n| n >= 5), "{carried:?}");
+    assert!(!carried.contains_key("tight") && !carried.contains_key("blind"), "{carried:?}");
 }

@@ -69,6 +69,11 @@ impl Ledger {
         }
     }
 
+    /// A grant to `guest` is not paid for yet.
+    pub fn on_credit(&self, guest: &str) -> bool {
+        self.credits.iter().any(|c| c.guest == guest)
+    }
+
     /// Granted KiB not paid for yet.
     pub fn outstanding_kib(&self) -> u64 {
         self.credits.iter().map(|c| c.kib).sum()

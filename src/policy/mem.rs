@@ -209,6 +209,19 @@ pub struct Verdict {
     pub unmet_kib: u64,
 }
 
+/// The host is short of its reserve, or its memory pressure is above the limit: guests are
+/// reclaimed down to the middle of the band, and nothing is granted.
+pub fn host_pressure(host: &HostMem, p: &MemPolicy) -> bool {
+    host.available_kib < p.host_reserve_kib || host.psi_some_avg10.is_some_and(|v| v > p.host_psi_limit)
+}
+
+/// A guest with at least twice its starving threshold usable (by its last report), so that
+/// some growth while nobody looks does not starve it.
+pub fn comfortable(g: &GuestMem, p: &MemPolicy) -> bool {
+    let starve_thr = frac(g.current_kib, p.starve_below).max(p.starve_min_kib);
+    g.usable_kib.is_some_and(|u| u >= starve_thr.saturating_mul(2))
+}
+
 /// A plan and the verdict on every guest.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct MemPlan {
@@ -239,7 +252,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
     let mut out = MemPlan::default();
     let middle = (p.reclaim_above + p.starve_below) / 2.0;
     let reserve_short = p.host_reserve_kib.saturating_sub(host.available_kib);
-    let host_pressure = reserve_short > 0 || host.psi_some_avg10.is_some_and(|v| v > p.host_psi_limit);
+    let host_pressure = host_pressure(host, p);
 
     // Classify.
     struct Give {

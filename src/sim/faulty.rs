@@ -43,6 +43,9 @@ pub struct Faulty {
     /// The host's `MemAvailable` as sampled, instead of the model's (memory taken by
     /// something other than the guests).
     pub mem_available_kib: Option<u64>,
+    /// Guests whose balloon statistics come without the guest's own figures (what libvirt
+    /// returns while a monitor is busy or without a statistics period).
+    pub no_guest_figures: Vec<String>,
 }
 
 impl Faulty {
@@ -80,6 +83,7 @@ impl Faulty {
             gone: vec![],
             events: None,
             mem_available_kib: None,
+            no_guest_figures: vec![],
         }
     }
 }
@@ -129,7 +133,12 @@ impl Host for Faulty {
         self.sim.vcpu_times(desc)
     }
     fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError> {
-        Ok(self.sim.balloon_stats()?.into_iter().filter(|(n, _)| !self.gone.contains(n)).collect())
+        let mut all = self.sim.balloon_stats()?;
+        all.retain(|(n, _)| !self.gone.contains(n));
+        for (_, b) in all.iter_mut().filter(|(n, _)| self.no_guest_figures.contains(n)) {
+            (b.usable_kib, b.available_kib, b.unused_kib, b.last_update_s) = (None, None, None, None);
+        }
+        Ok(all)
     }
     fn host_sample(&mut self) -> Result<HostSample, HostError> {
         let mut s = self.sim.host_sample()?;
