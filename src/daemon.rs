@@ -510,7 +510,8 @@ impl<H: Host> Agent<H> {
         if !self.cfg.dry_run && !plan.is_empty() {
             // Acting on a sample older than a quantum or two would be acting on stale data.
             let max_age = ns(self.cfg.quantum).saturating_mul(2).max(1_000_000_000);
-            match crate::release::apply_recorded(&mut self.host, &snap, &plan, max_age) {
+            let g = self.cfg.cpu.as_ref().map_or(cpu::Granularity::Cpu, |p| p.granularity);
+            match crate::release::apply_recorded(&mut self.host, &snap, &plan, max_age, g) {
                 Ok(outcomes) => {
                     report.stale = crate::actuate::stale_warning(&outcomes);
                     for (k, (a, o)) in plan.iter().zip(&outcomes).enumerate() {

@@ -77,13 +77,19 @@ struct Added {
 
 /// Adds the vCPUs and threads not yet in the domain's record, with their affinity now; returns
 /// them.
-fn record_priors(host: &mut dyn Host, dom: &DomainRef, pins: &DomainPins<'_>) -> Result<Added, HostError> {
+fn record_priors(
+    host: &mut dyn Host,
+    dom: &DomainRef,
+    pins: &DomainPins<'_>,
+    granularity: Granularity,
+) -> Result<Added, HostError> {
+    let at = (granularity != Granularity::Cpu).then(|| granularity.name().to_string());
     let mut added = Added::default();
     if !pins.vcpus.is_empty() {
         let mut rec = host.agent_pins(dom)?;
         for &(vcpu, from) in &pins.vcpus {
             if !rec.iter().any(|p| p.vcpu == vcpu) {
-                rec.push(AgentPin { vcpu, prior: from.clone() });
+                rec.push(AgentPin { vcpu, prior: from.clone(), granularity: at.clone() });
                 added.vcpus.push(vcpu);
             }
         }
@@ -118,11 +124,12 @@ pub fn apply_recorded(
     snap: &Snapshot,
     plan: &[Action],
     max_age_ns: u64,
+    granularity: Granularity,
 ) -> Result<Vec<Outcome>, HostError> {
     let mut blocked: Vec<(String, String, crate::host::ErrorClass)> = Vec::new();
     let mut added: Vec<(DomainRef, Added)> = Vec::new();
     for (dom, pins) in pins_by_domain(snap, plan) {
-        match record_priors(host, &dom, &pins) {
+        match record_priors(host, &dom, &pins, granularity) {
             Ok(new) if new.vcpus.is_empty() && new.threads.is_empty() => {}
             Ok(new) => added.push((dom, new)),
             Err(e) if e.is_disconnect() => return Err(e),
@@ -243,19 +250,27 @@ pub fn release_domain(
                 (Vec::new(), Vec::new())
             }
         };
+    // Each vCPU at the coarser of the granularity in force and the one it was pinned at (its
+    // record says; a release after a crash whose settings changed since).
+    let at = |p: &AgentPin| {
+        p.granularity.as_deref().and_then(Granularity::parse).map_or(granularity, |g| g.max(granularity))
+    };
     // A set the agent may have made: one cpu, or at a group granularity cpus of one group.
-    let grouped = granularity != Granularity::Cpu && now.iter().flatten().any(|c| c.as_single().is_none());
+    let grouped = rec.iter().any(|p| {
+        at(p) != Granularity::Cpu
+            && now.get(p.vcpu as usize).cloned().flatten().is_some_and(|c| c.as_single().is_none())
+    });
     // Without the topology nothing can tell a group from an operator's set: the record is
     // kept for a later try (`release`), not cleared with those pins left behind.
     let topology = if grouped { Some(host.topology()?) } else { None };
-    let agents = |cur: &CpuSet| {
-        cur.as_single().is_some() || topology.as_ref().is_some_and(|t| inside_one_group(cur, t, granularity))
+    let agents = |cur: &CpuSet, g: Granularity| {
+        cur.as_single().is_some() || topology.as_ref().is_some_and(|t| inside_one_group(cur, t, g))
     };
     let mut out = Released::default();
     for p in rec {
         match now.get(p.vcpu as usize).cloned().flatten() {
             Some(cur) if cur == p.prior => out.restored.push(p),
-            Some(cur) if !agents(&cur) => out.left.push((p.vcpu, cur)),
+            Some(cur) if !agents(&cur, at(&p)) => out.left.push((p.vcpu, cur)),
             _ => match host.pin_vcpu_set(dom, p.vcpu, &p.prior) {
                 Ok(()) => out.restored.push(p),
                 Err(e) if gone(&e) || e.is_disconnect() => return Err(e),

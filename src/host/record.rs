@@ -10,6 +10,7 @@
 //! ```xml
 //! <vmbpins:balancer xmlns:vmbpins="https://vm-balancer.org/xmlns/1/pins">
 //!   <vmbpins:pin vcpu="0" prior="0-1"/>
+//!   <vmbpins:pin vcpu="1" prior="0-1" granularity="llc"/>
 //!   <vmbpins:emulator prior="0-1"/>
 //!   <vmbpins:iothread id="1" prior="0-1"/>
 //! </vmbpins:balancer>
@@ -17,6 +18,8 @@
 //!
 //! libvirt hands the element back without its prefix (`<balancer memory="no"><pin .../>`) and
 //! puts the namespace on when it is set, so the functions here read and write un-prefixed XML.
+//! `granularity` (absent: `cpu`) is the `--pin-granularity` the vCPU was pinned at, so that a
+//! release after a crash knows a group pin for the agent's whatever the settings say by then.
 //! They are pure; [`crate::host::Host::agent_pins`] and `set_agent_pins` do the I/O.
 
 use super::{CpuSet, QemuThread};
@@ -26,6 +29,8 @@ use super::{CpuSet, QemuThread};
 pub struct AgentPin {
     pub vcpu: u32,
     pub prior: CpuSet,
+    /// The `--pin-granularity` of the agent's pins (`core`, `llc`); `None` for `cpu`.
+    pub granularity: Option<String>,
 }
 
 /// The `<pin>` entries of the element, sorted by vCPU. An entry that does not parse (no
@@ -40,7 +45,8 @@ pub fn parse_pins(element: &str) -> Result<Vec<AgentPin>, String> {
         if prior.is_empty() || out.iter().any(|p| p.vcpu == vcpu) {
             continue;
         }
-        out.push(AgentPin { vcpu, prior: CpuSet(prior) });
+        let granularity = c.attribute("granularity").map(|g| g.trim().to_string()).filter(|g| g != "cpu");
+        out.push(AgentPin { vcpu, prior: CpuSet(prior), granularity });
     }
     out.sort_by_key(|p| p.vcpu);
     Ok(out)
@@ -84,7 +90,13 @@ pub fn parse_threads(element: &str) -> Result<Vec<ThreadPin>, String> {
 pub fn with_pins(element: Option<&str>, pins: &[AgentPin]) -> Result<Option<String>, String> {
     let mut sorted: Vec<&AgentPin> = pins.iter().collect();
     sorted.sort_by_key(|p| p.vcpu);
-    let body: String = sorted.iter().map(|p| format!("<pin vcpu=\"{}\" prior=\"{}\"/>", p.vcpu, p.prior)).collect();
+    let body: String = sorted
+        .iter()
+        .map(|p| match &p.granularity {
+            Some(g) => format!("<pin vcpu=\"{}\" prior=\"{}\" granularity=\"{}\"/>", p.vcpu, p.prior, escape(g)),
+            None => format!("<pin vcpu=\"{}\" prior=\"{}\"/>", p.vcpu, p.prior),
+        })
+        .collect();
     replace_children(element, |tag| tag == "pin", &body)
 }
 
@@ -138,7 +150,7 @@ mod tests {
     use super::*;
 
     fn pin(vcpu: u32, prior: &[u32]) -> AgentPin {
-        AgentPin { vcpu, prior: CpuSet(prior.to_vec()) }
+        AgentPin { vcpu, prior: CpuSet(prior.to_vec()), granularity: None }
     }
 
     #[test]
@@ -168,6 +180,20 @@ mod tests {
              <pin vcpu=\"3\" prior=\"0-3\"/></balancer>"
         );
         assert_eq!(parse_pins(&out).unwrap(), vec![pin(1, &[4]), pin(3, &[0, 1, 2, 3])]);
+    }
+
+    #[test]
+    fn the_granularity_of_a_group_pin_is_written_and_read_back() {
+        let llc = AgentPin { granularity: Some("llc".into()), ..pin(1, &[0, 1]) };
+        let x = with_pins(None, &[pin(0, &[0, 1]), llc.clone()]).unwrap().unwrap();
+        assert_eq!(
+            x,
+            "<balancer><pin vcpu=\"0\" prior=\"0-1\"/><pin vcpu=\"1\" prior=\"0-1\" granularity=\"llc\"/></balancer>"
+        );
+        assert_eq!(parse_pins(&x).unwrap(), vec![pin(0, &[0, 1]), llc]);
+        // `cpu` written by hand reads as no granularity.
+        let y = "<balancer><pin vcpu=\"0\" prior=\"0-1\" granularity=\"cpu\"/></balancer>";
+        assert_eq!(parse_pins(y).unwrap(), vec![pin(0, &[0, 1])]);
     }
 
     #[test]

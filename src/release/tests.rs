@@ -52,13 +52,15 @@ fn rec(h: &mut SimHost, g: usize) -> Vec<(u32, CpuSet)> {
 fn the_first_pin_records_the_prior_and_later_pins_keep_it() {
     let mut a = agent(host(2, &[("a", 2)]), true, false);
     let s = snapshot(&mut a);
-    let out = apply_recorded(&mut a.host, &s, &[pin("a", 0, &[0, 1], 0)], u64::MAX).unwrap();
+    let out = apply_recorded(&mut a.host, &s, &[pin("a", 0, &[0, 1], 0)], u64::MAX, Granularity::Cpu).unwrap();
     assert!(matches!(out[..], [Outcome::Applied]), "{out:?}");
     assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1]))]);
     assert_eq!(a.host.affinity(0, 0), Some(&set(&[0])));
 
     let s = snapshot(&mut a);
-    let out = apply_recorded(&mut a.host, &s, &[pin("a", 0, &[0], 1), pin("a", 1, &[0, 1], 0)], u64::MAX).unwrap();
+    let out =
+        apply_recorded(&mut a.host, &s, &[pin("a", 0, &[0], 1), pin("a", 1, &[0, 1], 0)], u64::MAX, Granularity::Cpu)
+            .unwrap();
     assert!(matches!(out[..], [Outcome::Applied, Outcome::Applied]), "{out:?}");
     assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1])), (1, set(&[0, 1]))], "vCPU 0 keeps its first prior");
     assert_eq!(a.host.affinity(0, 0), Some(&set(&[1])));
@@ -70,10 +72,10 @@ fn a_restarted_agent_keeps_the_prior_its_predecessor_recorded() {
     // What a crashed agent left: vCPU 0 on cpu 1, recorded as floating over 0-1 before.
     let d = dom(&mut h, 0);
     h.pin_vcpu(&d, 0, 1).unwrap();
-    h.set_agent_pins(&d, &[AgentPin { vcpu: 0, prior: set(&[0, 1]) }]).unwrap();
+    h.set_agent_pins(&d, &[AgentPin { vcpu: 0, prior: set(&[0, 1]), granularity: None }]).unwrap();
     let mut a = agent(h, true, false);
     let s = snapshot(&mut a);
-    apply_recorded(&mut a.host, &s, &[pin("a", 0, &[1], 0)], u64::MAX).unwrap();
+    apply_recorded(&mut a.host, &s, &[pin("a", 0, &[1], 0)], u64::MAX, Granularity::Cpu).unwrap();
     assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1]))], "not overwritten by the single-cpu pin it found");
     let sum = release_all(&mut a.host, Granularity::Cpu).unwrap();
     assert_eq!(sum, Summary { domains: 1, restored: 1, failed: 0 });
@@ -155,7 +157,7 @@ fn a_domain_gone_during_release_is_skipped() {
     let mut h = host(2, &[("a", 1), ("b", 1)]);
     for g in 0..2 {
         let d = dom(&mut h, g);
-        h.set_agent_pins(&d, &[AgentPin { vcpu: 0, prior: set(&[0, 1]) }]).unwrap();
+        h.set_agent_pins(&d, &[AgentPin { vcpu: 0, prior: set(&[0, 1]), granularity: None }]).unwrap();
         h.pin_vcpu(&d, 0, 0).unwrap();
     }
     let listed = h.list_domains().unwrap();
@@ -170,7 +172,14 @@ fn a_pin_that_fails_is_taken_out_of_the_record() {
     let mut a = agent(host(2, &[("a", 1)]), true, false);
     let s = snapshot(&mut a);
     // No vCPU 7: the pin fails after its prior was recorded.
-    let out = apply_recorded(&mut a.host, &s, &[pin("a", 7, &[0, 1], 0), pin("a", 0, &[0, 1], 1)], u64::MAX).unwrap();
+    let out = apply_recorded(
+        &mut a.host,
+        &s,
+        &[pin("a", 7, &[0, 1], 0), pin("a", 0, &[0, 1], 1)],
+        u64::MAX,
+        Granularity::Cpu,
+    )
+    .unwrap();
     assert!(matches!(out[..], [Outcome::Failed(_), Outcome::Applied]), "{out:?}");
     assert_eq!(rec(&mut a.host, 0), vec![(0, set(&[0, 1]))]);
 }
@@ -188,7 +197,7 @@ fn a_thread_pin_records_its_prior_first_and_a_failed_one_is_taken_out_again() {
     };
     // The simulated guest has no I/O thread: that pin fails after its prior was recorded.
     let plan = [thread(QemuThread::Emulator, &[1]), thread(QemuThread::IoThread(1), &[1])];
-    let out = apply_recorded(&mut a.host, &s, &plan, u64::MAX).unwrap();
+    let out = apply_recorded(&mut a.host, &s, &plan, u64::MAX, Granularity::Cpu).unwrap();
     assert!(matches!(out[..], [Outcome::Applied, Outcome::Failed(_)]), "{out:?}");
     let d = dom(&mut a.host, 0);
     assert_eq!(
@@ -202,7 +211,7 @@ fn a_thread_pin_records_its_prior_first_and_a_failed_one_is_taken_out_again() {
     if let Action::PinThread { from, .. } = &mut later {
         *from = set(&[1]);
     }
-    apply_recorded(&mut a.host, &s, &[later], u64::MAX).unwrap();
+    apply_recorded(&mut a.host, &s, &[later], u64::MAX, Granularity::Cpu).unwrap();
     assert_eq!(a.host.agent_threads(&d).unwrap()[0].prior, set(&[0, 1]));
     let r = release_domain(&mut a.host, &d, Granularity::Cpu).unwrap().unwrap();
     assert_eq!(r.threads_restored, vec![ThreadPin { thread: QemuThread::Emulator, prior: set(&[0, 1]) }]);
@@ -215,7 +224,7 @@ fn a_vcpu_someone_else_has_set_since_is_left_alone() {
     let mut h = host(4, &[("a", 3)]);
     let d = dom(&mut h, 0);
     let prior = set(&[0, 1, 2, 3]);
-    let pins: Vec<AgentPin> = (0..3).map(|vcpu| AgentPin { vcpu, prior: prior.clone() }).collect();
+    let pins: Vec<AgentPin> = (0..3).map(|vcpu| AgentPin { vcpu, prior: prior.clone(), granularity: None }).collect();
     h.set_agent_pins(&d, &pins).unwrap();
     h.pin_vcpu(&d, 0, 1).unwrap();
     h.pin_vcpu_set(&d, 1, &set(&[2, 3])).unwrap();
@@ -239,7 +248,7 @@ fn a_set_inside_one_core_or_llc_is_the_agents_only_at_that_granularity() {
     let setup = || {
         let mut h = host(8, &[("a", 3)]);
         let d = dom(&mut h, 0);
-        let pins: Vec<AgentPin> = (0..3).map(|vcpu| AgentPin { vcpu, prior: all.clone() }).collect();
+        let pins: Vec<AgentPin> = (0..3).map(|vcpu| AgentPin { vcpu, prior: all.clone(), granularity: None }).collect();
         h.set_agent_pins(&d, &pins).unwrap();
         h.pin_vcpu_set(&d, 0, &set(&[1, 5])).unwrap();
         h.pin_vcpu_set(&d, 1, &set(&[0, 1, 4, 5])).unwrap();
@@ -262,4 +271,28 @@ fn a_set_inside_one_core_or_llc_is_the_agents_only_at_that_granularity() {
     let r = release_domain(&mut h, &d, Granularity::Llc).unwrap().unwrap();
     assert_eq!((restored(&r), left(&r)), (vec![0, 1], vec![2]));
     assert_eq!(h.affinity(0, 1), Some(&all));
+}
+
+#[test]
+fn a_pin_recorded_at_a_group_granularity_is_given_back_whatever_the_settings_say_now() {
+    // The agent pinned at `llc` and crashed; `release` runs with settings now saying `cpu`.
+    let all = set(&[0, 1, 2, 3, 4, 5, 6, 7]);
+    let mut a = agent(host(8, &[("a", 2)]), true, false);
+    let s = snapshot(&mut a);
+    let llc = set(&[0, 1, 4, 5]);
+    let to_llc = |vcpu| {
+        let kind = crate::policy::PinKind::Placement;
+        Action::Pin { domain: "a".into(), vcpu, from: all.clone(), to: llc.clone(), kind, reason: "test".into() }
+    };
+    let plan = [to_llc(0), to_llc(1)];
+    apply_recorded(&mut a.host, &s, &plan, u64::MAX, Granularity::Llc).unwrap();
+    let d = dom(&mut a.host, 0);
+    let rec = a.host.agent_pins(&d).unwrap();
+    assert!(rec.iter().all(|p| p.granularity.as_deref() == Some("llc")), "{rec:?}");
+    // An operator narrowed vCPU 1 to two cpus across the sockets meanwhile: that one stays.
+    a.host.pin_vcpu_set(&d, 1, &set(&[1, 2])).unwrap();
+    let r = release_domain(&mut a.host, &d, Granularity::Cpu).unwrap().unwrap();
+    assert_eq!(r.restored.iter().map(|p| p.vcpu).collect::<Vec<_>>(), vec![0]);
+    assert_eq!(r.left, vec![(1, set(&[1, 2]))]);
+    assert_eq!(a.host.affinity(0, 0), Some(&all));
 }
