@@ -253,7 +253,7 @@ fn json_cpu_list(cpus: &[serde_json::Value]) -> String {
 }
 
 #[test]
-fn at_llc_granularity_vcpus_are_pinned_to_their_cache_domain_and_given_back() {
+fn at_llc_granularity_vcpus_are_pinned_to_their_cache_domain_and_given_back_after_a_crash() {
     let _lab = lab();
     // The lab's two cpus share one L3 here (one group, `0-1`); on a machine where they do not,
     // each is a group of its own and the two busy vCPUs go one to each.
@@ -287,8 +287,18 @@ fn at_llc_granularity_vcpus_are_pinned_to_their_cache_domain_and_given_back() {
     let placed = g.pins();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(g.pins(), placed);
-    // A clean stop gives back what the vCPUs had before (a set inside one LLC is the agent's).
-    let (st, _) = agent.terminate();
-    assert!(st.success());
-    assert_eq!(g.pins(), vec!["0", "0"], "{}", agent.log());
+    // The record says at which granularity the pins were made.
+    let rec = virsh(&["metadata", &g.name, "https://vm-balancer.org/xmlns/1/pins", "--live"]).unwrap();
+    assert_eq!(rec.matches("granularity=\"llc\"").count(), 2, "{rec}");
+    // A crash, then `release` with the settings back at `cpu`: it gives back what the vCPUs
+    // had before all the same (the record says a set inside one LLC is the agent's).
+    agent.kill9();
+    let out = std::process::Command::new(bin())
+        .args(["release", "--pin-granularity", "cpu"])
+        .env_remove("VM_BALANCER_PIN_GRANULARITY")
+        .env_remove("VM_BALANCER_KEEP_PINS_ON_EXIT")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(g.pins(), vec!["0", "0"], "{}", String::from_utf8_lossy(&out.stderr));
 }
