@@ -19,7 +19,7 @@ use crate::model::{Snapshot, Tracker};
 use crate::policy::consolidate::{self, ConsolidatePolicy};
 use crate::policy::cpu::{self, CpuPolicy};
 use crate::policy::emulator::{self, EmulatorCpus, ThreadsSet};
-use crate::policy::mem::{self, State, Verdict};
+use crate::policy::mem::Verdict;
 use crate::policy::{Action, PinKind, Plan};
 use crate::repacker::{RepackStats, Repacker};
 
@@ -454,54 +454,10 @@ impl<H: Host> Agent<H> {
             pins.retain(|a| self.failures.blocked(a.domain(), &Kind::of(a), snap.t_ns).is_none());
             plan.extend(pins);
         }
-        if let (Some(m), true) = (&self.cfg.mem, raw.balloons.is_some()) {
-            let (guests, host) = self.mem.input(&snap, &m.timing);
-            // A balloon above the maximum the agent knows: its definition is read again.
-            let stale = self.mem.needs_rediscovery();
-            if !stale.is_empty() {
-                info!("balloon above its known maximum: reading the definition of {} again", stale.join(", "));
-                self.collector.rediscover(&stale);
-            }
-            let mut mp = mem::plan(&guests, &host, &m.policy);
-            // A balloon change that keeps failing is not planned again; the verdict says why.
-            mp.actions.retain(|a| match self.failures.blocked(a.domain(), &Kind::Balloon, snap.t_ns) {
-                Some(why) => {
-                    if let Some(v) = mp.verdicts.iter_mut().find(|v| v.name == a.domain()) {
-                        v.state = State::Hold;
-                        v.why = format!("{}; not applied: the balloon change keeps failing ({why})", v.why);
-                    }
-                    false
-                }
-                None => true,
-            });
-            // Nothing is done on a quiet guest's carried reading: it is read first, next interval
-            // (its verdict is no longer steady).
-            mp.actions.retain(|a| {
-                let carried = snap.domains.iter().find(|d| d.dom.name == a.domain()).and_then(|d| d.balloon.as_ref());
-                let Some(age) = carried.and_then(|(b, _)| b.carried_for_s) else { return true };
-                if let Some(v) = mp.verdicts.iter_mut().find(|v| v.name == a.domain()) {
-                    v.state = State::Hold;
-                    v.why = format!("{}; waits for fresh statistics (these were read {age}s ago)", v.why);
-                }
-                false
-            });
-            // Only a guest left steady, with a margin above starving, not about to be changed
-            // again once its cooldown ends, and not holding a grant the host has not paid for
-            // yet, may have its reading carried forward while it is quiet; none while the host
-            // is short of memory (every guest may be asked to give some back).
-            self.mem_steady = if mem::host_pressure(&host, &m.policy) {
-                HashSet::new()
-            } else {
-                mp.verdicts
-                    .iter()
-                    .filter(|v| v.state == State::Steady)
-                    .filter_map(|v| guests.iter().find(|g| g.name == v.name))
-                    .filter(|g| !g.cooling && mem::comfortable(g, &m.policy) && !self.mem.on_credit(&g.name))
-                    .map(|g| g.name.clone())
-                    .collect()
-            };
+        if raw.balloons.is_some()
+            && let Some(mp) = self.plan_memory(&snap)
+        {
             plan.extend(mp.actions);
-            self.advisor.memory_plan(&mp.verdicts);
             report.mem_verdicts = mp.verdicts;
         }
         report.capacity = Some(self.advisor.observe(&snap, &cpu_input, self.mem.outstanding_kib(), &self.cfg.advice));
@@ -792,6 +748,8 @@ pub fn run<H: Host>(
         }
     }
 }
+
+mod memory;
 
 #[cfg(test)]
 mod tests;
