@@ -42,6 +42,19 @@ fn ours_beats_static_on_delay() {
 }
 
 #[test]
+fn no_policy_has_less_smt_loss_plus_delay_than_the_floor() {
+    // Demand near the host's size: the floor is above zero, and each policy sits on or above it.
+    let r = run(&["--scenario", "mixed", "--host-cpus", "16", "--guests", "40", "--duration", "20m", "--seed", "2"]);
+    let floor = r.policies[0].smt_floor_core_seconds;
+    assert!(floor > 0.0, "{r:#?}");
+    for p in &r.policies {
+        assert_eq!(p.smt_floor_core_seconds, floor, "the workload's, not the policy's");
+        let lost = p.smt_lost_core_seconds + p.delay_core_seconds;
+        assert!(lost >= floor * (1.0 - 1e-9), "{}: {lost} below the floor {floor}", p.name);
+    }
+}
+
+#[test]
 fn fixture_traces_give_finite_figures() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitbrains-excerpt");
     let r = run(&["--traces", dir, "--host-cpus", "32", "--duration", "30m", "--host-mem", "64GiB"]);

@@ -326,6 +326,11 @@ impl SimHost {
         self.guests.iter().map(|g| g.vcpus.len()).collect()
     }
 
+    /// Physical cores (a pair of SMT sibling threads, or a cpu without one).
+    pub fn physical_cores(&self) -> usize {
+        self.layout.sibling.iter().enumerate().filter(|(c, s)| s.is_none_or(|s| s > *c)).count()
+    }
+
     /// Total vCPUs.
     pub fn total_vcpus(&self) -> usize {
         self.guests.iter().map(|g| g.vcpus.len()).sum()

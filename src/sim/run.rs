@@ -89,6 +89,11 @@ pub struct PolicyReport {
     pub mem_reclaimed_fraction: f64,
     /// Guest-quanta in which a guest swapped (need above its balloon size).
     pub starvation_events: u64,
+    /// The workload's, the same for every policy: core-seconds of vCPU demand above what the
+    /// physical cores give with both threads busy (`--smt-yield` each). Work a policy serves
+    /// beyond that is lost to SMT sharing, work it does not serve is delay, so no placement has
+    /// `smt_lost_core_seconds` + `delay_core_seconds` below this.
+    pub smt_floor_core_seconds: f64,
     /// Balloon statistics read from the host per guest-hour (each read costs libvirtd a call
     /// to the guest's QEMU; 720 is every guest every 5 s).
     pub balloon_reads_per_guest_hour: f64,
@@ -159,6 +164,7 @@ impl Report {
                     mem_reclaimed_fraction: m(|p| p.mem_reclaimed_fraction),
                     starvation_events: mu(|p| p.starvation_events),
                     balloon_reads_per_guest_hour: m(|p| p.balloon_reads_per_guest_hour),
+                    smt_floor_core_seconds: m(|p| p.smt_floor_core_seconds),
                     host_reserve_violations: all.iter().map(|p| p.host_reserve_violations).max().unwrap_or(0),
                     agent_cpu_us_per_quantum: m(|p| p.agent_cpu_us_per_quantum),
                     free_cpus_mean: m(|p| p.free_cpus_mean),
@@ -275,6 +281,9 @@ fn run_with(
     let (mut smt_lost, mut remote, mut remote_lost) = (0.0f64, 0.0f64, 0.0f64);
     let (mut starving, mut violations, mut repins, mut placements, mut cpu_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut balloon_reads = 0u64;
+    let mut smt_floor = 0.0f64;
+    #[allow(clippy::cast_precision_loss)]
+    let cores = driver.host().physical_cores() as f64;
     let mut series = Recorder::new(spec.quanta, spec.quantum.as_secs_f64());
     let mut advised = 0u64;
     let mut free_sum = 0u64;
@@ -288,6 +297,8 @@ fn run_with(
             host.set_mem_need(g, *n);
         }
         let s = host.advance(quantum_ns).clone();
+        let wanted: f64 = demand.iter().flatten().map(|d| d.clamp(0.0, 1.0)).sum();
+        smt_floor += (wanted - spec.host.smt_yield * cores).max(0.0) * s.dt_s;
         delay += s.delay * s.dt_s;
         smt_lost += s.smt_lost * s.dt_s;
         remote += s.remote * s.dt_s;
@@ -340,6 +351,7 @@ fn run_with(
         placements,
         mem_reclaimed_fraction: if reclaimable > 0.0 { reclaimed / reclaimable } else { 1.0 },
         starvation_events: starving,
+        smt_floor_core_seconds: smt_floor,
         balloon_reads_per_guest_hour: if hours > 0.0 && !counts.is_empty() {
             balloon_reads as f64 / (counts.len() as f64 * hours)
         } else {
@@ -415,12 +427,13 @@ fn ratio(a: f64, b: f64) -> String {
 pub fn render_table(r: &Report) -> String {
     use std::fmt::Write as _;
     type Row = (&'static str, fn(&PolicyReport) -> f64);
-    let rows: [Row; 15] = [
+    let rows: [Row; 16] = [
         ("busiest/bound mean", |p| p.busiest_over_bound_mean),
         ("busiest/bound mean converged", |p| p.busiest_over_bound_mean_converged),
         ("busiest/bound p99", |p| p.busiest_over_bound_p99),
         ("vCPU delay (core-s)", |p| p.delay_core_seconds),
         ("SMT lost work (core-s)", |p| p.smt_lost_core_seconds),
+        ("SMT + delay floor (core-s)", |p| p.smt_floor_core_seconds),
         ("off home node (core-s)", |p| p.remote_core_seconds),
         ("remote lost work (core-s)", |p| p.remote_lost_core_seconds),
         ("repins per vCPU-hour", |p| p.repins_per_vcpu_hour),
