@@ -637,3 +637,23 @@ fn a_guest_near_starving_or_without_its_own_figures_is_read_every_interval() {
     assert!(carried.get("roomy").is_some_and(|&n| n >= 5), "{carried:?}");
     assert!(!carried.contains_key("tight") && !carried.contains_key("blind"), "{carried:?}");
 }
+
+#[test]
+fn a_guest_holding_a_grant_the_host_has_not_paid_for_is_read_every_interval() {
+    // 8 GiB of maximum started at 6 GiB (all touched); nearly all of it in use: starving,
+    // granted toward the middle of the band. It never touches the grant (the host never pays
+    // for it: on credit), and it is steady and quiet after: still read at every interval.
+    let mut h = Faulty::new(2, &[("grown", 1)]);
+    let specs = [crate::sim::GuestSpec { name: "grown".into(), vcpus: 1, max_kib: 8 << 20, liar: false }];
+    h.sim = crate::sim::SimHost::new(crate::sim::SimConfig::new(2, 16 << 20, 9 << 20), &specs).unwrap();
+    assert_eq!(h.sim.guest_sizes_kib()[0], 6 << 20);
+    h.sim.set_mem_need(0, (6 << 20) - (100 << 10));
+    let mut a = Agent::new(h, AgentConfig::from_flags(&quiet_flags(), false));
+    let (changes, _, _) = balloon_steps(&mut a, 8);
+    assert!(changes >= 1 && a.host.sim.guest_sizes_kib()[0] > 6 << 20, "granted");
+    a.host.sim.set_mem_need(0, (5 << 20) + (512 << 10));
+    let (changes, carried, _) = balloon_steps(&mut a, 30);
+    assert_eq!(changes, 0, "steady after the grant");
+    assert!(a.mem.on_credit("grown"), "the grant is still on credit");
+    assert_eq!(carried, 0, "a guest with a grant on credit is not carried");
+}
