@@ -76,7 +76,8 @@ struct Added {
 }
 
 /// Adds the vCPUs and threads not yet in the domain's record, with their affinity now; returns
-/// them.
+/// them. A recorded vCPU now pinned at a coarser granularity than its entry says (a
+/// `diagnose --apply` at `llc` beside a daemon at `cpu`) has its entry say so.
 fn record_priors(
     host: &mut dyn Host,
     dom: &DomainRef,
@@ -84,16 +85,25 @@ fn record_priors(
     granularity: Granularity,
 ) -> Result<Added, HostError> {
     let at = (granularity != Granularity::Cpu).then(|| granularity.name().to_string());
+    let finer = |p: &AgentPin| p.granularity.as_deref().and_then(Granularity::parse).unwrap_or_default() < granularity;
     let mut added = Added::default();
     if !pins.vcpus.is_empty() {
         let mut rec = host.agent_pins(dom)?;
+        let mut coarser = false;
         for &(vcpu, from) in &pins.vcpus {
-            if !rec.iter().any(|p| p.vcpu == vcpu) {
-                rec.push(AgentPin { vcpu, prior: from.clone(), granularity: at.clone() });
-                added.vcpus.push(vcpu);
+            match rec.iter_mut().find(|p| p.vcpu == vcpu) {
+                None => {
+                    rec.push(AgentPin { vcpu, prior: from.clone(), granularity: at.clone() });
+                    added.vcpus.push(vcpu);
+                }
+                Some(p) if finer(p) => {
+                    p.granularity.clone_from(&at);
+                    coarser = true;
+                }
+                Some(_) => {}
             }
         }
-        if !added.vcpus.is_empty() {
+        if !added.vcpus.is_empty() || coarser {
             host.set_agent_pins(dom, &rec)?;
         }
     }

@@ -296,3 +296,25 @@ fn a_pin_recorded_at_a_group_granularity_is_given_back_whatever_the_settings_say
     assert_eq!(r.left, vec![(1, set(&[1, 2]))]);
     assert_eq!(a.host.affinity(0, 0), Some(&all));
 }
+
+#[test]
+fn a_recorded_vcpu_pinned_again_at_a_coarser_granularity_has_its_entry_say_so() {
+    let all = set(&[0, 1, 2, 3, 4, 5, 6, 7]);
+    let mut a = agent(host(8, &[("a", 1)]), true, false);
+    let s = snapshot(&mut a);
+    apply_recorded(&mut a.host, &s, &[pin("a", 0, &all.0, 1)], u64::MAX, Granularity::Cpu).unwrap();
+    let d = dom(&mut a.host, 0);
+    assert_eq!(a.host.agent_pins(&d).unwrap()[0].granularity, None);
+    // `diagnose --apply --pin-granularity llc` beside it: the same vCPU to socket 0's LLC.
+    let s = snapshot(&mut a);
+    let llc = set(&[0, 1, 4, 5]);
+    let kind = crate::policy::PinKind::Move;
+    let to_llc = Action::Pin { domain: "a".into(), vcpu: 0, from: set(&[1]), to: llc, kind, reason: "test".into() };
+    apply_recorded(&mut a.host, &s, &[to_llc], u64::MAX, Granularity::Llc).unwrap();
+    let rec = a.host.agent_pins(&d).unwrap();
+    assert_eq!((rec[0].prior.clone(), rec[0].granularity.as_deref()), (all.clone(), Some("llc")), "first prior kept");
+    // A crash, and a release at `cpu`: given back.
+    let r = release_domain(&mut a.host, &d, Granularity::Cpu).unwrap().unwrap();
+    assert_eq!(r.restored.len(), 1, "{r:?}");
+    assert_eq!(a.host.affinity(0, 0), Some(&all));
+}
