@@ -16,8 +16,9 @@
 //!   each recorded vCPU gets its prior affinity back and the record is cleared. A vCPU someone
 //!   else has since given another multi-cpu affinity is left as it is (the agent only ever sets
 //!   single cpus, or at `--pin-granularity core|llc` the cpus of one physical core or one LLC
-//!   domain: a set inside one group of the granularity in force, or of a coarser one whose pins
-//!   are still out, counts as the agent's). A recorded emulator or I/O thread always gets its
+//!   domain: a set inside one group of the coarser of the granularity in force and the one the
+//!   vCPU's record entry says it was pinned at counts as the agent's). Entries only ever get
+//!   coarser (a vCPU pinned again at a coarser granularity), which errs toward giving back. A recorded emulator or I/O thread always gets its
 //!   prior back: the agent pins those to sets of cpus, so a set does not tell whose it is. A
 //!   domain that went away is skipped.
 
@@ -239,7 +240,8 @@ fn inside_one_group(set: &CpuSet, topology: &crate::host::Topology, granularity:
 
 /// Gives back the pins recorded on one domain (vCPUs, emulator and I/O threads) and clears the
 /// record. `None`: no record.
-/// `granularity`: the `--pin-granularity` the pins were made at (which sets are the agent's).
+/// `granularity`: the `--pin-granularity` in force; each vCPU is judged at the coarser of it
+/// and the one its record entry says it was pinned at (which sets are the agent's).
 pub fn release_domain(
     host: &mut dyn Host,
     dom: &DomainRef,

@@ -43,14 +43,34 @@ fn ours_beats_static_on_delay() {
 
 #[test]
 fn no_policy_has_less_smt_loss_plus_delay_than_the_floor() {
-    // Demand near the host's size: the floor is above zero, and each policy sits on or above it.
-    let r = run(&["--scenario", "mixed", "--host-cpus", "16", "--guests", "40", "--duration", "20m", "--seed", "2"]);
-    let floor = r.policies[0].smt_floor_core_seconds;
-    assert!(floor > 0.0, "{r:#?}");
-    for p in &r.policies {
-        assert_eq!(p.smt_floor_core_seconds, floor, "the workload's, not the policy's");
-        let lost = p.smt_lost_core_seconds + p.delay_core_seconds;
-        assert!(lost >= floor * (1.0 - 1e-9), "{}: {lost} below the floor {floor}", p.name);
+    // Demand near the host's size: the floor is above zero, and each policy sits on or above it,
+    // with SMT and without (there the floor is floating's delay: it serves all it can).
+    for topology in ["smt", "flat"] {
+        let r = run(&[
+            "--scenario",
+            "mixed",
+            "--host-cpus",
+            "16",
+            "--guests",
+            "40",
+            "--duration",
+            "20m",
+            "--seed",
+            "2",
+            "--topology",
+            topology,
+        ]);
+        let floor = r.policies[0].smt_floor_core_seconds;
+        assert!(floor > 0.0, "{r:#?}");
+        for p in &r.policies {
+            assert_eq!(p.smt_floor_core_seconds, floor, "the workload's, not the policy's");
+            let lost = p.smt_lost_core_seconds + p.delay_core_seconds;
+            assert!(lost >= floor * (1.0 - 1e-9), "{topology}, {}: {lost} below the floor {floor}", p.name);
+        }
+        if topology == "flat" {
+            let floating = get(&r, Policy::Floating).delay_core_seconds;
+            assert!((floating - floor).abs() <= 1e-6 * floor, "{floating} vs {floor}");
+        }
     }
 }
 

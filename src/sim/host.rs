@@ -326,9 +326,21 @@ impl SimHost {
         self.guests.iter().map(|g| g.vcpus.len()).collect()
     }
 
-    /// Physical cores (a pair of SMT sibling threads, or a cpu without one).
-    pub fn physical_cores(&self) -> usize {
-        self.layout.sibling.iter().enumerate().filter(|(c, s)| s.is_none_or(|s| s > *c)).count()
+    /// The most work the online cpus can do in one second, in cores: `--smt-yield` for a
+    /// core with both threads online, 1 for one with one thread online (or without SMT).
+    pub fn work_capacity(&self) -> f64 {
+        let online = |c: usize| !self.offline[c];
+        let mut cap = 0.0;
+        for (c, s) in self.layout.sibling.iter().enumerate() {
+            match *s {
+                Some(s) if s < c => {}
+                Some(s) if online(c) && online(s) => cap += self.cfg.smt_yield.max(1.0),
+                Some(s) if online(c) || online(s) => cap += 1.0,
+                None if online(c) => cap += 1.0,
+                _ => {}
+            }
+        }
+        cap
     }
 
     /// Total vCPUs.

@@ -89,10 +89,10 @@ pub struct PolicyReport {
     pub mem_reclaimed_fraction: f64,
     /// Guest-quanta in which a guest swapped (need above its balloon size).
     pub starvation_events: u64,
-    /// The workload's, the same for every policy: core-seconds of vCPU demand above what the
-    /// physical cores give with both threads busy (`--smt-yield` each). Work a policy serves
-    /// beyond that is lost to SMT sharing, work it does not serve is delay, so no placement has
-    /// `smt_lost_core_seconds` + `delay_core_seconds` below this.
+    /// The workload's, the same for every policy: core-seconds of vCPU demand above the most
+    /// work the online cpus can do (`--smt-yield` for a core with both threads, 1 for one
+    /// thread). Work a policy serves beyond that is lost to SMT sharing, work it does not serve
+    /// is delay, so no placement has `smt_lost_core_seconds` + `delay_core_seconds` below this.
     pub smt_floor_core_seconds: f64,
     /// Balloon statistics read from the host per guest-hour (each read costs libvirtd a call
     /// to the guest's QEMU; 720 is every guest every 5 s).
@@ -282,8 +282,6 @@ fn run_with(
     let (mut starving, mut violations, mut repins, mut placements, mut cpu_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut balloon_reads = 0u64;
     let mut smt_floor = 0.0f64;
-    #[allow(clippy::cast_precision_loss)]
-    let cores = driver.host().physical_cores() as f64;
     let mut series = Recorder::new(spec.quanta, spec.quantum.as_secs_f64());
     let mut advised = 0u64;
     let mut free_sum = 0u64;
@@ -296,9 +294,9 @@ fn run_with(
             }
             host.set_mem_need(g, *n);
         }
+        let capacity = host.work_capacity();
         let s = host.advance(quantum_ns).clone();
-        let wanted: f64 = demand.iter().flatten().map(|d| d.clamp(0.0, 1.0)).sum();
-        smt_floor += (wanted - spec.host.smt_yield * cores).max(0.0) * s.dt_s;
+        smt_floor += (s.demand - capacity).max(0.0) * s.dt_s;
         delay += s.delay * s.dt_s;
         smt_lost += s.smt_lost * s.dt_s;
         remote += s.remote * s.dt_s;
