@@ -154,8 +154,7 @@ impl<H: Host> Agent<H> {
     /// one in force, or a coarser one whose pins are still out (a coarser group holds the
     /// finer ones: an LLC its cores, a core its threads).
     pub fn release_granularity(&self) -> cpu::Granularity {
-        let now = self.cfg.cpu.as_ref().map_or(cpu::Granularity::Cpu, |p| p.granularity);
-        [self.give_back, self.pinned_at].into_iter().flatten().fold(now, Ord::max)
+        [self.give_back, self.pinned_at].into_iter().flatten().fold(self.cfg.pin_granularity(), Ord::max)
     }
 
     /// Takes new settings (SIGHUP) from the next quantum on, keeping all history: samples,
@@ -204,7 +203,7 @@ impl<H: Host> Agent<H> {
     fn give_back_for_new_granularity(&mut self) {
         let Some(old) = self.give_back.filter(|_| !self.cfg.dry_run) else { return };
         // Pins of the new granularity made meanwhile are given back with them.
-        let g = old.max(self.cfg.cpu.as_ref().map_or(old, |p| p.granularity));
+        let g = old.max(self.cfg.pin_granularity());
         match crate::release::release_all(&mut self.host, g) {
             Ok(s) => {
                 info!(
@@ -466,7 +465,7 @@ impl<H: Host> Agent<H> {
         if !self.cfg.dry_run && !plan.is_empty() {
             // Acting on a sample older than a quantum or two would be acting on stale data.
             let max_age = ns(self.cfg.quantum).saturating_mul(2).max(1_000_000_000);
-            let g = self.cfg.cpu.as_ref().map_or(cpu::Granularity::Cpu, |p| p.granularity);
+            let g = self.cfg.pin_granularity();
             match crate::release::apply_recorded(&mut self.host, &snap, &plan, max_age, g) {
                 Ok(outcomes) => {
                     report.stale = crate::actuate::stale_warning(&outcomes);

@@ -142,7 +142,7 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
             }
             if apply && !plan.is_empty() {
                 // A re-pack's steps go in order, at once: a one-shot has no quanta to wait.
-                let g = agent.config().cpu.as_ref().map_or(Granularity::Cpu, |p| p.granularity);
+                let g = agent.config().pin_granularity();
                 let outcomes = release::apply_recorded(&mut agent.host, &snap, &plan, u64::MAX, g)?;
                 let mut failed = 0;
                 for (a, o) in plan.iter().zip(&outcomes) {

@@ -42,6 +42,11 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// What the balancer pins a vCPU to; `cpu` with the balancer off.
+    pub fn pin_granularity(&self) -> crate::policy::cpu::Granularity {
+        self.cpu.as_ref().map_or(crate::policy::cpu::Granularity::Cpu, |p| p.granularity)
+    }
+
     /// The agent's configuration from its flags: the one place flags become policy.
     pub fn from_flags(c: &Common, dry_run: bool) -> Self {
         AgentConfig {
