@@ -76,6 +76,12 @@ struct Added {
     threads: Vec<QemuThread>,
 }
 
+/// The granularity a vCPU's record entry says it was pinned at (`cpu` without one, or one this
+/// version does not know).
+fn recorded_granularity(p: &AgentPin) -> Granularity {
+    p.granularity.as_deref().and_then(Granularity::parse).unwrap_or_default()
+}
+
 /// Adds the vCPUs and threads not yet in the domain's record, with their affinity now; returns
 /// them. A recorded vCPU now pinned at a coarser granularity than its entry says (a
 /// `diagnose --apply` at `llc` beside a daemon at `cpu`) has its entry say so.
@@ -86,7 +92,7 @@ fn record_priors(
     granularity: Granularity,
 ) -> Result<Added, HostError> {
     let at = (granularity != Granularity::Cpu).then(|| granularity.name().to_string());
-    let finer = |p: &AgentPin| p.granularity.as_deref().and_then(Granularity::parse).unwrap_or_default() < granularity;
+    let finer = |p: &AgentPin| recorded_granularity(p) < granularity;
     let mut added = Added::default();
     if !pins.vcpus.is_empty() {
         let mut rec = host.agent_pins(dom)?;
@@ -264,9 +270,7 @@ pub fn release_domain(
         };
     // Each vCPU at the coarser of the granularity in force and the one it was pinned at (its
     // record says; a release after a crash whose settings changed since).
-    let at = |p: &AgentPin| {
-        p.granularity.as_deref().and_then(Granularity::parse).map_or(granularity, |g| g.max(granularity))
-    };
+    let at = |p: &AgentPin| recorded_granularity(p).max(granularity);
     // A set the agent may have made: one cpu, or at a group granularity cpus of one group.
     let grouped = rec.iter().any(|p| {
         at(p) != Granularity::Cpu
