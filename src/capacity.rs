@@ -62,8 +62,12 @@ pub fn input_from(
     let load_cores = fixed + demand.values().sum::<f64>();
     let cpus = cpu.cpus.iter().map(|c| c.group.as_ref().map_or(1, |g| g.0.len())).sum();
     let h = &snap.host;
-    let pressure =
-        h.mem_available_kib < cfg.host_reserve_kib || h.mem_pressure_some_avg10.is_some_and(|p| p > cfg.host_psi_limit);
+    let pressure = crate::policy::mem::short_of_memory(
+        h.mem_available_kib,
+        h.mem_pressure_some_avg10,
+        cfg.host_reserve_kib,
+        cfg.host_psi_limit,
+    );
     let free_kib = if pressure {
         0
     } else {

@@ -212,14 +212,24 @@ pub struct Verdict {
 /// The host is short of its reserve, or its memory pressure is above the limit: guests are
 /// reclaimed down to the middle of the band, and nothing is granted.
 pub fn host_pressure(host: &HostMem, p: &MemPolicy) -> bool {
-    host.available_kib < p.host_reserve_kib || host.psi_some_avg10.is_some_and(|v| v > p.host_psi_limit)
+    short_of_memory(host.available_kib, host.psi_some_avg10, p.host_reserve_kib, p.host_psi_limit)
+}
+
+/// `MemAvailable` below the reserve, or memory pressure (PSI some avg10, %) above the limit.
+/// The memory planner grants nothing then, and the capacity advice counts no memory as free.
+pub fn short_of_memory(available_kib: u64, psi_some_avg10: Option<f64>, reserve_kib: u64, psi_limit: f64) -> bool {
+    available_kib < reserve_kib || psi_some_avg10.is_some_and(|v| v > psi_limit)
+}
+
+/// Usable memory below which a guest of this balloon size is starving.
+fn starve_threshold(current_kib: u64, p: &MemPolicy) -> u64 {
+    frac(current_kib, p.starve_below).max(p.starve_min_kib)
 }
 
 /// A guest with at least twice its starving threshold usable (by its last report), so that
 /// some growth while nobody looks does not starve it.
 pub fn comfortable(g: &GuestMem, p: &MemPolicy) -> bool {
-    let starve_thr = frac(g.current_kib, p.starve_below).max(p.starve_min_kib);
-    g.usable_kib.is_some_and(|u| u >= starve_thr.saturating_mul(2))
+    g.usable_kib.is_some_and(|u| u >= starve_threshold(g.current_kib, p).saturating_mul(2))
 }
 
 /// A plan and the verdict on every guest.
@@ -301,7 +311,7 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
                 continue;
             }
         };
-        let starve_thr = frac(current, p.starve_below).max(p.starve_min_kib);
+        let starve_thr = starve_threshold(current, p);
         let reclaim_thr = frac(current, p.reclaim_above).max(p.reclaim_min_kib);
         let swapping = g.swap_in_delta_kib > 0 || g.major_fault_delta > p.major_fault_threshold;
         if g.deflated_by_itself {
