@@ -270,7 +270,7 @@ impl Host for LibvirtHost {
     fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError> {
         let r = stats::all_domain_stats(self.conn()?, stats::groups::BALLOON);
         let recs = r.map_err(|e| self.fail("bulk balloon stats", "host", e))?;
-        Ok(recs.iter().filter_map(|r| balloon_from_stats(r).map(|b| (r.name.clone(), b))).collect())
+        Ok(balloons_of(&recs))
     }
 
     fn balloon_stats_of(&mut self, doms: &[DomainRef]) -> Result<Vec<(String, BalloonStats)>, HostError> {
@@ -288,7 +288,7 @@ impl Host for LibvirtHost {
         }
         let r = stats::list_domain_stats(&handles, stats::groups::BALLOON);
         let recs = r.map_err(|e| self.fail("balloon stats", "host", e))?;
-        Ok(recs.iter().filter_map(|r| balloon_from_stats(r).map(|b| (r.name.clone(), b))).collect())
+        Ok(balloons_of(&recs))
     }
 
     fn host_sample(&mut self) -> Result<HostSample, HostError> {
@@ -476,6 +476,11 @@ pub fn classify(code: ErrorNumberEnum, msg: &str, alive: bool) -> ErrorClass {
     }
     // Timeouts, busy monitors, RPC hiccups on a live connection, anything unknown: try again.
     ErrorClass::Transient
+}
+
+/// Balloon statistics of each record that has them, keyed by domain name.
+fn balloons_of(recs: &[DomainStats]) -> Vec<(String, BalloonStats)> {
+    recs.iter().filter_map(|r| balloon_from_stats(r).map(|b| (r.name.clone(), b))).collect()
 }
 
 /// Balloon statistics from one bulk-stats record; `None` without `balloon.current`.
