@@ -25,25 +25,25 @@ impl<H: Host> Agent<H> {
             self.collector.rediscover(&stale);
         }
         let mut mp = mem::plan(&guests, &host, &m.policy);
-        // A balloon change that keeps failing is not planned again; the verdict says why.
-        mp.actions.retain(|a| match self.failures.blocked(a.domain(), &Kind::Balloon, snap.t_ns) {
-            Some(why) => {
-                if let Some(v) = mp.verdicts.iter_mut().find(|v| v.name == a.domain()) {
-                    v.state = State::Hold;
-                    v.why = format!("{}; not applied: the balloon change keeps failing ({why})", v.why);
-                }
-                false
-            }
-            None => true,
-        });
-        // Nothing is done on a quiet guest's carried reading: it is read first, next interval
-        // (its verdict is no longer steady).
-        mp.actions.retain(|a| {
-            let carried = snap.domains.iter().find(|d| d.dom.name == a.domain()).and_then(|d| d.balloon.as_ref());
-            let Some(age) = carried.and_then(|(b, _)| b.carried_for_s) else { return true };
-            if let Some(v) = mp.verdicts.iter_mut().find(|v| v.name == a.domain()) {
+        // Kept out of the plan, the verdict saying why: a balloon change that keeps failing, and
+        // any change on a quiet guest's carried reading (read first, next interval: its verdict
+        // is no longer steady).
+        let carried = |name: &str| {
+            let d = snap.domains.iter().find(|d| d.dom.name == name)?;
+            d.balloon.as_ref().and_then(|(b, _)| b.carried_for_s)
+        };
+        let MemPlan { actions, verdicts } = &mut mp;
+        actions.retain(|a| {
+            let held = match self.failures.blocked(a.domain(), &Kind::Balloon, snap.t_ns) {
+                Some(why) => format!("not applied: the balloon change keeps failing ({why})"),
+                None => match carried(a.domain()) {
+                    Some(age) => format!("waits for fresh statistics (these were read {age}s ago)"),
+                    None => return true,
+                },
+            };
+            if let Some(v) = verdicts.iter_mut().find(|v| v.name == a.domain()) {
                 v.state = State::Hold;
-                v.why = format!("{}; waits for fresh statistics (these were read {age}s ago)", v.why);
+                v.why = format!("{}; {held}", v.why);
             }
             false
         });
