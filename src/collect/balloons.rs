@@ -109,8 +109,13 @@ impl BalloonPoll {
         self.last.retain(|n, r| running.get(n.as_str()) == Some(&r.id));
         self.seen.retain(|n, _| running.contains_key(n.as_str()));
         self.changed.retain(|n| running.contains_key(n.as_str()));
-        let due: Vec<DomainRef> =
-            domains.iter().filter(|d| self.due(d, now, &how)).map(|d| d.desc.dom.clone()).collect();
+        let runs: Vec<Option<u64>> = domains.iter().map(run_ns).collect();
+        let due: Vec<DomainRef> = domains
+            .iter()
+            .zip(&runs)
+            .filter(|&(d, &run)| self.due(d, run, now, &how))
+            .map(|(d, _)| d.desc.dom.clone())
+            .collect();
         let fresh: HashMap<String, BalloonStats> = if due.is_empty() {
             HashMap::new()
         } else if due.len() * 2 > domains.len() {
@@ -123,9 +128,8 @@ impl BalloonPoll {
         let mut counts = BalloonCounts::default();
         let mut out = Vec::with_capacity(domains.len());
         let mut read_names = Vec::new();
-        for d in domains {
+        for (d, &run) in domains.iter().zip(&runs) {
             let name = &d.desc.dom.name;
-            let run = run_ns(d);
             if let Some(b) = fresh.get(name) {
                 counts.read += 1;
                 read_names.push(name.as_str());
@@ -168,7 +172,8 @@ impl BalloonPoll {
         Ok((out, counts))
     }
 
-    fn due(&self, d: &RawDomain, now: u64, how: &BalloonRead<'_>) -> bool {
+    /// `run`: the sum of `d`'s vCPU run times now, when every one is known.
+    fn due(&self, d: &RawDomain, run: Option<u64>, now: u64, how: &BalloonRead<'_>) -> bool {
         let name = d.desc.dom.name.as_str();
         let Some(r) = self.last.get(name) else { return true };
         // Read at this interval what would be past the quiet interval at the next one.
@@ -176,7 +181,7 @@ impl BalloonPoll {
         if how.quiet_ns == 0 || !how.may_carry.contains(name) || self.changed.contains(name) || age >= how.quiet_ns {
             return true;
         }
-        let Some(run) = run_ns(d) else { return true };
+        let Some(run) = run else { return true };
         // Quiet since the reading, and in the last interval (a burst since is not averaged away).
         ran((now, run), (r.at_ns, r.run_ns)) || self.seen.get(name).is_none_or(|&last| ran((now, run), last))
     }
