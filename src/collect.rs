@@ -125,7 +125,11 @@ impl Collector {
                 debug!("changed, to describe again: {}", names.join(", "));
             }
             self.rediscover(names);
-            self.balloons.changed(names);
+        }
+        let memory = host.memory_changed_domains();
+        if !memory.is_empty() {
+            debug!("balloon or devices changed, statistics to read again: {}", memory.join(", "));
+            self.balloons.changed(&memory);
         }
         let refresh_ns = if changed.is_some() { self.cfg.watched_refresh_ns } else { self.cfg.refresh_ns };
         self.known.retain(|name, d| listed.iter().any(|l| &l.name == name && l.id == d.dom.id));

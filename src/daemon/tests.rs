@@ -657,3 +657,26 @@ fn a_guest_holding_a_grant_the_host_has_not_paid_for_is_read_every_interval() {
     assert!(a.mem.on_credit("grown"), "the grant is still on credit");
     assert_eq!(carried, 0, "a guest with a grant on credit is not carried");
 }
+
+#[test]
+fn a_balloon_event_has_a_quiet_guest_read_again_and_a_pin_event_does_not() {
+    // A steady, quiet guest on a host that reports events: carried forward between readings.
+    let mut h = Faulty::new(2, &[("steady", 1)]);
+    h.sim.set_mem_need(0, 768 << 10);
+    h.events = Some(vec![]);
+    let mut a = Agent::new(h, AgentConfig::from_flags(&quiet_flags(), false));
+    balloon_steps(&mut a, 10);
+    // A pin or metadata event (the agent's own pins raise them) says nothing about memory: it
+    // has the definition read again, not the statistics.
+    let (mut carried, describes) = (0, a.host.describes);
+    for _ in 0..10 {
+        a.host.events = Some(vec!["steady".into()]);
+        carried += balloon_steps(&mut a, 1).1;
+    }
+    assert!(a.host.describes > describes, "the definition was read again");
+    assert_eq!(carried, 5, "carried at every interval through pin events");
+    // Its balloon moved (`virsh setmem`, its driver): read at the next interval, then carried.
+    a.host.memory_events = vec!["steady".into()];
+    assert_eq!(balloon_steps(&mut a, 2).1, 0, "read again after a balloon event");
+    assert_eq!(balloon_steps(&mut a, 10).1, 5, "then carried again");
+}

@@ -8,6 +8,11 @@
 //! domains changed, so that it is listed again only then (and on a slow safety cadence), not
 //! every quantum.
 //!
+//! A guest's memory figures are read again, instead of carried forward while it is quiet
+//! (`collect::balloons`), when libvirt says its balloon moved (`virsh setmem`, the guest's
+//! driver) or a device came or went: a pin or a metadata change says nothing about memory, and
+//! the agent's own pins raise tunable events on every repin.
+//!
 //! The callbacks run on libvirt's event loop thread (started by `libvirt::start_event_loop`);
 //! each only copies the domain's name into a shared list or sets a flag, which the quantum
 //! reads.
@@ -25,6 +30,8 @@ use virt::sys;
 pub struct Watch {
     /// Domains whose definition changed.
     names: Mutex<Vec<String>>,
+    /// Domains whose memory figures may have changed (balloon moved, device came or went).
+    memory: Mutex<Vec<String>>,
     /// A domain started, stopped, was defined, ...: the listing may have changed.
     lifecycle: AtomicBool,
 }
@@ -35,6 +42,11 @@ impl Watch {
         std::mem::take(&mut *self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
+    /// The domains whose memory figures may have changed since the last call.
+    pub fn take_memory(&self) -> Vec<String> {
+        std::mem::take(&mut *self.memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
     /// Whether a lifecycle event came since the last call.
     pub fn take_lifecycle(&self) -> bool {
         self.lifecycle.swap(false, Ordering::AcqRel)
@@ -43,15 +55,34 @@ impl Watch {
     /// Forgets what was reported (a new connection starts from a fresh listing).
     pub fn clear(&self) {
         self.take_names();
+        self.take_memory();
         self.take_lifecycle();
     }
 
-    fn note(&self, name: String) {
-        let mut list = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !list.contains(&name) {
-            list.push(name);
+    fn note(&self, name: String, kind: Kind) {
+        let lists: &[&Mutex<Vec<String>>] = match kind {
+            Kind::Definition => &[&self.names],
+            Kind::Memory => &[&self.memory],
+            Kind::Both => &[&self.names, &self.memory],
+        };
+        for list in lists {
+            let mut list = list.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !list.contains(&name) {
+                list.push(name.clone());
+            }
         }
     }
+}
+
+/// What an event says changed of a domain.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// Its definition (a pin, its metadata): read it again.
+    Definition,
+    /// Its memory figures (its balloon moved): read its balloon statistics again.
+    Memory,
+    /// Both (a device came or went, a new definition).
+    Both,
 }
 
 /// Shared between the agent and libvirt's event loop thread.
@@ -62,6 +93,7 @@ type TunableCb =
     unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, sys::virTypedParameterPtr, c_int, *mut c_void);
 type MetadataCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, *const c_char, *mut c_void);
 type DeviceCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
+type BalloonCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, u64, *mut c_void);
 
 type GenericCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
 
@@ -75,12 +107,13 @@ macro_rules! generic {
     };
 }
 
-/// Registers, on `conn`, for every domain, the events after which a domain's definition must
-/// be read again (the names go into `changed`) or the running domains listed again. All or
+/// Registers, on `conn`, for every domain, the events after which a domain's definition or its
+/// balloon statistics must be read again (the names go into `changed`) or the running domains
+/// listed again. All or
 /// nothing: on an error the events already registered are deregistered. Returns the callback
 /// ids.
 pub fn watch(conn: &Connect, changed: &Changed) -> Result<Vec<c_int>, virt::error::Error> {
-    let wanted: [(sys::virDomainEventID, sys::virConnectDomainEventGenericCallback); 5] = [
+    let wanted: [(sys::virDomainEventID, sys::virConnectDomainEventGenericCallback); 6] = [
         // A domain started, stopped, crashed, ... (the listing changed), or its persistent
         // definition was changed (`virsh define`, `edit`).
         (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, generic!(on_lifecycle, LifecycleCb)),
@@ -91,6 +124,9 @@ pub fn watch(conn: &Connect, changed: &Changed) -> Result<Vec<c_int>, virt::erro
         // A device (memory, an I/O thread's disk, a balloon) came or went.
         (sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, generic!(on_device, DeviceCb)),
         (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, generic!(on_device, DeviceCb)),
+        // The balloon moved (`virsh setmem`, the agent's own change, the guest's driver): a
+        // quiet guest's carried statistics are read again.
+        (sys::VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, generic!(on_balloon, BalloonCb)),
     ];
     let mut ids = Vec::with_capacity(wanted.len());
     for (event, cb) in wanted {
@@ -132,12 +168,12 @@ pub fn unwatch(conn: &Connect, ids: &[c_int]) {
     }
 }
 
-/// Adds `dom`'s name to the list behind `opaque`.
+/// Adds `dom`'s name to the list(s) of `kind` behind `opaque`.
 ///
 /// # Safety
 /// `dom` is a domain libvirt passes to a callback (valid during it); `opaque` was made by
 /// [`watch`] and not yet freed.
-unsafe fn note(dom: sys::virDomainPtr, opaque: *mut c_void) {
+unsafe fn note(dom: sys::virDomainPtr, opaque: *mut c_void, kind: Kind) {
     // SAFETY: the caller's contract; `virDomainGetName` returns a string owned by `dom`, or null.
     let name = unsafe { sys::virDomainGetName(dom) };
     if name.is_null() || opaque.is_null() {
@@ -146,7 +182,7 @@ unsafe fn note(dom: sys::virDomainPtr, opaque: *mut c_void) {
     // SAFETY: non-null, NUL-terminated, alive while `dom` is.
     let name = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
     // SAFETY: the caller's contract.
-    unsafe { watch_of(opaque) }.note(name);
+    unsafe { watch_of(opaque) }.note(name, kind);
 }
 
 /// The [`Watch`] behind `opaque`.
@@ -173,7 +209,7 @@ unsafe extern "C" fn on_lifecycle(
     // A new persistent definition also changes what the agent read of the domain.
     if event == sys::VIR_DOMAIN_EVENT_DEFINED as c_int {
         // SAFETY: called by libvirt with a live `dom` and our `opaque`.
-        unsafe { note(dom, opaque) };
+        unsafe { note(dom, opaque, Kind::Both) };
     }
     0
 }
@@ -186,7 +222,7 @@ unsafe extern "C" fn on_tunable(
     opaque: *mut c_void,
 ) {
     // SAFETY: as above.
-    unsafe { note(dom, opaque) };
+    unsafe { note(dom, opaque, Kind::Definition) };
 }
 
 unsafe extern "C" fn on_metadata(
@@ -203,7 +239,7 @@ unsafe extern "C" fn on_metadata(
         return;
     }
     // SAFETY: as above.
-    unsafe { note(dom, opaque) };
+    unsafe { note(dom, opaque, Kind::Definition) };
 }
 
 unsafe extern "C" fn on_device(
@@ -213,7 +249,12 @@ unsafe extern "C" fn on_device(
     opaque: *mut c_void,
 ) {
     // SAFETY: as above.
-    unsafe { note(dom, opaque) };
+    unsafe { note(dom, opaque, Kind::Both) };
+}
+
+unsafe extern "C" fn on_balloon(_c: sys::virConnectPtr, dom: sys::virDomainPtr, _actual: u64, opaque: *mut c_void) {
+    // SAFETY: as above.
+    unsafe { note(dom, opaque, Kind::Memory) };
 }
 
 /// Gives back the strong count `watch` handed to libvirt.

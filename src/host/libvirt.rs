@@ -254,6 +254,10 @@ impl Host for LibvirtHost {
         Some(self.changed.take_names())
     }
 
+    fn memory_changed_domains(&mut self) -> Vec<String> {
+        self.changed.take_memory()
+    }
+
     fn vcpu_times(&mut self, desc: &DomainDesc) -> Result<Vec<Option<VcpuTimes>>, HostError> {
         let Some(pid) = desc.pid else { return Ok(vec![None; desc.vcpu_tids.len()]) };
         let mut out = Vec::with_capacity(desc.vcpu_tids.len());

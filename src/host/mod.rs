@@ -371,6 +371,12 @@ pub trait Host {
     fn changed_domains(&mut self) -> Option<Vec<String>> {
         None
     }
+    /// The domains whose memory figures libvirt said may have changed since the last call (a
+    /// balloon moved, a device came or went): their balloon statistics are read at the next
+    /// memory interval rather than carried forward. Empty when this host cannot tell.
+    fn memory_changed_domains(&mut self) -> Vec<String> {
+        Vec::new()
+    }
     /// Cheap (procfs): scheduler counters and affinity of each vCPU thread of a domain,
     /// indexed like `desc.vcpu_tids` (`None` for a vCPU whose thread is unknown or gone).
     fn vcpu_times(&mut self, desc: &DomainDesc) -> Result<Vec<Option<VcpuTimes>>, HostError>;

@@ -40,6 +40,8 @@ pub struct Faulty {
     /// Domain events: `Some` (the names reported changed, drained by each quantum) makes this
     /// a host that reports changes; `None` one that cannot.
     pub events: Option<Vec<String>>,
+    /// Memory events (a balloon moved): the names, drained by each quantum.
+    pub memory_events: Vec<String>,
     /// The host's `MemAvailable` as sampled, instead of the model's (memory taken by
     /// something other than the guests).
     pub mem_available_kib: Option<u64>,
@@ -82,6 +84,7 @@ impl Faulty {
             vanish_on_describe: vec![],
             gone: vec![],
             events: None,
+            memory_events: vec![],
             mem_available_kib: None,
             no_guest_figures: vec![],
         }
@@ -116,6 +119,9 @@ impl Host for Faulty {
     }
     fn changed_domains(&mut self) -> Option<Vec<String>> {
         self.events.as_mut().map(std::mem::take)
+    }
+    fn memory_changed_domains(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.memory_events)
     }
     fn describe(&mut self, dom: &DomainRef) -> Result<DomainDesc, HostError> {
         self.describes += 1;
