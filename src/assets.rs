@@ -146,7 +146,7 @@ pub fn man_page() -> Vec<u8> {
     roff.control("TP", []);
     roff.text([italic(crate::settings::DEFAULT_PATH)]);
     roff.text([roman(
-        "The settings file: VM_BALANCER_X=value lines, also the service's EnvironmentFile. \
+        "The settings file: VM_BALANCER_X=value lines, read by the agent itself (also at a reload). \
          Read when it exists; --config names another one.",
     )]);
     roff.control("TP", []);

@@ -1,5 +1,6 @@
 //! Command line. Every tuning flag can also come from an environment variable
-//! `VM_BALANCER_<FLAG>` (for systemd's `EnvironmentFile=`); a flag on the command line wins.
+//! `VM_BALANCER_<FLAG>` and from the settings file (`crate::settings`); a flag on the command
+//! line wins.
 //! Malformed or out-of-range values stop the program with one line naming the flag and the
 //! allowed range, exit code 2 (clap's usage error code).
 

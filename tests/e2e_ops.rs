@@ -187,6 +187,54 @@ fn sighup_applies_a_changed_settings_file() {
     assert_eq!(g.pins(), ["1", "1"], "{}", agent.log());
 }
 
+/// The environment the shipped unit starts the agent with: the `Environment=` lines and the
+/// entries of each `EnvironmentFile=` (the settings file read from `settings` instead).
+fn unit_environment(settings: &std::path::Path) -> Vec<(String, String)> {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/vm-balancer.service")).unwrap();
+    let pairs = |text: &str| -> Vec<(String, String)> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect()
+    };
+    let mut env = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if let Some(file) = line.strip_prefix("EnvironmentFile=") {
+            let file = file.trim_start_matches('-');
+            let path = if file == "/etc/default/vm-balancer" { settings.to_path_buf() } else { file.into() };
+            env.extend(pairs(&std::fs::read_to_string(path).unwrap_or_default()));
+        } else if let Some(kv) = line.strip_prefix("Environment=") {
+            env.extend(pairs(kv));
+        }
+    }
+    env
+}
+
+#[test]
+fn going_live_as_the_readme_says_takes_a_changed_file_and_a_reload() {
+    let _lab = lab();
+    let g = Guest::start("live", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm-balancer");
+    let settings = "VM_BALANCER_QUANTUM=500ms\nVM_BALANCER_NO_MEMORY=true\nVM_BALANCER_SMOOTHING=1s\n";
+    // Installed: the shipped file says dry run. Started the way the unit starts it.
+    std::fs::write(&path, format!("{settings}VM_BALANCER_DRY_RUN=true\n")).unwrap();
+    let before = g.pins();
+    let agent = Agent::start_with_env(&["--config", path.to_str().unwrap()], &unit_environment(&path));
+    let planned = wait_for(Duration::from_secs(20), || agent.log().contains("dry run, would"));
+    assert!(planned, "{}", agent.log());
+    assert_eq!(g.pins(), before, "nothing pinned in dry run\n{}", agent.log());
+    // The README's go-live step: VM_BALANCER_DRY_RUN=false in the file, `systemctl reload`.
+    std::fs::write(&path, format!("{settings}VM_BALANCER_DRY_RUN=false\n")).unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let pinned = wait_for(Duration::from_secs(20), || g.pins().iter().all(|p| !p.contains(['-', ','])));
+    assert!(pinned, "still not pinned after the reload: {:?}\n{}", g.pins(), agent.log());
+    assert!(agent.log().contains("settings reloaded: dry_run"), "{}", agent.log());
+}
+
 #[test]
 fn the_cost_script_of_the_docs_measures_and_cleans_up() {
     let _lab = lab();
