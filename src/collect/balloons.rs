@@ -8,8 +8,9 @@
 //! the guest steady (not reclaiming, granting, moving its balloon or about to). A carried
 //! reading is for looking only: the daemon does nothing to a guest on one, it reads it first.
 //! A guest is read at the next interval when it ran, when its vCPU counters are unknown, when
-//! it is new or restarted, when libvirt reported a change to it, when its last reading was
-//! incomplete, and when the planner did not leave it steady.
+//! it is new or restarted, when libvirt said its memory may have moved (its balloon, a device,
+//! a reboot, a resume; then until a reading the guest made after that), when its last reading
+//! was incomplete, and when the planner did not leave it steady.
 
 use std::collections::{HashMap, HashSet};
 
@@ -60,8 +61,9 @@ pub struct BalloonPoll {
     last: HashMap<String, Reading>,
     /// (host clock, Σ vCPU run ns) of each guest at the last interval.
     seen: HashMap<String, (u64, u64)>,
-    /// Guests libvirt reported changed since their last reading.
-    changed: HashSet<String>,
+    /// Guests libvirt said may have changed, and when (epoch s): read until a reading the guest
+    /// made after that (a reading fetched at once may still be the guest's figures from before).
+    changed: HashMap<String, u64>,
 }
 
 /// Sum of a domain's vCPU run times, when every one is known.
@@ -90,9 +92,17 @@ impl BalloonPoll {
         self.changed.clear();
     }
 
-    /// Domains libvirt reported changed: read them at the next interval.
-    pub fn changed(&mut self, names: &[String]) {
-        self.changed.extend(names.iter().cloned());
+    /// Domains libvirt said may have changed at `epoch_s`: read them at the next interval, and
+    /// at each one after until a reading the guest made after `epoch_s`.
+    pub fn changed(&mut self, names: &[String], epoch_s: u64) {
+        for n in names {
+            self.changed.insert(n.clone(), epoch_s);
+        }
+    }
+
+    /// Forgets what libvirt said of domains no longer listed (also while nothing is read).
+    pub fn keep_only(&mut self, listed: &HashSet<&str>) {
+        self.changed.retain(|n, _| listed.contains(n.as_str()));
     }
 
     /// Reads the guests that are due (all of them in one bulk call when more than half are)
@@ -108,7 +118,7 @@ impl BalloonPoll {
         let running: HashMap<&str, u32> = domains.iter().map(|d| (d.desc.dom.name.as_str(), d.desc.dom.id)).collect();
         self.last.retain(|n, r| running.get(n.as_str()) == Some(&r.id));
         self.seen.retain(|n, _| running.contains_key(n.as_str()));
-        self.changed.retain(|n| running.contains_key(n.as_str()));
+        self.changed.retain(|n, _| running.contains_key(n.as_str()));
         let runs: Vec<Option<u64>> = domains.iter().map(run_ns).collect();
         let due: Vec<DomainRef> = domains
             .iter()
@@ -134,7 +144,11 @@ impl BalloonPoll {
                 counts.read += 1;
                 read_names.push(name.as_str());
                 out.push((name.clone(), b.clone()));
-                self.changed.remove(name);
+                // The guest's own figures of after the event (a reading without them is not
+                // carried anyway).
+                if self.changed.get(name).is_some_and(|&since| b.last_update_s.is_none_or(|u| u > since)) {
+                    self.changed.remove(name);
+                }
                 match run {
                     // An incomplete reading (no guest figures yet, its monitor was busy) is
                     // not carried: the guest stays due (the planner holds such a guest, so it
@@ -178,7 +192,8 @@ impl BalloonPoll {
         let Some(r) = self.last.get(name) else { return true };
         // Read at this interval what would be past the quiet interval at the next one.
         let age = now.saturating_sub(r.at_ns).saturating_add(how.interval_ns / 2);
-        if how.quiet_ns == 0 || !how.may_carry.contains(name) || self.changed.contains(name) || age >= how.quiet_ns {
+        if how.quiet_ns == 0 || !how.may_carry.contains(name) || self.changed.contains_key(name) || age >= how.quiet_ns
+        {
             return true;
         }
         let Some(run) = run else { return true };

@@ -75,7 +75,7 @@ impl Watch {
 }
 
 /// What an event says changed of a domain.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// Its definition (a pin, its metadata): read it again.
     Definition,
@@ -85,26 +85,40 @@ enum Kind {
     Both,
 }
 
+/// What an event of id `event` says changed (for a lifecycle event, of type `lifecycle`),
+/// if anything the agent reads; the one place events are sorted.
+fn kind_of(event: sys::virDomainEventID, lifecycle: c_int) -> Option<Kind> {
+    let lifecycle = u32::try_from(lifecycle).ok();
+    match event {
+        sys::VIR_DOMAIN_EVENT_ID_TUNABLE | sys::VIR_DOMAIN_EVENT_ID_METADATA_CHANGE => Some(Kind::Definition),
+        sys::VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE | sys::VIR_DOMAIN_EVENT_ID_REBOOT => Some(Kind::Memory),
+        sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED | sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED => Some(Kind::Both),
+        sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE => match lifecycle {
+            // A new persistent definition.
+            Some(sys::VIR_DOMAIN_EVENT_DEFINED) => Some(Kind::Both),
+            // Started (restored, from a snapshot, migrated in) or resumed: its memory may be
+            // another one than the agent last read, under the same id.
+            Some(sys::VIR_DOMAIN_EVENT_STARTED | sys::VIR_DOMAIN_EVENT_RESUMED) => Some(Kind::Memory),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Shared between the agent and libvirt's event loop thread.
 pub type Changed = Arc<Watch>;
 
-type LifecycleCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int;
-type TunableCb =
-    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, sys::virTypedParameterPtr, c_int, *mut c_void);
-type MetadataCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, *const c_char, *mut c_void);
-type DeviceCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
-type BalloonCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, u64, *mut c_void);
-
-type GenericCb = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
-
-/// libvirt's `VIR_DOMAIN_EVENT_CALLBACK()` cast, of a function of type `$ty`.
+/// libvirt's `VIR_DOMAIN_EVENT_CALLBACK()` cast of `$f`, whose type must be the callback type
+/// `$ty` libvirt's bindings give for its event (a signature that does not match does not
+/// compile).
 macro_rules! generic {
-    ($f:expr, $ty:ty) => {
-        // SAFETY: a function pointer to a function pointer of the same size (`transmute`
-        // checks); libvirt only ever calls it back with the signature of the event it was
-        // registered for, which is `$ty`'s.
-        Some(unsafe { std::mem::transmute::<$ty, GenericCb>($f) })
-    };
+    ($f:expr, $ty:ty) => {{
+        let f: $ty = Some($f);
+        // SAFETY: an optional function pointer to an optional function pointer of the same
+        // size (`transmute` checks); libvirt only ever calls it back with the signature of the
+        // event it was registered for, which is `$ty`'s.
+        unsafe { std::mem::transmute::<$ty, sys::virConnectDomainEventGenericCallback>(f) }
+    }};
 }
 
 /// Registers, on `conn`, for every domain, the events after which a domain's definition or its
@@ -113,20 +127,34 @@ macro_rules! generic {
 /// nothing: on an error the events already registered are deregistered. Returns the callback
 /// ids.
 pub fn watch(conn: &Connect, changed: &Changed) -> Result<Vec<c_int>, virt::error::Error> {
-    let wanted: [(sys::virDomainEventID, sys::virConnectDomainEventGenericCallback); 6] = [
+    let wanted: [(sys::virDomainEventID, sys::virConnectDomainEventGenericCallback); 7] = [
         // A domain started, stopped, crashed, ... (the listing changed), or its persistent
         // definition was changed (`virsh define`, `edit`).
-        (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, generic!(on_lifecycle, LifecycleCb)),
+        (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, generic!(on_lifecycle, sys::virConnectDomainEventCallback)),
         // A pin or another tunable changed (`virsh vcpupin --live`, `emulatorpin`, ...).
-        (sys::VIR_DOMAIN_EVENT_ID_TUNABLE, generic!(on_tunable, TunableCb)),
+        (sys::VIR_DOMAIN_EVENT_ID_TUNABLE, generic!(on_tunable, sys::virConnectDomainEventTunableCallback)),
         // The opt-out (`virsh metadata --live`); the agent's own record is ignored.
-        (sys::VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, generic!(on_metadata, MetadataCb)),
+        (
+            sys::VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
+            generic!(on_metadata, sys::virConnectDomainEventMetadataChangeCallback),
+        ),
         // A device (memory, an I/O thread's disk, a balloon) came or went.
-        (sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, generic!(on_device, DeviceCb)),
-        (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, generic!(on_device, DeviceCb)),
-        // The balloon moved (`virsh setmem`, the agent's own change, the guest's driver): a
-        // quiet guest's carried statistics are read again.
-        (sys::VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, generic!(on_balloon, BalloonCb)),
+        (
+            sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+            generic!(on_device_added, sys::virConnectDomainEventDeviceAddedCallback),
+        ),
+        (
+            sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+            generic!(on_device_removed, sys::virConnectDomainEventDeviceRemovedCallback),
+        ),
+        // The balloon moved (`virsh setmem`, the agent's own change, the guest's driver), or
+        // the guest rebooted: a quiet guest's carried statistics are read again.
+        (
+            sys::VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE,
+            generic!(on_balloon, sys::virConnectDomainEventBalloonChangeCallback),
+        ),
+        // (Already of the generic type: no cast.)
+        (sys::VIR_DOMAIN_EVENT_ID_REBOOT, Some(on_reboot)),
     ];
     let mut ids = Vec::with_capacity(wanted.len());
     for (event, cb) in wanted {
@@ -168,12 +196,13 @@ pub fn unwatch(conn: &Connect, ids: &[c_int]) {
     }
 }
 
-/// Adds `dom`'s name to the list(s) of `kind` behind `opaque`.
+/// Adds `dom`'s name to the list(s) of `kind` behind `opaque` (nothing for `None`).
 ///
 /// # Safety
 /// `dom` is a domain libvirt passes to a callback (valid during it); `opaque` was made by
 /// [`watch`] and not yet freed.
-unsafe fn note(dom: sys::virDomainPtr, opaque: *mut c_void, kind: Kind) {
+unsafe fn note(dom: sys::virDomainPtr, opaque: *mut c_void, kind: Option<Kind>) {
+    let Some(kind) = kind else { return };
     // SAFETY: the caller's contract; `virDomainGetName` returns a string owned by `dom`, or null.
     let name = unsafe { sys::virDomainGetName(dom) };
     if name.is_null() || opaque.is_null() {
@@ -206,11 +235,8 @@ unsafe extern "C" fn on_lifecycle(
     }
     // SAFETY: called by libvirt with our `opaque`.
     unsafe { watch_of(opaque) }.lifecycle.store(true, Ordering::Release);
-    // A new persistent definition also changes what the agent read of the domain.
-    if event == sys::VIR_DOMAIN_EVENT_DEFINED as c_int {
-        // SAFETY: called by libvirt with a live `dom` and our `opaque`.
-        unsafe { note(dom, opaque, Kind::Both) };
-    }
+    // SAFETY: called by libvirt with a live `dom` and our `opaque`.
+    unsafe { note(dom, opaque, kind_of(sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, event)) };
     0
 }
 
@@ -222,7 +248,7 @@ unsafe extern "C" fn on_tunable(
     opaque: *mut c_void,
 ) {
     // SAFETY: as above.
-    unsafe { note(dom, opaque, Kind::Definition) };
+    unsafe { note(dom, opaque, kind_of(sys::VIR_DOMAIN_EVENT_ID_TUNABLE, 0)) };
 }
 
 unsafe extern "C" fn on_metadata(
@@ -239,22 +265,42 @@ unsafe extern "C" fn on_metadata(
         return;
     }
     // SAFETY: as above.
-    unsafe { note(dom, opaque, Kind::Definition) };
+    unsafe { note(dom, opaque, kind_of(sys::VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, 0)) };
 }
 
-unsafe extern "C" fn on_device(
+unsafe extern "C" fn on_device_added(
     _c: sys::virConnectPtr,
     dom: sys::virDomainPtr,
     _alias: *const c_char,
     opaque: *mut c_void,
 ) {
     // SAFETY: as above.
-    unsafe { note(dom, opaque, Kind::Both) };
+    unsafe { note(dom, opaque, kind_of(sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, 0)) };
 }
 
-unsafe extern "C" fn on_balloon(_c: sys::virConnectPtr, dom: sys::virDomainPtr, _actual: u64, opaque: *mut c_void) {
+unsafe extern "C" fn on_device_removed(
+    _c: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _alias: *const c_char,
+    opaque: *mut c_void,
+) {
     // SAFETY: as above.
-    unsafe { note(dom, opaque, Kind::Memory) };
+    unsafe { note(dom, opaque, kind_of(sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, 0)) };
+}
+
+unsafe extern "C" fn on_balloon(
+    _c: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _actual: std::os::raw::c_ulonglong,
+    opaque: *mut c_void,
+) {
+    // SAFETY: as above.
+    unsafe { note(dom, opaque, kind_of(sys::VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, 0)) };
+}
+
+unsafe extern "C" fn on_reboot(_c: sys::virConnectPtr, dom: sys::virDomainPtr, opaque: *mut c_void) {
+    // SAFETY: as above.
+    unsafe { note(dom, opaque, kind_of(sys::VIR_DOMAIN_EVENT_ID_REBOOT, 0)) };
 }
 
 /// Gives back the strong count `watch` handed to libvirt.
@@ -262,5 +308,45 @@ unsafe extern "C" fn free_opaque(opaque: *mut c_void) {
     if !opaque.is_null() {
         // SAFETY: made by `Arc::into_raw` in `watch`; libvirt frees each opaque once.
         drop(unsafe { Arc::from_raw(opaque.cast_const().cast::<Watch>()) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_and_metadata_change_the_definition_balloons_and_reboots_the_memory() {
+        use sys::*;
+        let lifecycle = |t: u32| kind_of(VIR_DOMAIN_EVENT_ID_LIFECYCLE, c_int::try_from(t).unwrap());
+        // The agent's own repins raise tunable events: never a balloon read.
+        assert_eq!(kind_of(VIR_DOMAIN_EVENT_ID_TUNABLE, 0), Some(Kind::Definition));
+        assert_eq!(kind_of(VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, 0), Some(Kind::Definition));
+        assert_eq!(kind_of(VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, 0), Some(Kind::Memory));
+        assert_eq!(kind_of(VIR_DOMAIN_EVENT_ID_REBOOT, 0), Some(Kind::Memory));
+        assert_eq!(kind_of(VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, 0), Some(Kind::Both));
+        assert_eq!(kind_of(VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, 0), Some(Kind::Both));
+        assert_eq!(lifecycle(VIR_DOMAIN_EVENT_DEFINED), Some(Kind::Both));
+        assert_eq!(lifecycle(VIR_DOMAIN_EVENT_STARTED), Some(Kind::Memory));
+        assert_eq!(lifecycle(VIR_DOMAIN_EVENT_RESUMED), Some(Kind::Memory));
+        assert_eq!(lifecycle(VIR_DOMAIN_EVENT_STOPPED), None);
+        assert_eq!(lifecycle(VIR_DOMAIN_EVENT_SUSPENDED), None);
+        assert_eq!(kind_of(VIR_DOMAIN_EVENT_ID_LIFECYCLE, -1), None);
+    }
+
+    #[test]
+    fn each_kind_goes_to_its_lists_once_and_clear_forgets_all() {
+        let w = Watch::default();
+        w.note("pinned".into(), Kind::Definition);
+        w.note("pinned".into(), Kind::Definition);
+        w.note("setmem".into(), Kind::Memory);
+        w.note("hotplug".into(), Kind::Both);
+        w.lifecycle.store(true, Ordering::Release);
+        assert_eq!(w.take_names(), ["pinned", "hotplug"]);
+        assert_eq!(w.take_memory(), ["setmem", "hotplug"]);
+        assert!(w.take_names().is_empty() && w.take_memory().is_empty(), "taken");
+        w.note("a".into(), Kind::Both);
+        w.clear();
+        assert!(w.take_names().is_empty() && w.take_memory().is_empty() && !w.take_lifecycle());
     }
 }

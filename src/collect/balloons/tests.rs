@@ -109,11 +109,29 @@ fn a_burst_in_the_last_interval_is_not_averaged_away() {
 }
 
 #[test]
+fn after_a_memory_event_a_guest_is_read_until_it_made_its_figures_after_the_event() {
+    let mut h = host(2);
+    let mut c = Collector::new();
+    tick(&mut c, &mut h, 60, &[]);
+    // The event 12 s from now in the guest's figures' clock: the readings of the next two
+    // intervals (stamped 5 and 10 s from now) are figures from before it.
+    c.balloons.changed(&names(&["g1"]), h.epoch_s() + 12);
+    assert_eq!(tick(&mut c, &mut h, 60, &[]).0, names(&["g1"]));
+    assert_eq!(tick(&mut c, &mut h, 60, &[]).0, names(&["g1"]));
+    assert_eq!(tick(&mut c, &mut h, 60, &[]).0, names(&["g1"]), "its figures of after the event");
+    assert_eq!(tick(&mut c, &mut h, 60, &[]).0, Vec::<String>::new(), "then quiet again");
+    // A domain no longer listed is forgotten, whether or not balloons are read.
+    c.balloons.changed(&names(&["gone"]), h.epoch_s());
+    c.sample(&mut h, None).unwrap();
+    assert!(c.balloons.changed.is_empty());
+}
+
+#[test]
 fn a_guest_libvirt_reports_changed_or_with_unknown_counters_is_read() {
     let mut h = host(3);
     let mut c = Collector::new();
     tick(&mut c, &mut h, 60, &[]);
-    c.balloons.changed(&names(&["g1"]));
+    c.balloons.changed(&names(&["g1"]), h.epoch_s());
     assert_eq!(tick(&mut c, &mut h, 60, &[]).0, names(&["g1"]));
     assert_eq!(tick(&mut c, &mut h, 60, &[]).0, Vec::<String>::new(), "read once, then quiet again");
     // g2's vCPU thread is unknown this quantum: nothing says it was quiet.
