@@ -78,6 +78,8 @@ pub struct Collector {
     /// Domains whose discovery failed: not retried until their runtime id changes.
     failed: HashMap<String, u32>,
     balloons: balloons::BalloonPoll,
+    /// The balloon statistics read failed last time (warned once, until they come back).
+    balloons_failing: bool,
 }
 
 impl Collector {
@@ -197,10 +199,26 @@ impl Collector {
         }
         domains.sort_by(|a, b| a.desc.dom.name.cmp(&b.desc.dom.name));
         let host_sample = host.host_sample()?;
-        let (balloons, balloon_counts) = match with_balloons {
-            Some(how) => {
-                let (b, counts) = self.balloons.read(host, &domains, how)?;
+        // A failed read (a QEMU that does not answer, libvirtd busy) costs the memory balancer
+        // this interval, not the quantum: CPU balancing goes on.
+        let (balloons, balloon_counts) = match with_balloons.map(|how| self.balloons.read(host, &domains, how)) {
+            Some(Ok((b, counts))) => {
+                if std::mem::take(&mut self.balloons_failing) {
+                    info!("balloon statistics read again");
+                }
                 (Some(b), counts)
+            }
+            Some(Err(e)) if e.is_disconnect() => return Err(e),
+            Some(Err(e)) => {
+                let e = crate::host::chain(&e);
+                if std::mem::replace(&mut self.balloons_failing, true) {
+                    debug!("balloon statistics not read this interval: {e}");
+                } else {
+                    warn!(
+                        "balloon statistics not read this interval (memory balancing waits; said once until they come back): {e}"
+                    );
+                }
+                (None, BalloonCounts::default())
             }
             None => (None, BalloonCounts::default()),
         };

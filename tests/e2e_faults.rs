@@ -1,5 +1,5 @@
 //! End-to-end: the agent under faults of its dependencies on the real lab: a frozen libvirtd
-//! (`kill -STOP`) and guests created and destroyed at a high rate. Each test prints the
+//! or a frozen guest's QEMU (`kill -STOP`) and guests created and destroyed at a high rate. Each test prints the
 //! figures it measured (run with `--nocapture` to see them).
 
 mod common;
@@ -16,12 +16,16 @@ fn libvirtd_pid() -> i32 {
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().expect("libvirtd runs").parse().unwrap()
 }
 
-/// Freezes libvirtd; continues it when dropped, also when the test fails.
+/// Freezes a process (libvirtd by default); continues it when dropped, also when the test fails.
 struct Frozen(nix::unistd::Pid);
 
 impl Frozen {
     fn new() -> Frozen {
-        let pid = nix::unistd::Pid::from_raw(libvirtd_pid());
+        Frozen::process(libvirtd_pid())
+    }
+
+    fn process(pid: i32) -> Frozen {
+        let pid = nix::unistd::Pid::from_raw(pid);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
         Frozen(pid)
     }
@@ -140,4 +144,53 @@ fn guest_churn_is_survived() {
     assert!(last <= first + 8 * 1024, "agent RSS grew from {first} to {last} KiB");
     let (st, _) = agent.terminate();
     assert!(st.success());
+}
+
+/// The pid of guest `name`'s QEMU.
+fn qemu_pid(name: &str) -> i32 {
+    let out = Command::new("pgrep").args(["-f", &format!("guest={name},")]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().expect("QEMU runs").parse().unwrap()
+}
+
+/// How many of the agent's memory intervals read `name`'s balloon statistics with the guest's
+/// own figures (a guest whose QEMU does not answer comes back without them).
+fn reads_of(log: &str, name: &str) -> usize {
+    let has =
+        |list: Option<&str>| list.and_then(|l| l.split(']').next()).is_some_and(|l| l.split(' ').any(|n| n == name));
+    log.lines()
+        .filter_map(|l| l.split_once("balloon statistics: read [").map(|(_, r)| r))
+        .filter(|r| has(Some(r)) && !has(r.split_once("without the guest's own figures: [").map(|(_, w)| w)))
+        .count()
+}
+
+#[test]
+fn a_guest_whose_qemu_is_frozen_does_not_stop_the_loop() {
+    let _lab = lab();
+    let spec = GuestSpec { memory_mib: 256, current_mib: 256, ..GuestSpec::default() };
+    let (stuck, other) = (Guest::start("stuck", &spec), Guest::start("other", &spec));
+    std::thread::sleep(Duration::from_secs(5));
+    let args =
+        ["-v", "--quantum", "500ms", "--mem-interval", "1s", "--mem-quiet-interval", "0", "--guest-floor", "256MiB"];
+    let mut agent = Agent::start(&args);
+    assert!(wait_for(Duration::from_secs(20), || reads_of(&agent.log(), &stuck.name) >= 2), "{}", agent.log());
+    // Its QEMU stops answering its monitor: the first statistics call waits for it, and once
+    // made by the loop, stopped every quantum for as long as it was frozen.
+    let frozen = Frozen::process(qemu_pid(&stuck.name));
+    let (quanta_before, other_before) =
+        (agent.log().matches("quantum took").count(), reads_of(&agent.log(), &other.name));
+    std::thread::sleep(Duration::from_secs(15));
+    let log = agent.log();
+    let quanta = log.matches("quantum took").count() - quanta_before;
+    let other_reads = reads_of(&log, &other.name) - other_before;
+    eprintln!("while the QEMU was frozen for 15 s: {quanta} quanta, the other guest read {other_reads} times");
+    assert!(agent.alive(), "{log}");
+    // 30 quanta of 500 ms; one waited the 3 s deadline.
+    assert!(quanta >= 20, "{quanta} quanta in 15 s\n{log}");
+    assert!(log.contains("balloon statistics not read this interval"), "{log}");
+    assert!(other_reads >= 8, "the other guest read {other_reads} times in 15 s\n{log}");
+    // Thawed: the frozen guest's statistics come back.
+    drop(frozen);
+    let stuck_before = reads_of(&agent.log(), &stuck.name);
+    let back = wait_for(Duration::from_secs(20), || reads_of(&agent.log(), &stuck.name) > stuck_before);
+    assert!(back, "{}", agent.log());
 }

@@ -137,12 +137,15 @@ impl BalloonPoll {
         let at_epoch_s = host.epoch_s();
         let mut counts = BalloonCounts::default();
         let mut out = Vec::with_capacity(domains.len());
-        let mut read_names = Vec::new();
+        let (mut read_names, mut no_figures) = (Vec::new(), Vec::new());
         for (d, &run) in domains.iter().zip(&runs) {
             let name = &d.desc.dom.name;
             if let Some(b) = fresh.get(name) {
                 counts.read += 1;
                 read_names.push(name.as_str());
+                if !complete(b) {
+                    no_figures.push(name.as_str());
+                }
                 out.push((name.clone(), b.clone()));
                 // The guest's own figures of after the event (a reading without them is not
                 // carried anyway).
@@ -179,9 +182,14 @@ impl BalloonPoll {
             };
         }
         debug!(
-            "balloon statistics: read [{}], {} quiet guest(s) carried forward",
+            "balloon statistics: read [{}], {} quiet guest(s) carried forward{}",
             read_names.join(" "),
-            counts.carried
+            counts.carried,
+            if no_figures.is_empty() {
+                String::new()
+            } else {
+                format!("; without the guest's own figures: [{}]", no_figures.join(" "))
+            }
         );
         Ok((out, counts))
     }

@@ -682,3 +682,23 @@ fn a_balloon_event_has_a_quiet_guest_read_again_and_a_pin_event_does_not() {
     assert_eq!(balloon_steps(&mut a, 4).1, 0, "read again after a balloon event");
     assert_eq!(balloon_steps(&mut a, 10).1, 5, "then carried again");
 }
+
+#[test]
+fn balloon_statistics_that_do_not_answer_cost_the_memory_interval_not_the_quantum() {
+    // A pile-up to spread, and memory balancing on; a guest's QEMU does not answer its
+    // monitor: the balloon statistics call comes back late, every time.
+    let mut h = piled();
+    h.balloon_stats_late = true;
+    let mut c = flags();
+    c.no_memory = false;
+    c.mem_interval = Duration::from_secs(1);
+    let mut a = Agent::new(h, AgentConfig::from_flags(&c, false));
+    let reports = run(&mut a, 10);
+    assert!(reports[1..].iter().all(|r| r.snapshot.is_some()), "every quantum after the first planned on");
+    assert!(reports.iter().any(|r| !r.plan.is_empty()), "the CPU balancer acted");
+    assert!(reports.iter().all(|r| r.mem_verdicts.is_empty() && r.balloon_reads.read == 0));
+    // The statistics answer again: the memory balancer judges the guests at the next interval.
+    a.host.balloon_stats_late = false;
+    let reports = run(&mut a, 4);
+    assert!(reports.iter().any(|r| r.balloon_reads.read > 0 && !r.mem_verdicts.is_empty()));
+}

@@ -11,7 +11,8 @@ use virt::sys;
 use super::events;
 use super::procfs as pfs;
 use super::schedstat::{self, SchedstatFiles};
-use super::stats::{self, DomainStats};
+use super::stats::DomainStats;
+use super::stats_worker::{Ask, STATS_DEADLINE, StatsError, StatsWorker};
 use super::{AgentPin, CpuSet, QemuThread, ThreadDesc, ThreadPin, record};
 use super::{
     BalloonStats, DomainDesc, DomainRef, ErrorClass, Host, HostError, HostSample, OptOut, Topology, VcpuTimes,
@@ -71,6 +72,9 @@ pub struct LibvirtHost {
     /// The last listing of running domains and when it was made: while libvirt reports no
     /// lifecycle event, the list stands (re-listed every `RELIST_EVERY` all the same).
     listed: Option<(Instant, Vec<DomainRef>)>,
+    /// Balloon statistics are read by a thread of their own, with a deadline
+    /// (`stats_worker`): a QEMU that does not answer must not stop the loop.
+    stats: StatsWorker,
 }
 
 /// With domain events, the running domains are listed again at least this often (a safety
@@ -93,6 +97,7 @@ impl LibvirtHost {
             changed: events::Changed::default(),
             watching: None,
             listed: None,
+            stats: StatsWorker::default(),
         }
     }
 
@@ -104,6 +109,7 @@ impl LibvirtHost {
         }
         self.conn = None;
         self.listed = None;
+        self.stats.reset();
     }
 
     fn conn(&self) -> Result<&Connect, HostError> {
@@ -126,6 +132,16 @@ impl LibvirtHost {
                 HostError::DomainGone(object.to_string())
             }
             class => HostError::Libvirt { op, object: object.to_string(), class, source: e },
+        }
+    }
+
+    /// Balloon statistics from the worker thread, within [`STATS_DEADLINE`].
+    fn read_stats(&mut self, ask: Ask, op: &'static str) -> Result<Vec<(String, BalloonStats)>, HostError> {
+        self.conn()?;
+        match self.stats.read(&self.uri, ask, STATS_DEADLINE) {
+            Ok(recs) => Ok(balloons_of(&recs)),
+            Err(StatsError::Libvirt(_, e)) => Err(self.fail(op, "host", e)),
+            Err(e) => Err(HostError::Unanswered { op, source: e }),
         }
     }
 
@@ -272,27 +288,14 @@ impl Host for LibvirtHost {
     }
 
     fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError> {
-        let r = stats::all_domain_stats(self.conn()?, stats::groups::BALLOON);
-        let recs = r.map_err(|e| self.fail("bulk balloon stats", "host", e))?;
-        Ok(balloons_of(&recs))
+        self.read_stats(Ask::All, "bulk balloon stats")
     }
 
     fn balloon_stats_of(&mut self, doms: &[DomainRef]) -> Result<Vec<(String, BalloonStats)>, HostError> {
-        let mut handles = Vec::with_capacity(doms.len());
-        for dom in doms {
-            match self.lookup(dom) {
-                Ok(d) => handles.push(d),
-                Err(e) if e.is_disconnect() => return Err(e),
-                // Gone, or a lookup that failed: no reading of this one this time.
-                Err(e) => log::debug!("no balloon statistics of {}: {}", dom.name, crate::host::chain(&e)),
-            }
-        }
-        if handles.is_empty() {
+        if doms.is_empty() {
             return Ok(Vec::new());
         }
-        let r = stats::list_domain_stats(&handles, stats::groups::BALLOON);
-        let recs = r.map_err(|e| self.fail("balloon stats", "host", e))?;
-        Ok(balloons_of(&recs))
+        self.read_stats(Ask::Of(doms.to_vec()), "balloon stats")
     }
 
     fn host_sample(&mut self) -> Result<HostSample, HostError> {

@@ -14,6 +14,7 @@ pub mod procfs;
 pub mod record;
 pub mod schedstat;
 pub mod stats;
+pub mod stats_worker;
 
 pub use record::{AgentPin, ThreadPin};
 
@@ -71,6 +72,15 @@ pub enum HostError {
     /// An action refused by a host that is not libvirt (the simulator, a test double).
     #[error("{op} on {object} failed ({class}): {detail}")]
     Refused { op: &'static str, object: String, class: ErrorClass, detail: String },
+    /// A call that did not answer in time, or could not be made while earlier ones still wait
+    /// (balloon statistics of a QEMU that does not answer its monitor): the loop goes on
+    /// without its answer.
+    #[error("{op}")]
+    Unanswered {
+        op: &'static str,
+        #[source]
+        source: stats_worker::StatsError,
+    },
     /// Reading procfs or sysfs failed.
     #[error("cannot read {path}")]
     Io {
@@ -92,7 +102,7 @@ impl HostError {
             HostError::Libvirt { class, .. } | HostError::Refused { class, .. } => *class,
             // A thread or file that vanished is handled as "gone" by the readers; any other
             // read failure may pass.
-            HostError::Io { .. } => ErrorClass::Transient,
+            HostError::Io { .. } | HostError::Unanswered { .. } => ErrorClass::Transient,
             // Data that does not parse will not parse next time either.
             HostError::Parse { .. } => ErrorClass::Permanent,
         }

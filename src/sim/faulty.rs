@@ -42,6 +42,8 @@ pub struct Faulty {
     pub events: Option<Vec<String>>,
     /// Memory events (a balloon moved): the names, drained by each quantum.
     pub memory_events: Vec<String>,
+    /// Balloon statistics do not answer in time (a guest's QEMU frozen).
+    pub balloon_stats_late: bool,
     /// The host's `MemAvailable` as sampled, instead of the model's (memory taken by
     /// something other than the guests).
     pub mem_available_kib: Option<u64>,
@@ -85,6 +87,7 @@ impl Faulty {
             gone: vec![],
             events: None,
             memory_events: vec![],
+            balloon_stats_late: false,
             mem_available_kib: None,
             no_guest_figures: vec![],
         }
@@ -139,6 +142,10 @@ impl Host for Faulty {
         self.sim.vcpu_times(desc)
     }
     fn balloon_stats(&mut self) -> Result<Vec<(String, BalloonStats)>, HostError> {
+        if self.balloon_stats_late {
+            let late = crate::host::stats_worker::StatsError::Late(crate::host::stats_worker::STATS_DEADLINE);
+            return Err(HostError::Unanswered { op: "bulk balloon stats", source: late });
+        }
         let mut all = self.sim.balloon_stats()?;
         all.retain(|(n, _)| !self.gone.contains(n));
         for (_, b) in all.iter_mut().filter(|(n, _)| self.no_guest_figures.contains(n)) {
