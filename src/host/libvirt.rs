@@ -8,10 +8,11 @@ use virt::domain::Domain;
 use virt::error::{ErrorNumber, ErrorNumberEnum};
 use virt::sys;
 
+use super::control;
 use super::events;
 use super::procfs as pfs;
 use super::schedstat::{self, SchedstatFiles};
-use super::stats::DomainStats;
+use super::stats;
 use super::stats_worker::{Ask, STATS_DEADLINE, StatsError, StatsWorker};
 use super::{AgentPin, CpuSet, QemuThread, ThreadDesc, ThreadPin, record};
 use super::{
@@ -139,10 +140,18 @@ impl LibvirtHost {
     fn read_stats(&mut self, ask: Ask, op: &'static str) -> Result<Vec<(String, BalloonStats)>, HostError> {
         self.conn()?;
         match self.stats.read(&self.uri, ask, STATS_DEADLINE) {
-            Ok(recs) => Ok(balloons_of(&recs)),
+            Ok(recs) => Ok(stats::balloons_of(&recs)),
             Err(StatsError::Libvirt(_, e)) => Err(self.fail(op, "host", e)),
             Err(e) => Err(HostError::Unanswered { op, source: e }),
         }
+    }
+
+    /// [`Self::lookup`] for a call that needs the domain's job: not made while its QEMU
+    /// monitor is stuck (the call would wait 30 s for the job).
+    fn lookup_ready(&mut self, dom: &DomainRef, op: &'static str) -> Result<Domain, HostError> {
+        let d = self.lookup(dom)?;
+        control::monitor_free(&d).map_err(|source| HostError::MonitorBusy { op, object: dom.name.clone(), source })?;
+        Ok(d)
     }
 
     fn lookup(&mut self, dom: &DomainRef) -> Result<Domain, HostError> {
@@ -307,31 +316,31 @@ impl Host for LibvirtHost {
     }
 
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
-        let d = self.lookup(dom)?;
+        let d = self.lookup_ready(dom, "pin vcpu")?;
         let mut map = vec![0u8; cpu as usize / 8 + 1];
         map[cpu as usize / 8] |= 1 << (cpu % 8);
         d.pin_vcpu_flags(vcpu, &map, sys::VIR_DOMAIN_AFFECT_LIVE).map_err(|e| self.fail("pin vcpu", &dom.name, e))
     }
 
     fn set_balloon(&mut self, dom: &DomainRef, target_kib: u64) -> Result<(), HostError> {
-        let d = self.lookup(dom)?;
+        let d = self.lookup_ready(dom, "set memory")?;
         d.set_memory_flags(target_kib, sys::VIR_DOMAIN_MEM_LIVE).map_err(|e| self.fail("set memory", &dom.name, e))
     }
 
     fn set_stats_period(&mut self, dom: &DomainRef, period_s: u32) -> Result<(), HostError> {
-        let d = self.lookup(dom)?;
+        let d = self.lookup_ready(dom, "set stats period")?;
         let p = i32::try_from(period_s).unwrap_or(i32::MAX);
         d.set_memory_stats_period(p, sys::VIR_DOMAIN_MEM_LIVE).map_err(|e| self.fail("set stats period", &dom.name, e))
     }
 
     fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &CpuSet) -> Result<(), HostError> {
-        let d = self.lookup(dom)?;
+        let d = self.lookup_ready(dom, "pin vcpu")?;
         d.pin_vcpu_flags(vcpu, &cpumap(cpus), sys::VIR_DOMAIN_AFFECT_LIVE)
             .map_err(|e| self.fail("pin vcpu", &dom.name, e))
     }
 
     fn pin_thread(&mut self, dom: &DomainRef, thread: QemuThread, cpus: &CpuSet) -> Result<(), HostError> {
-        let d = self.lookup(dom)?;
+        let d = self.lookup_ready(dom, "pin thread")?;
         let (map, live) = (cpumap(cpus), sys::VIR_DOMAIN_AFFECT_LIVE);
         match thread {
             QemuThread::Emulator => d.pin_emulator(&map, live).map_err(|e| self.fail("pin emulator", &dom.name, e)),
@@ -350,7 +359,7 @@ impl Host for LibvirtHost {
     }
 
     fn set_agent_threads(&mut self, dom: &DomainRef, threads: &[ThreadPin]) -> Result<(), HostError> {
-        let d = self.lookup(dom)?;
+        let d = self.lookup_ready(dom, "record threads")?;
         let now = self.pins_element(&d, dom)?;
         let next = record::with_threads(now.as_deref(), threads)
             .map_err(|detail| HostError::Parse { what: metadata_of(dom), detail })?;
@@ -366,7 +375,7 @@ impl Host for LibvirtHost {
     }
 
     fn set_agent_pins(&mut self, dom: &DomainRef, pins: &[AgentPin]) -> Result<(), HostError> {
-        let d = self.lookup(dom)?;
+        let d = self.lookup_ready(dom, "record pins")?;
         let now = self.pins_element(&d, dom)?;
         let next = record::with_pins(now.as_deref(), pins)
             .map_err(|detail| HostError::Parse { what: metadata_of(dom), detail })?;
@@ -485,26 +494,6 @@ pub fn classify(code: ErrorNumberEnum, msg: &str, alive: bool) -> ErrorClass {
     ErrorClass::Transient
 }
 
-/// Balloon statistics of each record that has them, keyed by domain name.
-fn balloons_of(recs: &[DomainStats]) -> Vec<(String, BalloonStats)> {
-    recs.iter().filter_map(|r| balloon_from_stats(r).map(|b| (r.name.clone(), b))).collect()
-}
-
-/// Balloon statistics from one bulk-stats record; `None` without `balloon.current`.
-pub fn balloon_from_stats(r: &DomainStats) -> Option<BalloonStats> {
-    Some(BalloonStats {
-        current_kib: r.get_u64("balloon.current")?,
-        maximum_kib: r.get_u64("balloon.maximum").unwrap_or(0),
-        unused_kib: r.get_u64("balloon.unused"),
-        available_kib: r.get_u64("balloon.available"),
-        usable_kib: r.get_u64("balloon.usable"),
-        swap_in_kib: r.get_u64("balloon.swap_in"),
-        major_fault: r.get_u64("balloon.major_fault"),
-        last_update_s: r.get_u64("balloon.last-update"),
-        carried_for_s: None,
-    })
-}
-
 /// What the agent needs from a domain's XML.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct XmlFacts {
@@ -524,11 +513,11 @@ fn kib(value: &str, unit: Option<&str>) -> Option<u64> {
     let v: u64 = value.trim().parse().ok()?;
     let mul: u64 = match unit.unwrap_or("KiB") {
         "b" | "bytes" => return Some(v / 1024),
-        "KB" => return Some(v * 1000 / 1024),
+        "KB" => return v.checked_mul(1000).map(|b| b / 1024),
         "k" | "KiB" => 1,
-        "MB" => return Some(v * 1_000_000 / 1024),
+        "MB" => return v.checked_mul(1_000_000).map(|b| b / 1024),
         "M" | "MiB" => 1024,
-        "GB" => return Some(v * 1_000_000_000 / 1024),
+        "GB" => return v.checked_mul(1_000_000_000).map(|b| b / 1024),
         "G" | "GiB" => 1024 * 1024,
         "T" | "TiB" => 1024 * 1024 * 1024,
         _ => return None,

@@ -7,6 +7,7 @@
 //! [`crate::sim::SimHost`] (an in-memory host driven by virtual time, for tests, benches and the
 //! simulator).
 
+pub mod control;
 pub mod events;
 pub mod iothread;
 pub mod libvirt;
@@ -81,6 +82,15 @@ pub enum HostError {
         #[source]
         source: stats_worker::StatsError,
     },
+    /// Not tried: the domain's QEMU monitor is stuck or failed, and the call would wait for
+    /// its job (`control`).
+    #[error("{op} on {object} not tried")]
+    MonitorBusy {
+        op: &'static str,
+        object: String,
+        #[source]
+        source: control::MonitorBusy,
+    },
     /// Reading procfs or sysfs failed.
     #[error("cannot read {path}")]
     Io {
@@ -102,7 +112,9 @@ impl HostError {
             HostError::Libvirt { class, .. } | HostError::Refused { class, .. } => *class,
             // A thread or file that vanished is handled as "gone" by the readers; any other
             // read failure may pass.
-            HostError::Io { .. } | HostError::Unanswered { .. } => ErrorClass::Transient,
+            HostError::Io { .. } | HostError::Unanswered { .. } | HostError::MonitorBusy { .. } => {
+                ErrorClass::Transient
+            }
             // Data that does not parse will not parse next time either.
             HostError::Parse { .. } => ErrorClass::Permanent,
         }

@@ -1,5 +1,6 @@
 //! Safe wrappers of the bulk statistics calls, `virConnectGetAllDomainStats` (every running
 //! domain) and `virDomainListGetStats` (the domains given).
+//! Their records' balloon figures become [`BalloonStats`] here too.
 //!
 //! The `virt` crate's `Connect::all_domain_stats` hands back raw record pointers and frees only
 //! the array, leaking the records; this module makes the calls through `virt::sys`, copies every
@@ -13,6 +14,8 @@ use std::os::raw::c_uint;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
+
+use super::BalloonStats;
 
 /// One typed parameter value, owned.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +103,26 @@ pub fn list_domain_stats(doms: &[Domain], stat_groups: u32) -> Result<Vec<Domain
         sys::virDomainListGetStats(ptrs.as_mut_ptr(), stat_groups as c_uint, &mut records, STATS_NOWAIT as c_uint)
     };
     collect_records(n, records)
+}
+
+/// Balloon statistics of each record that has them, keyed by domain name.
+pub fn balloons_of(recs: &[DomainStats]) -> Vec<(String, BalloonStats)> {
+    recs.iter().filter_map(|r| balloon_from_stats(r).map(|b| (r.name.clone(), b))).collect()
+}
+
+/// Balloon statistics from one bulk-stats record; `None` without `balloon.current`.
+pub fn balloon_from_stats(r: &DomainStats) -> Option<BalloonStats> {
+    Some(BalloonStats {
+        current_kib: r.get_u64("balloon.current")?,
+        maximum_kib: r.get_u64("balloon.maximum").unwrap_or(0),
+        unused_kib: r.get_u64("balloon.unused"),
+        available_kib: r.get_u64("balloon.available"),
+        usable_kib: r.get_u64("balloon.usable"),
+        swap_in_kib: r.get_u64("balloon.swap_in"),
+        major_fault: r.get_u64("balloon.major_fault"),
+        last_update_s: r.get_u64("balloon.last-update"),
+        carried_for_s: None,
+    })
 }
 
 fn collect_records(n: i32, records: *mut sys::virDomainStatsRecordPtr) -> Result<Vec<DomainStats>, virt::error::Error> {
