@@ -68,6 +68,10 @@ impl Default for DiscoveryConfig {
     }
 }
 
+/// A domain whose discovery failed for a passing reason (a timeout, a busy libvirtd) is tried
+/// again this long after (host clock, ns).
+pub const DISCOVERY_RETRY_NS: u64 = 30_000_000_000;
+
 /// Keeps discovered domains between quanta.
 #[derive(Debug, Default)]
 pub struct Collector {
@@ -75,8 +79,10 @@ pub struct Collector {
     known: HashMap<String, DomainDesc>,
     /// When (host clock, ns) each known domain was last described.
     described_at: HashMap<String, u64>,
-    /// Domains whose discovery failed: not retried until their runtime id changes.
-    failed: HashMap<String, u32>,
+    /// Domains whose discovery failed: (runtime id, when to try again, host clock ns). A
+    /// permanent failure (`None`) is not retried until the runtime id changes; a transient one
+    /// (a timeout, a busy libvirtd) after [`DISCOVERY_RETRY_NS`].
+    failed: HashMap<String, (u32, Option<u64>)>,
     balloons: balloons::BalloonPoll,
     /// The balloon statistics read failed last time (warned once, until they come back).
     balloons_failing: bool,
@@ -137,12 +143,13 @@ impl Collector {
         let refresh_ns = if changed.is_some() { self.cfg.watched_refresh_ns } else { self.cfg.refresh_ns };
         self.known.retain(|name, d| listed.iter().any(|l| &l.name == name && l.id == d.dom.id));
         self.described_at.retain(|name, _| self.known.contains_key(name));
-        self.failed.retain(|name, id| listed.iter().any(|l| &l.name == name && l.id == *id));
+        self.failed.retain(|name, (id, _)| listed.iter().any(|l| &l.name == name && l.id == *id));
         let start = host.now_ns();
+        let waits = |f: Option<&(u32, Option<u64>)>| f.is_some_and(|(_, at)| at.is_none_or(|at| start < at));
         let over_budget = |host: &dyn Host| host.now_ns().saturating_sub(start) >= self.cfg.budget_ns;
         let mut deferred = 0usize;
         for dom in &listed {
-            if self.known.contains_key(&dom.name) || self.failed.contains_key(&dom.name) {
+            if self.known.contains_key(&dom.name) || waits(self.failed.get(&dom.name)) {
                 continue;
             }
             if over_budget(host) {
@@ -158,14 +165,27 @@ impl Collector {
                         desc.vcpu_tids.len(),
                         desc.pid
                     );
+                    if self.failed.remove(&dom.name).is_some() {
+                        info!("discovered domain {} after an earlier failure", dom.name);
+                    }
                     self.described_at.insert(dom.name.clone(), host.now_ns());
                     self.known.insert(dom.name.clone(), desc);
                 }
                 Err(HostError::DomainGone(_)) => debug!("{} went away during discovery", dom.name),
                 Err(e) if e.is_disconnect() => return Err(e),
                 Err(e) => {
-                    warn!("cannot discover domain {}: {}; leaving it alone", dom.name, crate::host::chain(&e));
-                    self.failed.insert(dom.name.clone(), dom.id);
+                    let transient = e.class() == crate::host::ErrorClass::Transient;
+                    let retry = transient.then(|| host.now_ns().saturating_add(DISCOVERY_RETRY_NS));
+                    let why = crate::host::chain(&e);
+                    match self.failed.insert(dom.name.clone(), (dom.id, retry)) {
+                        Some(_) => debug!("cannot discover domain {} (again): {why}", dom.name),
+                        None if transient => warn!(
+                            "cannot discover domain {}: {why}; leaving it alone, trying again every {} s",
+                            dom.name,
+                            DISCOVERY_RETRY_NS / 1_000_000_000
+                        ),
+                        None => warn!("cannot discover domain {}: {why}; leaving it alone while it runs", dom.name),
+                    }
                 }
             }
         }

@@ -702,3 +702,25 @@ fn balloon_statistics_that_do_not_answer_cost_the_memory_interval_not_the_quantu
     let reports = run(&mut a, 4);
     assert!(reports.iter().any(|r| r.balloon_reads.read > 0 && !r.mem_verdicts.is_empty()));
 }
+
+#[test]
+fn a_domain_whose_discovery_failed_for_a_passing_reason_is_tried_again() {
+    // "web" cannot be described for a while (libvirtd timing out), "odd" never (its definition
+    // is refused for good).
+    let mut h = Faulty::new(2, &[("web", 1), ("odd", 1)]);
+    h.describe_fails.insert("web".into(), ErrorClass::Transient);
+    h.describe_fails.insert("odd".into(), ErrorClass::Permanent);
+    let mut a = agent(h);
+    run(&mut a, 4);
+    let tries = a.host.describes;
+    run(&mut a, 20);
+    assert_eq!(a.host.describes, tries, "not tried every quantum (10 s)");
+    // 30 s after the failure web is tried again (and fails again); odd is not.
+    run(&mut a, 45);
+    assert_eq!(a.host.describes, tries + 1, "one more try, for web only");
+    a.host.describe_fails.remove("web");
+    let reports = run(&mut a, 62);
+    let names: Vec<&str> =
+        reports.last().unwrap().snapshot.iter().flat_map(|s| &s.domains).map(|d| d.dom.name.as_str()).collect();
+    assert_eq!(names, ["web"], "web found at its next try; odd left alone while it runs");
+}

@@ -44,6 +44,8 @@ pub struct Faulty {
     pub memory_events: Vec<String>,
     /// Balloon statistics do not answer in time (a guest's QEMU frozen).
     pub balloon_stats_late: bool,
+    /// Describing these domains fails with this class, each time.
+    pub describe_fails: HashMap<String, ErrorClass>,
     /// The host's `MemAvailable` as sampled, instead of the model's (memory taken by
     /// something other than the guests).
     pub mem_available_kib: Option<u64>,
@@ -88,6 +90,7 @@ impl Faulty {
             events: None,
             memory_events: vec![],
             balloon_stats_late: false,
+            describe_fails: HashMap::new(),
             mem_available_kib: None,
             no_guest_figures: vec![],
         }
@@ -131,6 +134,14 @@ impl Host for Faulty {
         self.lag_ns += self.describe_cost_ns;
         if self.vanish_on_describe.contains(&dom.name) {
             return Err(HostError::DomainGone(dom.name.clone()));
+        }
+        if let Some(&class) = self.describe_fails.get(&dom.name) {
+            return Err(HostError::Refused {
+                op: "describe",
+                object: dom.name.clone(),
+                class,
+                detail: "injected".into(),
+            });
         }
         let mut d = self.sim.describe(dom)?;
         if let Some(o) = self.opt_outs.get(&dom.name) {
