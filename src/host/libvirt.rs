@@ -10,6 +10,7 @@ use virt::sys;
 
 use super::control;
 use super::events;
+use super::opener::{OPEN_DEADLINE, OpenError, Opener};
 use super::procfs as pfs;
 use super::schedstat::{self, SchedstatFiles};
 use super::stats;
@@ -76,6 +77,8 @@ pub struct LibvirtHost {
     /// Balloon statistics are read by a thread of their own, with a deadline
     /// (`stats_worker`): a QEMU that does not answer must not stop the loop.
     stats: StatsWorker,
+    /// Connections are opened by a thread of their own, with a deadline (`opener`).
+    opener: Opener,
 }
 
 /// With domain events, the running domains are listed again at least this often (a safety
@@ -99,6 +102,7 @@ impl LibvirtHost {
             watching: None,
             listed: None,
             stats: StatsWorker::default(),
+            opener: Opener::default(),
         }
     }
 
@@ -182,7 +186,7 @@ impl Host for LibvirtHost {
             self.disconnect();
         }
         let events = start_event_loop();
-        match Connect::open(Some(&self.uri)) {
+        match self.opener.open(&self.uri, OPEN_DEADLINE) {
             Ok(c) => {
                 if events && let Err(e) = c.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
                     // The test driver and some transports have no keepalive.
@@ -206,7 +210,10 @@ impl Host for LibvirtHost {
                 self.conn = Some(c);
                 Ok(())
             }
-            Err(e) => Err(HostError::Disconnected { context: format!("cannot open {}", self.uri), source: Some(e) }),
+            Err(OpenError::Failed(e)) => {
+                Err(HostError::Disconnected { context: format!("cannot open {}", self.uri), source: Some(e) })
+            }
+            Err(e) => Err(HostError::Disconnected { context: format!("opening {}: {e}", self.uri), source: None }),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod control;
 pub mod events;
 pub mod iothread;
 pub mod libvirt;
+pub mod opener;
 pub mod procfs;
 pub mod record;
 pub mod schedstat;
