@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -217,24 +216,12 @@ fn a_guest_whose_qemu_is_frozen_does_not_stop_the_loop_nor_the_stop() {
 #[test]
 fn an_agent_started_while_libvirtd_is_frozen_keeps_systemd_informed() {
     let _lab = lab();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let env = [
-        ("NOTIFY_SOCKET".to_string(), path.display().to_string()),
-        ("WATCHDOG_USEC".to_string(), "20000000".to_string()),
-    ];
+    let systemd = NotifySocket::new(20_000_000);
     // Opening the connection to a frozen libvirtd blocks until it continues: from the loop,
     // no ping and no READY, the watchdog's kill, and a restart that blocked the same way.
     let frozen = Frozen::new();
-    let mut agent = Agent::start_with_env(FAST, &env);
-    let (mut msgs, t0, mut buf) = (Vec::new(), Instant::now(), [0u8; 4096]);
-    while t0.elapsed() < Duration::from_secs(36) {
-        if let Ok(n) = sock.recv(&mut buf) {
-            msgs.push((t0.elapsed(), String::from_utf8_lossy(&buf[..n]).into_owned()));
-        }
-    }
+    let mut agent = Agent::start_with_env(FAST, &systemd.env);
+    let msgs = systemd.receive_for(Duration::from_secs(36));
     drop(frozen);
     let has = |m: &str, what: &str| m.lines().any(|l| l == what);
     let ready = msgs.iter().find(|(_, m)| has(m, "READY=1")).map(|(t, _)| *t);

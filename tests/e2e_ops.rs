@@ -5,9 +5,8 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -102,24 +101,10 @@ fn diagnose_into_a_closed_pipe_ends_quietly() {
 fn systemd_gets_ready_watchdog_and_status() {
     let _lab = lab();
     let _g = Guest::start("notify", &GuestSpec::default());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     // Playing systemd: a 1 s watchdog, while the quantum is 2 s.
-    let env = [
-        ("NOTIFY_SOCKET".to_string(), path.display().to_string()),
-        ("WATCHDOG_USEC".to_string(), "1000000".to_string()),
-    ];
-    let mut agent = Agent::start_with_env(&["--quantum", "2s", "--no-memory"], &env);
-    let mut msgs: Vec<(Duration, String)> = Vec::new();
-    let t0 = Instant::now();
-    let mut buf = [0u8; 4096];
-    while t0.elapsed() < Duration::from_secs(7) {
-        if let Ok(n) = sock.recv(&mut buf) {
-            msgs.push((t0.elapsed(), String::from_utf8_lossy(&buf[..n]).into_owned()));
-        }
-    }
+    let systemd = NotifySocket::new(1_000_000);
+    let mut agent = Agent::start_with_env(&["--quantum", "2s", "--no-memory"], &systemd.env);
+    let msgs = systemd.receive_for(Duration::from_secs(7));
     let (st, _) = agent.terminate();
     assert!(st.success());
     let all: Vec<&str> = msgs.iter().flat_map(|(_, m)| m.lines()).collect();

@@ -333,3 +333,36 @@ pub fn assert_quiet_into_closed_pipe(args: &[&str]) {
     assert!(matches!(out.status.code(), Some(0 | 1)), "{args:?}: exit {:?}: {err}", out.status);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Plays systemd's notification socket for an agent: bound in its own directory, with the
+/// environment that points an agent at it and asks for a watchdog of `watchdog_usec`.
+pub struct NotifySocket {
+    _dir: tempfile::TempDir,
+    sock: std::os::unix::net::UnixDatagram,
+    pub env: Vec<(String, String)>,
+}
+
+impl NotifySocket {
+    pub fn new(watchdog_usec: u64) -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let env = vec![
+            ("NOTIFY_SOCKET".to_string(), path.display().to_string()),
+            ("WATCHDOG_USEC".to_string(), watchdog_usec.to_string()),
+        ];
+        NotifySocket { _dir: dir, sock, env }
+    }
+
+    /// The messages received for `span`, each with when it came (from the call).
+    pub fn receive_for(&self, span: Duration) -> Vec<(Duration, String)> {
+        let (mut msgs, t0, mut buf) = (Vec::new(), Instant::now(), [0u8; 4096]);
+        while t0.elapsed() < span {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                msgs.push((t0.elapsed(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+        }
+        msgs
+    }
+}
