@@ -336,7 +336,14 @@ impl<H: Host> Agent<H> {
             }
             match self.host.set_stats_period(&d.dom, period) {
                 Ok(()) => info!("turned on balloon statistics of {} (every {period}s)", d.dom.name),
-                Err(e) => warn!("cannot turn on balloon statistics of {}: {e}", d.dom.name),
+                Err(e) if e.class() == crate::host::ErrorClass::Permanent => {
+                    warn!("cannot turn on balloon statistics of {}: {e}", d.dom.name);
+                }
+                // A passing failure (its QEMU busy, a timeout): tried again next quantum.
+                Err(e) => {
+                    debug!("cannot turn on balloon statistics of {} yet: {}", d.dom.name, crate::host::chain(&e));
+                    self.period_set.remove(&d.dom.name);
+                }
             }
         }
     }

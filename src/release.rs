@@ -22,6 +22,8 @@
 //!   prior back: the agent pins those to sets of cpus, so a set does not tell whose it is. A
 //!   domain that went away is skipped.
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 use log::{debug, info, warn};
 
@@ -367,6 +369,25 @@ fn log_released(name: &str, r: &Released) {
     }
 }
 
+/// How long `vm-balancer release` tries to connect: systemd runs it when the agent stopped,
+/// maybe while libvirtd starts or is busy with many guests (`TimeoutStopSec=15` bounds it).
+const CONNECT_PATIENCE: Duration = Duration::from_secs(8);
+
+/// Connects, trying again for `patience` while libvirtd cannot be reached (each try waits at
+/// most `opener::OPEN_DEADLINE`).
+fn connect_patiently(host: &mut dyn Host, patience: Duration) -> Result<(), HostError> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match host.ensure_connected() {
+            Err(e) if e.is_disconnect() && t0.elapsed() + Duration::from_secs(1) < patience => {
+                debug!("cannot connect yet: {}; trying again", chain(&e));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Gives back the recorded pins of every running domain.
 pub fn release_all(host: &mut dyn Host, granularity: Granularity) -> Result<Summary, HostError> {
     host.ensure_connected()?;
@@ -421,7 +442,7 @@ pub fn command(
         return Ok(());
     }
     let mut host = crate::host::libvirt::LibvirtHost::new(connect);
-    host.ensure_connected().with_context(|| format!("cannot connect to {connect}"))?;
+    connect_patiently(&mut host, CONNECT_PATIENCE).with_context(|| format!("cannot connect to {connect}"))?;
     let mut doms = host.list_domains().context("listing the running domains")?;
     if !names.is_empty() {
         for n in names.iter().filter(|n| !doms.iter().any(|d| &&d.name == n)) {

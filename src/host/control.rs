@@ -7,8 +7,10 @@
 //! systemd watchdog kills the agent; at a stop, a give-back of a few vCPUs outlasts
 //! `TimeoutStopSec`. The control information takes no job and costs one short round trip to
 //! libvirtd, so it is asked first, and the call is not made while the monitor has been busy
-//! with one command for [`BUSY_LIMIT`] or is broken. A background job (a migration) does not
-//! count: libvirt lets some calls run beside it.
+//! with one command for [`BUSY_LIMIT`], while a background job runs (a migration, a save, a
+//! dump: libvirt lets no pin, balloon change or metadata write beside them), while a job is
+//! held with no command running, or when the monitor failed. Left: between the steps of a
+//! migration libvirt says the monitor is free, and a call made then may still wait.
 
 use std::time::Duration;
 
@@ -23,8 +25,12 @@ pub const BUSY_LIMIT: Duration = Duration::from_secs(1);
 pub enum MonitorBusy {
     #[error("its QEMU has not answered a monitor command for {0:?} (frozen?)")]
     Stuck(Duration),
+    #[error("a background job (migration, save, dump) has run for {0:?}")]
+    Job(Duration),
     #[error("libvirt says its QEMU monitor failed")]
     Failed,
+    #[error("libvirt says a job is held with no monitor command running")]
+    Held,
 }
 
 /// What `virDomainGetControlInfo` says, judged: `Err` when a call needing the domain's job
@@ -33,8 +39,12 @@ pub fn judge(state: u32, details: u32, state_time_ms: u64) -> Result<(), Monitor
     let busy = Duration::from_millis(state_time_ms);
     match state {
         sys::VIR_DOMAIN_CONTROL_OCCUPIED if busy >= BUSY_LIMIT => Err(MonitorBusy::Stuck(busy)),
+        sys::VIR_DOMAIN_CONTROL_JOB => Err(MonitorBusy::Job(busy)),
         sys::VIR_DOMAIN_CONTROL_ERROR if details == sys::VIR_DOMAIN_CONTROL_ERROR_REASON_MONITOR => {
             Err(MonitorBusy::Failed)
+        }
+        sys::VIR_DOMAIN_CONTROL_ERROR if details == sys::VIR_DOMAIN_CONTROL_ERROR_REASON_INTERNAL => {
+            Err(MonitorBusy::Held)
         }
         _ => Ok(()),
     }
@@ -58,14 +68,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_long_running_command_or_a_failed_monitor_holds_a_call_back() {
+    fn a_long_command_a_background_job_a_held_job_or_a_failed_monitor_hold_a_call_back() {
         assert_eq!(judge(sys::VIR_DOMAIN_CONTROL_OK, 0, 0), Ok(()));
         assert_eq!(judge(sys::VIR_DOMAIN_CONTROL_OCCUPIED, 0, 20), Ok(()), "a command in flight");
         assert_eq!(judge(sys::VIR_DOMAIN_CONTROL_OCCUPIED, 0, 4_000), Err(MonitorBusy::Stuck(Duration::from_secs(4))));
-        assert_eq!(judge(sys::VIR_DOMAIN_CONTROL_JOB, 0, 600_000), Ok(()), "a migration");
+        assert_eq!(judge(sys::VIR_DOMAIN_CONTROL_JOB, 0, 600_000), Err(MonitorBusy::Job(Duration::from_secs(600))));
         let monitor = sys::VIR_DOMAIN_CONTROL_ERROR_REASON_MONITOR;
         assert_eq!(judge(sys::VIR_DOMAIN_CONTROL_ERROR, monitor, 0), Err(MonitorBusy::Failed));
         let internal = sys::VIR_DOMAIN_CONTROL_ERROR_REASON_INTERNAL;
-        assert_eq!(judge(sys::VIR_DOMAIN_CONTROL_ERROR, internal, 0), Ok(()));
+        assert_eq!(judge(sys::VIR_DOMAIN_CONTROL_ERROR, internal, 0), Err(MonitorBusy::Held));
+        let none = sys::VIR_DOMAIN_CONTROL_ERROR_REASON_NONE;
+        assert_eq!(judge(sys::VIR_DOMAIN_CONTROL_ERROR, none, 0), Ok(()));
     }
 }

@@ -101,7 +101,7 @@ impl LibvirtHost {
             changed: events::Changed::default(),
             watching: None,
             listed: None,
-            stats: StatsWorker::default(),
+            stats: StatsWorker::libvirt(uri),
             opener: Opener::default(),
         }
     }
@@ -143,9 +143,13 @@ impl LibvirtHost {
     /// Balloon statistics from the worker thread, within [`STATS_DEADLINE`].
     fn read_stats(&mut self, ask: Ask, op: &'static str) -> Result<Vec<(String, BalloonStats)>, HostError> {
         self.conn()?;
-        match self.stats.read(&self.uri, ask, STATS_DEADLINE) {
+        match self.stats.read(ask, STATS_DEADLINE) {
             Ok(recs) => Ok(stats::balloons_of(&recs)),
-            Err(StatsError::Libvirt(_, e)) => Err(self.fail(op, "host", e)),
+            // The worker's own connection failing says nothing of this one's, unless this one
+            // is down too.
+            Err(StatsError::Libvirt(_, e)) if !self.conn.as_ref().is_some_and(|c| c.is_alive().unwrap_or(false)) => {
+                Err(self.fail(op, "host", e))
+            }
             Err(e) => Err(HostError::Unanswered { op, source: e }),
         }
     }

@@ -19,7 +19,7 @@ pub const OPEN_DEADLINE: Duration = Duration::from_secs(5);
 /// Why no connection came.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("no answer within {0:?} (libvirtd frozen?); still trying")]
+    #[error("no answer within {0:?} (libvirtd frozen?)")]
     Late(Duration),
     #[error("{0}")]
     Failed(#[source] virt::error::Error),
@@ -27,6 +27,8 @@ pub enum OpenError {
     Spawn(#[source] std::io::Error),
     #[error("the connecting thread ended without an answer")]
     Ended,
+    #[error("the connection opened while waiting is already closed")]
+    Dead,
 }
 
 /// At most one `virConnectOpen` under way.
@@ -54,6 +56,8 @@ impl Opener {
             }
         };
         match rx.recv_timeout(deadline) {
+            // Opened long ago, it may have died since (libvirtd went down again).
+            Ok(Ok(c)) if !c.is_alive().unwrap_or(false) => Err(OpenError::Dead),
             Ok(r) => r.map_err(OpenError::Failed),
             Err(RecvTimeoutError::Timeout) => {
                 self.pending = Some(rx);

@@ -60,45 +60,61 @@ pub enum StatsError {
     Libvirt(&'static str, #[source] virt::error::Error),
 }
 
-type Answer = Result<Vec<DomainStats>, StatsError>;
+pub type Answer = Result<Vec<DomainStats>, StatsError>;
+
+/// What a worker thread does with each ask: the answer, and whether it goes on after it (its
+/// connection still alive).
+pub type Serve = Box<dyn FnMut(Ask) -> (Answer, bool) + Send>;
 
 struct Worker {
     ask: Sender<Ask>,
-    answer: Receiver<Answer>,
+    answer: Receiver<(Answer, bool)>,
     /// Set by the thread when it ends.
     ended: Arc<AtomicBool>,
 }
 
 /// The statistics worker of one libvirt host.
-#[derive(Default)]
 pub struct StatsWorker {
+    /// Makes what a new worker thread serves asks with.
+    make: Box<dyn Fn() -> Serve + Send>,
     worker: Option<Worker>,
     /// The `ended` flags of the workers let go while they may still be in a call.
     left_behind: Vec<Arc<AtomicBool>>,
 }
 
 impl StatsWorker {
-    /// Asks for statistics over `uri` and waits at most `deadline` for them.
-    pub fn read(&mut self, uri: &str, ask: Ask, deadline: Duration) -> Answer {
+    /// Workers reading over their own connection to `uri`.
+    pub fn libvirt(uri: &str) -> Self {
+        let uri = uri.to_string();
+        StatsWorker::with(move || libvirt_serve(uri.clone()))
+    }
+
+    /// Workers serving asks with what `make` makes (each worker thread its own).
+    pub fn with(make: impl Fn() -> Serve + Send + 'static) -> Self {
+        StatsWorker { make: Box::new(make), worker: None, left_behind: Vec::new() }
+    }
+
+    /// Asks for statistics and waits at most `deadline` for them.
+    pub fn read(&mut self, ask: Ask, deadline: Duration) -> Answer {
         self.left_behind.retain(|ended| !ended.load(Ordering::Acquire));
         let worker = match self.worker.take() {
             Some(w) => w,
             None if self.left_behind.len() >= MAX_LEFT_BEHIND => {
                 return Err(StatsError::TooManyLeftBehind(self.left_behind.len()));
             }
-            None => spawn(uri)?,
+            None => spawn((self.make)())?,
         };
         if worker.ask.send(ask).is_err() {
             self.let_go(worker);
             return Err(StatsError::Ended);
         }
         match worker.answer.recv_timeout(deadline) {
-            Ok(answer) => {
+            Ok((answer, goes_on)) => {
                 // A worker whose connection failed ends after answering.
-                if worker.ended.load(Ordering::Acquire) {
-                    self.let_go(worker);
-                } else {
+                if goes_on {
                     self.worker = Some(worker);
+                } else {
+                    self.let_go(worker);
                 }
                 answer
             }
@@ -142,30 +158,34 @@ impl Drop for EndsWith {
     }
 }
 
-fn spawn(uri: &str) -> Result<Worker, StatsError> {
+fn spawn(mut serve: Serve) -> Result<Worker, StatsError> {
     let (ask_tx, ask_rx) = mpsc::channel::<Ask>();
-    let (answer_tx, answer_rx) = mpsc::channel::<Answer>();
+    let (answer_tx, answer_rx) = mpsc::channel::<(Answer, bool)>();
     let ended = Arc::new(AtomicBool::new(false));
     let flag = EndsWith(Arc::clone(&ended));
-    let uri = uri.to_string();
     std::thread::Builder::new()
         .name("balloon-stats".into())
         .spawn(move || {
             let _flag = flag;
-            serve(&uri, &ask_rx, &answer_tx);
+            // Ends when the loop lets it go (the asks' channel closes) or after a last answer.
+            for ask in &ask_rx {
+                let (answer, goes_on) = serve(ask);
+                if answer_tx.send((answer, goes_on)).is_err() || !goes_on {
+                    return;
+                }
+            }
         })
         .map_err(StatsError::Spawn)?;
     Ok(Worker { ask: ask_tx, answer: answer_rx, ended })
 }
 
-/// The worker thread: opens its connection at the first ask, answers each ask, and ends when
-/// the loop lets it go or its connection fails.
-fn serve(uri: &str, asks: &Receiver<Ask>, answers: &Sender<Answer>) {
+/// Serving asks over a connection to `uri` of the worker's own, opened at the first ask.
+fn libvirt_serve(uri: String) -> Serve {
     let mut conn: Option<Connect> = None;
-    for ask in asks {
+    Box::new(move |ask| {
         let c = match conn.take() {
             Some(c) => c,
-            None => match Connect::open(Some(uri)) {
+            None => match Connect::open(Some(&uri)) {
                 Ok(c) => {
                     if let Err(e) =
                         c.set_keep_alive(super::libvirt::KEEPALIVE_INTERVAL_S, super::libvirt::KEEPALIVE_COUNT)
@@ -174,19 +194,16 @@ fn serve(uri: &str, asks: &Receiver<Ask>, answers: &Sender<Answer>) {
                     }
                     c
                 }
-                Err(e) => {
-                    let _ = answers.send(Err(StatsError::Libvirt("cannot open the statistics connection", e)));
-                    return;
-                }
+                Err(e) => return (Err(StatsError::Libvirt("cannot open the statistics connection", e)), false),
             },
         };
         let answer = call(&c, ask);
         let alive = c.is_alive().unwrap_or(false);
-        if answers.send(answer).is_err() || !alive {
-            return;
+        if alive {
+            conn = Some(c);
         }
-        conn = Some(c);
-    }
+        (answer, alive)
+    })
 }
 
 fn call(conn: &Connect, ask: Ask) -> Answer {
@@ -210,3 +227,6 @@ fn call(conn: &Connect, ask: Ask) -> Answer {
     };
     r.map_err(|e| StatsError::Libvirt("balloon statistics", e))
 }
+
+#[cfg(test)]
+mod tests;
