@@ -238,7 +238,7 @@ impl Collector {
                         "balloon statistics not read this interval (memory balancing waits; said once until they come back): {e}"
                     );
                 }
-                (None, BalloonCounts::default())
+                (None, BalloonCounts { unread: 1, ..BalloonCounts::default() })
             }
             None => (None, BalloonCounts::default()),
         };

@@ -126,6 +126,7 @@ pub struct Metrics {
     repins: Family<KindLabels, Counter>,
     balloon_changes: Family<DirectionLabels, Counter>,
     balloon_reads: Family<HowLabels, Counter>,
+    balloon_unread: Counter,
     balloon_current: Family<DomainLabels, Gauge>,
     balloon_max: Family<DomainLabels, Gauge>,
     balloon_usable: Family<DomainLabels, Gauge>,
@@ -186,6 +187,7 @@ impl Metrics {
             repins: Family::default(),
             balloon_changes: Family::default(),
             balloon_reads: Family::default(),
+            balloon_unread: Counter::default(),
             balloon_current: Family::default(),
             balloon_max: Family::default(),
             balloon_usable: Family::default(),
@@ -269,6 +271,11 @@ impl Metrics {
             "balloon_reads",
             "Guests' balloon statistics per memory interval: read from the host (each read costs libvirtd a call to the guest's QEMU), or carried forward for a quiet guest (--mem-quiet-interval)",
             m.balloon_reads.clone(),
+        );
+        r.register(
+            "balloon_intervals_unread",
+            "Memory intervals whose balloon statistics call failed or went unanswered (a guest's QEMU not answering its monitor, libvirtd busy): memory balancing waited",
+            m.balloon_unread.clone(),
         );
         r.register_with_unit(
             "balloon_current",
@@ -368,6 +375,7 @@ impl Metrics {
         }
         self.balloon_reads.get_or_create(&HowLabels { how: "read" }).inc_by(r.balloon_reads.read);
         self.balloon_reads.get_or_create(&HowLabels { how: "carried" }).inc_by(r.balloon_reads.carried);
+        self.balloon_unread.inc_by(r.balloon_reads.unread);
         for v in &r.mem_verdicts {
             if let Some(n) = v.not_granted {
                 self.grants_refused.get_or_create(&ReasonLabels { reason: n.as_str() }).inc();

@@ -43,6 +43,8 @@ pub struct BalloonRead<'a> {
 pub struct BalloonCounts {
     pub read: u64,
     pub carried: u64,
+    /// 1 when the interval's statistics call failed or went unanswered (no guest read).
+    pub unread: u64,
 }
 
 #[derive(Debug, Clone)]

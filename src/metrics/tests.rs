@@ -384,3 +384,23 @@ fn consolidation_moves_have_their_own_kind_and_the_free_cpus_a_gauge() {
     let free = free as f64;
     assert_eq!(value(&s, "vm_balancer_free_cpus", &[]), Some(free));
 }
+
+#[test]
+fn memory_intervals_whose_statistics_went_unanswered_are_counted() {
+    let mut h = host(2, &[("frozen", 1)]);
+    h.balloon_stats_late = true;
+    let mut a = Agent::new(h, AgentConfig::from_flags(&flags(true), false));
+    let mut m = Metrics::new();
+    let reports = run(&mut a, &mut m, 30);
+    let unread: u64 = reports.iter().map(|r| r.balloon_reads.unread).sum();
+    assert!(unread >= 2, "{unread} unread intervals");
+    #[allow(clippy::cast_precision_loss)]
+    let unread = unread as f64;
+    let s = parse(&m.encode_text());
+    assert_eq!(value(&s, "vm_balancer_balloon_intervals_unread_total", &[]), Some(unread));
+    // Answered again: the counter stays where it was.
+    a.host.balloon_stats_late = false;
+    run(&mut a, &mut m, 6);
+    let s = parse(&m.encode_text());
+    assert_eq!(value(&s, "vm_balancer_balloon_intervals_unread_total", &[]), Some(unread));
+}
