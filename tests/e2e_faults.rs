@@ -194,6 +194,10 @@ fn a_guest_whose_qemu_is_frozen_does_not_stop_the_loop_nor_the_stop() {
     assert!(quanta >= 20, "{quanta} quanta in 15 s\n{log}");
     assert!(log.contains("balloon statistics not read this interval"), "{log}");
     assert!(other_reads >= 8, "the other guest read {other_reads} times in 15 s\n{log}");
+    // What the README tells the operator to look at: the monitor occupied for seconds.
+    let control = virsh(&["domcontrol", &stuck.name]).expect("virsh domcontrol");
+    eprintln!("virsh domcontrol while frozen: {}", control.trim());
+    assert!(control.contains("occupied"), "{control}");
     // Thawed: the frozen guest's statistics come back.
     drop(frozen);
     let stuck_before = reads_of(&agent.log(), &stuck.name);
@@ -210,7 +214,13 @@ fn a_guest_whose_qemu_is_frozen_does_not_stop_the_loop_nor_the_stop() {
     assert!(took < Duration::from_secs(5), "stop took {took:?}\n{log}");
     assert!(other.pins().iter().all(|p| p.contains('-')), "{:?}\n{log}", other.pins());
     assert!(log.contains("not tried"), "{log}");
+    // The README's remedy once it answers: `vm-balancer release NAME`.
+    assert!(stuck.pins().iter().all(|p| !p.contains('-')), "{:?}", stuck.pins());
     drop(frozen);
+    let released = wait_for(Duration::from_secs(20), || {
+        Command::new(bin()).args(["release", &stuck.name]).status().is_ok_and(|s| s.success())
+    });
+    assert!(released && stuck.pins().iter().all(|p| p.contains('-')), "{:?}", stuck.pins());
 }
 
 #[test]
