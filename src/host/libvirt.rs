@@ -163,14 +163,16 @@ impl LibvirtHost {
     }
 
     fn lookup(&mut self, dom: &DomainRef) -> Result<Domain, HostError> {
-        let r = self.conn()?.lookup_domain_by_name(&dom.name);
-        let d = r.map_err(|e| self.fail("lookup", &dom.name, e))?;
-        // The same name may now be another run of the domain.
-        match d.id() {
-            Some(id) if id == dom.id => Ok(d),
-            _ => Err(HostError::DomainGone(dom.name.clone())),
-        }
+        let r = find_run(self.conn()?, dom);
+        r.map_err(|e| self.fail("lookup", &dom.name, e))?.ok_or_else(|| HostError::DomainGone(dom.name.clone()))
     }
+}
+
+/// `dom` on `conn`, when it is still the same run of the domain (`None`: the name now names
+/// another run, or none).
+pub(super) fn find_run(conn: &Connect, dom: &DomainRef) -> Result<Option<Domain>, virt::error::Error> {
+    let d = conn.lookup_domain_by_name(&dom.name)?;
+    Ok((d.id() == Some(dom.id)).then_some(d))
 }
 
 impl Host for LibvirtHost {
@@ -192,9 +194,8 @@ impl Host for LibvirtHost {
         let events = start_event_loop();
         match self.opener.open(&self.uri, OPEN_DEADLINE) {
             Ok(c) => {
-                if events && let Err(e) = c.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
-                    // The test driver and some transports have no keepalive.
-                    log::debug!("no keepalive on {}: {e}", self.uri);
+                if events {
+                    super::opener::keep_alive(&c, &self.uri);
                 }
                 // What changed before this connection is unknown anyway: everything is
                 // discovered afresh after a reconnect (and `disconnect` dropped the listing).

@@ -73,6 +73,15 @@ impl Opener {
     }
 }
 
+/// Turns on the client keepalive of `c` (`what` names the connection in the log): a libvirtd
+/// that stops answering closes it in about 20 s. Needs libvirt's event loop running.
+pub(super) fn keep_alive(c: &Connect, what: &str) {
+    if let Err(e) = c.set_keep_alive(super::libvirt::KEEPALIVE_INTERVAL_S, super::libvirt::KEEPALIVE_COUNT) {
+        // The test driver and some transports have no keepalive.
+        log::debug!("no keepalive on {what}: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

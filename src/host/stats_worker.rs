@@ -187,11 +187,7 @@ fn libvirt_serve(uri: String) -> Serve {
             Some(c) => c,
             None => match Connect::open(Some(&uri)) {
                 Ok(c) => {
-                    if let Err(e) =
-                        c.set_keep_alive(super::libvirt::KEEPALIVE_INTERVAL_S, super::libvirt::KEEPALIVE_COUNT)
-                    {
-                        log::debug!("no keepalive on the statistics connection: {e}");
-                    }
+                    super::opener::keep_alive(&c, "the statistics connection");
                     c
                 }
                 Err(e) => return (Err(StatsError::Libvirt("cannot open the statistics connection", e)), false),
@@ -212,10 +208,9 @@ fn call(conn: &Connect, ask: Ask) -> Answer {
         Ask::Of(doms) => {
             let mut handles = Vec::with_capacity(doms.len());
             for dom in &doms {
-                match conn.lookup_domain_by_name(&dom.name) {
-                    // The same name may now be another run of the domain.
-                    Ok(d) if d.id() == Some(dom.id) => handles.push(d),
-                    Ok(_) => log::debug!("no balloon statistics of {}: restarted", dom.name),
+                match super::libvirt::find_run(conn, dom) {
+                    Ok(Some(d)) => handles.push(d),
+                    Ok(None) => log::debug!("no balloon statistics of {}: restarted", dom.name),
                     Err(e) => log::debug!("no balloon statistics of {}: {e}", dom.name),
                 }
             }
