@@ -139,14 +139,8 @@ pub fn watch(conn: &Connect, changed: &Changed) -> Result<Vec<c_int>, virt::erro
             generic!(on_metadata, sys::virConnectDomainEventMetadataChangeCallback),
         ),
         // A device (memory, an I/O thread's disk, a balloon) came or went.
-        (
-            sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
-            generic!(on_device_added, sys::virConnectDomainEventDeviceAddedCallback),
-        ),
-        (
-            sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
-            generic!(on_device_removed, sys::virConnectDomainEventDeviceRemovedCallback),
-        ),
+        (sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, generic!(on_device, sys::virConnectDomainEventDeviceAddedCallback)),
+        (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, generic!(on_device, sys::virConnectDomainEventDeviceRemovedCallback)),
         // The balloon moved (`virsh setmem`, the agent's own change, the guest's driver), or
         // the guest rebooted: a quiet guest's carried statistics are read again.
         (
@@ -268,7 +262,8 @@ unsafe extern "C" fn on_metadata(
     unsafe { note(dom, opaque, kind_of(sys::VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, 0)) };
 }
 
-unsafe extern "C" fn on_device_added(
+/// A device added or removed (the two events have the same callback type, and the same kind).
+unsafe extern "C" fn on_device(
     _c: sys::virConnectPtr,
     dom: sys::virDomainPtr,
     _alias: *const c_char,
@@ -276,16 +271,6 @@ unsafe extern "C" fn on_device_added(
 ) {
     // SAFETY: as above.
     unsafe { note(dom, opaque, kind_of(sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, 0)) };
-}
-
-unsafe extern "C" fn on_device_removed(
-    _c: sys::virConnectPtr,
-    dom: sys::virDomainPtr,
-    _alias: *const c_char,
-    opaque: *mut c_void,
-) {
-    // SAFETY: as above.
-    unsafe { note(dom, opaque, kind_of(sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, 0)) };
 }
 
 unsafe extern "C" fn on_balloon(
