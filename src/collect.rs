@@ -139,7 +139,7 @@ impl Collector {
             debug!("balloon or devices changed, statistics to read again: {}", memory.join(", "));
             self.balloons.changed(&memory, host.epoch_s());
         }
-        self.balloons.keep_only(&listed.iter().map(|l| l.name.as_str()).collect());
+        self.balloons.keep_only(&listed);
         let refresh_ns = if changed.is_some() { self.cfg.watched_refresh_ns } else { self.cfg.refresh_ns };
         self.known.retain(|name, d| listed.iter().any(|l| &l.name == name && l.id == d.dom.id));
         self.described_at.retain(|name, _| self.known.contains_key(name));

@@ -102,9 +102,12 @@ impl BalloonPoll {
         }
     }
 
-    /// Forgets what libvirt said of domains no longer listed (also while nothing is read).
-    pub fn keep_only(&mut self, listed: &HashSet<&str>) {
-        self.changed.retain(|n, _| listed.contains(n.as_str()));
+    /// Forgets what libvirt said of domains no longer listed (also while nothing is read): the
+    /// one place those names are dropped.
+    pub fn keep_only(&mut self, listed: &[DomainRef]) {
+        if !self.changed.is_empty() {
+            self.changed.retain(|n, _| listed.iter().any(|l| &l.name == n));
+        }
     }
 
     /// Reads the guests that are due (all of them in one bulk call when more than half are)
@@ -120,7 +123,6 @@ impl BalloonPoll {
         let running: HashMap<&str, u32> = domains.iter().map(|d| (d.desc.dom.name.as_str(), d.desc.dom.id)).collect();
         self.last.retain(|n, r| running.get(n.as_str()) == Some(&r.id));
         self.seen.retain(|n, _| running.contains_key(n.as_str()));
-        self.changed.retain(|n, _| running.contains_key(n.as_str()));
         let runs: Vec<Option<u64>> = domains.iter().map(run_ns).collect();
         let due: Vec<DomainRef> = domains
             .iter()
