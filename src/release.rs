@@ -18,9 +18,9 @@
 //!   single cpus, or at `--pin-granularity core|llc` the cpus of one physical core or one LLC
 //!   domain: a set inside one group of the coarser of the granularity in force and the one the
 //!   vCPU's record entry says it was pinned at counts as the agent's). Entries only ever get
-//!   coarser (a vCPU pinned again at a coarser granularity), which errs toward giving back. A recorded emulator or I/O thread always gets its
-//!   prior back: the agent pins those to sets of cpus, so a set does not tell whose it is. A
-//!   domain that went away is skipped.
+//!   coarser (a vCPU pinned again at a coarser granularity), which errs toward giving back. A
+//!   recorded emulator or I/O thread always gets its prior back: the agent pins those to sets
+//!   of cpus, so a set does not tell whose it is. A domain that went away is skipped.
 
 use std::time::Duration;
 

@@ -140,30 +140,29 @@ fn the_agent_needs_no_capabilities() {
     assert!(vcpus.iter().any(|v| v["usage"].as_f64().unwrap() > 0.3), "{d:#}");
 }
 
+/// The settings of the reload tests besides the line each changes: fast, CPU only.
+const RELOAD_SETTINGS: &str = "VM_BALANCER_QUANTUM=500ms\nVM_BALANCER_NO_MEMORY=true\nVM_BALANCER_SMOOTHING=1s\n";
+
 #[test]
 fn sighup_applies_a_changed_settings_file() {
     let _lab = lab();
     let g = Guest::start("hup", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm-balancer");
-    let settings = "VM_BALANCER_QUANTUM=500ms\nVM_BALANCER_NO_MEMORY=true\nVM_BALANCER_SMOOTHING=1s\n";
+    let settings = RELOAD_SETTINGS;
     std::fs::write(&path, format!("{settings}VM_BALANCER_CPUS=0-1\n")).unwrap();
     let mut agent = Agent::start(&["--config", path.to_str().unwrap()]);
     let placed = wait_for(Duration::from_secs(20), || g.pins().iter().all(|p| p == "0" || p == "1"));
     assert!(placed, "{:?}\n{}", g.pins(), agent.log());
-    let hup = || {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid()).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    };
     // cpu 0 is taken away: its vCPUs are placed again, on cpu 1, without a restart.
     std::fs::write(&path, format!("{settings}VM_BALANCER_CPUS=1\n")).unwrap();
-    hup();
+    agent.reload();
     let moved = wait_for(Duration::from_secs(20), || g.pins() == ["1", "1"]);
     assert!(moved, "{:?}\n{}", g.pins(), agent.log());
     assert!(agent.log().contains("settings reloaded: cpus"), "{}", agent.log());
     // A bad file keeps the settings in force.
     std::fs::write(&path, "VM_BALANCER_QUANTUM=soon\n").unwrap();
-    hup();
+    agent.reload();
     let kept = wait_for(Duration::from_secs(10), || agent.log().contains("keeping the current settings"));
     assert!(kept, "{}", agent.log());
     assert!(agent.log().contains(":1: VM_BALANCER_QUANTUM"), "the bad line is named: {}", agent.log());
@@ -203,7 +202,7 @@ fn going_live_as_the_readme_says_takes_a_changed_file_and_a_reload() {
     let g = Guest::start("live", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm-balancer");
-    let settings = "VM_BALANCER_QUANTUM=500ms\nVM_BALANCER_NO_MEMORY=true\nVM_BALANCER_SMOOTHING=1s\n";
+    let settings = RELOAD_SETTINGS;
     // Installed: the shipped file says dry run. Started the way the unit starts it.
     std::fs::write(&path, format!("{settings}VM_BALANCER_DRY_RUN=true\n")).unwrap();
     let before = g.pins();
@@ -213,8 +212,7 @@ fn going_live_as_the_readme_says_takes_a_changed_file_and_a_reload() {
     assert_eq!(g.pins(), before, "nothing pinned in dry run\n{}", agent.log());
     // The README's go-live step: VM_BALANCER_DRY_RUN=false in the file, `systemctl reload`.
     std::fs::write(&path, format!("{settings}VM_BALANCER_DRY_RUN=false\n")).unwrap();
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    agent.reload();
     let pinned = wait_for(Duration::from_secs(20), || g.pins().iter().all(|p| !p.contains(['-', ','])));
     assert!(pinned, "still not pinned after the reload: {:?}\n{}", g.pins(), agent.log());
     assert!(agent.log().contains("settings reloaded: dry_run"), "{}", agent.log());

@@ -289,6 +289,12 @@ impl Agent {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// Sends SIGHUP (what `systemctl reload` does): the settings file is read again.
+    pub fn reload(&self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
     /// Sends SIGTERM and waits; returns the exit status and how long the exit took.
     pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
         let mut c = self.child.take().expect("running");
