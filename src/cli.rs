@@ -467,20 +467,35 @@ impl Common {
         }
     }
 
-    /// Checks the flags that name host cpus against the host's online cpus, once they are
-    /// known: a housekeeping set must be made of them.
-    pub fn check_host_cpus(&self, online: &[u32]) -> Result<(), String> {
-        if let EmulatorCpus::Set(set) = &self.emulator_cpus {
-            let missing: Vec<u32> = set.0.iter().copied().filter(|c| !online.contains(c)).collect();
-            if !missing.is_empty() {
-                return Err(format!(
-                    "--emulator-cpus {set}: {} not among the host's online cpus ({})",
-                    crate::cpulist::format(&missing),
-                    crate::cpulist::format(online)
-                ));
-            }
+    /// Checks the flags that name host cpus against the host's cpus, once they are known: a
+    /// housekeeping set must be made of cpus the machine has (`present`), at least one of them
+    /// online. Cpus of it that are offline are no error (a cpu taken offline for maintenance
+    /// must not keep the agent from starting): the answer is then a warning to show, and the
+    /// threads go to the online part until they are back.
+    pub fn check_host_cpus(&self, present: &[u32], online: &[u32]) -> Result<Option<String>, String> {
+        let EmulatorCpus::Set(set) = &self.emulator_cpus else { return Ok(None) };
+        let not_in = |have: &[u32]| -> Vec<u32> { set.0.iter().copied().filter(|c| !have.contains(c)).collect() };
+        let missing = not_in(present);
+        if !missing.is_empty() {
+            return Err(format!(
+                "--emulator-cpus {set}: {} not among the host's cpus ({})",
+                crate::cpulist::format(&missing),
+                crate::cpulist::format(present)
+            ));
         }
-        Ok(())
+        let offline = not_in(online);
+        if offline.len() == set.0.len() {
+            return Err(format!(
+                "--emulator-cpus {set}: none of them is online (online: {})",
+                crate::cpulist::format(online)
+            ));
+        }
+        Ok((!offline.is_empty()).then(|| {
+            format!(
+                "--emulator-cpus {set}: {} offline; emulator and I/O threads go to the online ones until it is back",
+                crate::cpulist::format(&offline)
+            )
+        }))
     }
 }
 
@@ -497,13 +512,26 @@ mod tests {
             assert!(emulator_cpus(bad).is_err(), "{bad:?}");
         }
         let mut c = Common::defaults().unwrap();
-        assert!(c.check_host_cpus(&[0, 1]).is_ok(), "the default names no cpu");
+        assert_eq!(c.check_host_cpus(&[0, 1], &[0, 1]), Ok(None), "the default names no cpu");
         c.emulator_cpus = EmulatorCpus::Set(crate::host::CpuSet(vec![1, 2, 3]));
         assert_eq!(
-            c.check_host_cpus(&[0, 1]),
-            Err("--emulator-cpus 1-3: 2-3 not among the host's online cpus (0-1)".to_string())
+            c.check_host_cpus(&[0, 1], &[0, 1]),
+            Err("--emulator-cpus 1-3: 2-3 not among the host's cpus (0-1)".to_string())
         );
-        assert!(c.check_host_cpus(&[0, 1, 2, 3]).is_ok());
+        assert_eq!(c.check_host_cpus(&[0, 1, 2, 3], &[0, 1, 2, 3]), Ok(None));
+        // Taken offline (maintenance): a warning, not a failed start that systemd would not
+        // restart (exit 2 is in the unit's RestartPreventExitStatus).
+        assert_eq!(
+            c.check_host_cpus(&[0, 1, 2, 3], &[0, 2]),
+            Ok(Some(
+                "--emulator-cpus 1-3: 1,3 offline; emulator and I/O threads go to the online ones until it is back"
+                    .to_string()
+            ))
+        );
+        assert_eq!(
+            c.check_host_cpus(&[0, 1, 2, 3], &[0]),
+            Err("--emulator-cpus 1-3: none of them is online (online: 0)".to_string())
+        );
     }
 
     #[test]

@@ -169,7 +169,21 @@ impl<H: Host> Agent<H> {
                 }
             )*};
         }
-        diff!(quantum, smoothing, peak_window, cpus, exclude, cpu, emulator, consolidate, mem, dry_run, advice, repack);
+        diff!(
+            quantum,
+            smoothing,
+            peak_window,
+            cpus,
+            exclude,
+            cpu,
+            emulator,
+            consolidate,
+            mem,
+            dry_run,
+            keep_pins_on_exit,
+            advice,
+            repack
+        );
         if changed.is_empty() {
             info!("settings reloaded: nothing changed");
             return 0;

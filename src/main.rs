@@ -53,7 +53,7 @@ fn reload(
     connect: &str,
     listen: Option<std::net::SocketAddr>,
 ) -> Result<(AgentConfig, log::LevelFilter), String> {
-    let cli = vm_balancer::settings::parse(argv).map_err(|e| match e {
+    let cli = vm_balancer::settings::parse_reload(argv).map_err(|e| match e {
         vm_balancer::settings::ParseError::Settings(e) => vm_balancer::host::chain(&e),
         vm_balancer::settings::ParseError::Clap(e) => e.to_string().lines().next().unwrap_or("").to_string(),
     })?;
@@ -61,7 +61,7 @@ fn reload(
         return Err("not the run command".into());
     };
     common.validate()?;
-    check_host_cpus(cli_host_cpus(None).as_deref(), &common)?;
+    check_host_cpus(cli_host_cpus(None).as_ref(), &common)?;
     if common.connect != connect {
         log::warn!("SIGHUP: --connect changed to {}: restart the service to use it", common.connect);
     }
@@ -71,18 +71,32 @@ fn reload(
     Ok((AgentConfig::from_flags(&common, dry_run), common.log_filter()))
 }
 
-/// The cpus the flags may name: this host's online cpus, or the simulated host's
-/// (`simulate --host-cpus N`). `None` when they cannot be read: the agent then finds out at run
-/// time (a pin to a cpu that is not there fails, and is not tried again).
-fn cli_host_cpus(simulated: Option<u32>) -> Option<Vec<u32>> {
+/// The cpus the flags may name, as (present, online): this host's, or the simulated host's
+/// (`simulate --host-cpus N`, all online). `None` when they cannot be read: the agent then
+/// finds out at run time (a pin to a cpu that is not there fails, and is not tried again).
+fn cli_host_cpus(simulated: Option<u32>) -> Option<(Vec<u32>, Vec<u32>)> {
+    let root = std::path::Path::new("/");
     match simulated {
-        Some(n) => Some((0..n).collect()),
-        None => vm_balancer::host::procfs::online_cpus(std::path::Path::new("/")).ok(),
+        Some(n) => Some(((0..n).collect(), (0..n).collect())),
+        None => Some((
+            vm_balancer::host::procfs::present_cpus(root).ok()?,
+            vm_balancer::host::procfs::online_cpus(root).ok()?,
+        )),
     }
 }
 
-fn check_host_cpus(online: Option<&[u32]>, common: &Common) -> Result<(), String> {
-    online.map_or(Ok(()), |cpus| common.check_host_cpus(cpus))
+/// The flags naming host cpus against the host's; a cpu of them offline is a warning line
+/// (through the log once it is set up, else on stderr).
+fn check_host_cpus(cpus: Option<&(Vec<u32>, Vec<u32>)>, common: &Common) -> Result<(), String> {
+    let Some((present, online)) = cpus else { return Ok(()) };
+    if let Some(w) = common.check_host_cpus(present, online)? {
+        if log::log_enabled!(log::Level::Warn) {
+            log::warn!("{w}");
+        } else {
+            eprintln!("warning: {w}");
+        }
+    }
+    Ok(())
 }
 
 fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
@@ -215,7 +229,7 @@ fn main() -> ExitCode {
         Command::Simulate { sim, .. } => cli_host_cpus(Some(sim.host_cpus)),
         Command::Release { .. } | Command::GenerateAssets { .. } => None,
     };
-    if let Some(Err(msg)) = cli.command.common().map(|c| check_host_cpus(online.as_deref(), c)) {
+    if let Some(Err(msg)) = cli.command.common().map(|c| check_host_cpus(online.as_ref(), c)) {
         eprintln!("error: {msg}");
         return ExitCode::from(2);
     }

@@ -1,9 +1,10 @@
 //! The one source of settings for every subcommand: a flag wins over its `VM_BALANCER_*`
 //! environment variable, which wins over the settings file, which wins over the default.
 //!
-//! The settings file is the service's environment file (`/etc/default/vm-balancer`, lines of
-//! `VM_BALANCER_X=value`), so `vm-balancer diagnose` run from a shell sees the settings the
-//! daemon runs with. `--config PATH` (or `VM_BALANCER_CONFIG`) chooses another file; a missing
+//! The settings file (`/etc/default/vm-balancer`, lines of `VM_BALANCER_X=value` as in an
+//! environment file) is read by every subcommand, so `vm-balancer diagnose` run from a shell
+//! sees the settings the daemon runs with (the unit does not load it as its environment: a
+//! variable would win over the file at a reload). `--config PATH` (or `VM_BALANCER_CONFIG`) chooses another file; a missing
 //! default file is fine, a missing chosen file is an error. Each value of the file is checked by
 //! the flag's own parser, and becomes that flag's default: clap then applies the environment
 //! and the command line over it, as for any default.
@@ -31,6 +32,8 @@ pub enum SettingsError {
     },
     #[error("{path}:{line}: {msg}")]
     Line { path: String, line: usize, msg: String },
+    #[error("the settings file {path} is empty (being written?)")]
+    Empty { path: String },
 }
 
 /// One `VM_BALANCER_X=value` line.
@@ -61,12 +64,16 @@ impl SettingsFile {
         }
     }
 
-    /// Splits the text of an environment file: `KEY=value` lines, `#` comments, blank lines;
-    /// a value may be quoted with `"` or `'`. Keys that are not `VM_BALANCER_*` belong to the
-    /// service's environment, not to the agent, and are skipped.
+    /// Splits the text of an environment file: `KEY=value` lines (`export KEY=value` too),
+    /// `#` comments, blank lines; a value may be quoted with `"` or `'`. Keys that are not
+    /// `VM_BALANCER_*` are skipped (another program's variables), except those that look like
+    /// one misspelt (`vm_balancer_high`, `VM_BALANCR_HIGH`): an error, not a setting silently
+    /// not in force.
     pub fn parse(path: &Path, text: &str) -> Result<SettingsFile, SettingsError> {
         let err = |line: usize, msg: String| SettingsError::Line { path: path.display().to_string(), line, msg };
         let mut entries: Vec<Entry> = Vec::new();
+        // An editor's byte-order mark is not part of the first key.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let l = raw.trim();
@@ -77,7 +84,14 @@ impl SettingsFile {
                 return Err(err(line, format!("expected VARIABLE=value, found {l:?}")));
             };
             let key = key.trim();
+            let key = key.strip_prefix("export").filter(|k| k.starts_with([' ', '\t'])).map_or(key, str::trim_start);
             if !key.starts_with("VM_BALANCER_") {
+                if looks_like_ours(key) {
+                    return Err(err(
+                        line,
+                        format!("{key} is not a setting of vm-balancer: settings are spelt VM_BALANCER_X, in capitals"),
+                    ));
+                }
                 continue;
             }
             let value =
@@ -89,6 +103,13 @@ impl SettingsFile {
         }
         Ok(SettingsFile { path: path.to_path_buf(), entries })
     }
+}
+
+/// A key meant for the agent but misspelt: `VM_BALANCER_` in other letters or with a letter
+/// or an underscore missing.
+fn looks_like_ours(key: &str) -> bool {
+    let k: String = key.chars().filter(|c| *c != '_').collect::<String>().to_ascii_uppercase();
+    k.starts_with("VMBALANC") || k.starts_with("VMBALNC")
 }
 
 fn unquote(v: &str) -> Option<String> {
@@ -173,7 +194,23 @@ pub enum ParseError {
 /// Parses a command line with its settings file: the one place settings are read.
 pub fn parse(argv: &[OsString]) -> Result<Cli, ParseError> {
     let (path, required) = config_path(argv);
-    let file = SettingsFile::read(&path, required).map_err(ParseError::Settings)?;
+    parse_with(argv, SettingsFile::read(&path, required).map_err(ParseError::Settings)?)
+}
+
+/// [`parse`] at a reload (SIGHUP), where a settings file that is missing or empty (0 bytes) is
+/// an error, so the settings in force are kept: a file being rewritten (truncated, then
+/// written) or moved aside must not read as "every default" (dry run off, no exclusions). A
+/// file of comments only does bring the defaults back.
+pub fn parse_reload(argv: &[OsString]) -> Result<Cli, ParseError> {
+    let (path, _) = config_path(argv);
+    let file = SettingsFile::read(&path, true).map_err(ParseError::Settings)?;
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+        return Err(ParseError::Settings(SettingsError::Empty { path: path.display().to_string() }));
+    }
+    parse_with(argv, file)
+}
+
+fn parse_with(argv: &[OsString], file: SettingsFile) -> Result<Cli, ParseError> {
     let cmd = command_with(&file).map_err(ParseError::Settings)?;
     let matches = cmd.try_get_matches_from(argv).map_err(ParseError::Clap)?;
     Cli::from_arg_matches(&matches).map_err(ParseError::Clap)
@@ -233,6 +270,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("already set on line 1"), "{e}");
+    }
+
+    #[test]
+    fn export_lines_and_a_byte_order_mark_are_read_and_misspelt_keys_refused() {
+        let f = file(
+            "\u{feff}VM_BALANCER_HIGH=0.8\nexport VM_BALANCER_EXCLUDE=db1\nexport\tVM_BALANCER_DRY_RUN=true\nPATH=/x\n",
+        );
+        let keys: Vec<&str> = f.entries.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["VM_BALANCER_HIGH", "VM_BALANCER_EXCLUDE", "VM_BALANCER_DRY_RUN"]);
+        for bad in ["vm_balancer_high=0.8", "VM_BALANCR_HIGH=0.8", "VMBALANCER_HIGH=0.8", "export Vm_Balancer_High=1"] {
+            let e = SettingsFile::parse(Path::new("f"), bad).unwrap_err().to_string();
+            assert!(e.starts_with("f:1: ") && e.contains("is not a setting of vm-balancer"), "{bad}: {e}");
+        }
+        // Another program's variables, and a key merely starting with "export".
+        assert!(file("EXPORTED=1\nVM_BALLOON=1\n").entries.is_empty());
     }
 
     #[test]

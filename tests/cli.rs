@@ -80,9 +80,7 @@ fn environment_variables_are_read() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--overload-window"));
     let out = vmb(&["run"], &[("VM_BALANCER_EMULATOR_CPUS", "4095")]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--emulator-cpus 4095: 4095 not among the host's online cpus")
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--emulator-cpus 4095: 4095 not among the host's cpus"));
     let out = vmb(&["run"], &[("VM_BALANCER_DELAY_MARGIN", "-0.1")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--delay-margin"));

@@ -226,6 +226,10 @@ fn new_settings_apply_at_the_next_quantum_without_losing_history() {
     // --high is both the CPU planner's and the capacity advice's threshold.
     assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 3, "cpu (high), advice (high) and cpus changed");
     assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 0, "nothing changed the second time");
+    // Read at the stop: a reload before a maintenance restart must keep the pins then.
+    c.keep_pins_on_exit = true;
+    assert_eq!(a.reconfigure(AgentConfig::from_flags(&c, false)), 1, "keep_pins_on_exit changed");
+    assert!(a.config().keep_pins_on_exit);
     let r = run(&mut a, 1).pop().unwrap();
     let snap = r.snapshot.expect("history kept: a snapshot at once, not after two fresh samples");
     assert_eq!(snap.host.cpus, vec![1], "the new --cpus is in force");

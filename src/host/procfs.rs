@@ -30,7 +30,16 @@ fn read_trim(path: &Path) -> Result<String, HostError> {
 
 /// The online cpus (`/sys/devices/system/cpu/online`).
 pub fn online_cpus(root: &Path) -> Result<Vec<u32>, HostError> {
-    let p = root.join("sys/devices/system/cpu/online");
+    cpu_list(root, "online")
+}
+
+/// The cpus the machine has, online or not (`/sys/devices/system/cpu/present`).
+pub fn present_cpus(root: &Path) -> Result<Vec<u32>, HostError> {
+    cpu_list(root, "present")
+}
+
+fn cpu_list(root: &Path, which: &str) -> Result<Vec<u32>, HostError> {
+    let p = root.join("sys/devices/system/cpu").join(which);
     let s = read_trim(&p)?;
     cpulist::parse(&s).map_err(|e| HostError::Parse { what: p.display().to_string(), detail: e.to_string() })
 }

@@ -138,10 +138,19 @@ pub fn input_from(snap: &Snapshot, plan: &[Action], set: &ThreadsSet) -> Threads
 /// The thread pins that put each guest's emulator and I/O threads where `mode` says.
 pub fn plan(input: &ThreadsInput, mode: &EmulatorCpus) -> Vec<Action> {
     let mut out = Vec::new();
+    // A housekeeping cpu taken offline: its online part, until it is back.
+    let housekeeping = match mode {
+        EmulatorCpus::Set(s) => CpuSet(s.0.iter().copied().filter(|c| input.host_cpus.contains(c)).collect()),
+        _ => CpuSet(Vec::new()),
+    };
     for g in input.guests.iter().filter(|g| !g.excluded) {
         let (to, reason) = match mode {
             EmulatorCpus::Off => return out,
-            EmulatorCpus::Set(s) => (s, "the housekeeping cpus (--emulator-cpus)".to_string()),
+            EmulatorCpus::Set(_) if housekeeping.0.is_empty() => return out,
+            EmulatorCpus::Set(s) if housekeeping != *s => {
+                (&housekeeping, format!("the housekeeping cpus (--emulator-cpus {s}, those online)"))
+            }
+            EmulatorCpus::Set(_) => (&housekeeping, "the housekeeping cpus (--emulator-cpus)".to_string()),
             EmulatorCpus::Vcpus if g.vcpu_cpus.0.is_empty() => continue,
             EmulatorCpus::Vcpus => (&g.vcpu_cpus, format!("with its vCPUs (on {})", g.vcpu_cpus)),
         };
@@ -217,6 +226,17 @@ mod tests {
         assert_eq!(pins(&p), vec![(QemuThread::Emulator, set(&[0]))], "db's is already on 0");
         assert_eq!(p[0].domain(), "web");
         assert!(p[0].to_string().contains("--emulator-cpus"), "{}", p[0]);
+    }
+
+    #[test]
+    fn a_housekeeping_cpu_taken_offline_leaves_the_online_part() {
+        // Host cpus 0-3 online; the set names 0 and 5 (5 offline): the threads go to 0.
+        let i = input(vec![guest(&[1, 3], vec![emulator(&[0, 1, 2, 3], false)])]);
+        let p = plan(&i, &EmulatorCpus::Set(set(&[0, 5])));
+        assert_eq!(pins(&p), vec![(QemuThread::Emulator, set(&[0]))]);
+        assert!(p[0].to_string().contains("(--emulator-cpus 0,5, those online)"), "{}", p[0]);
+        // None of it online: the threads stay where they are.
+        assert!(plan(&i, &EmulatorCpus::Set(set(&[5]))).is_empty());
     }
 
     #[test]
