@@ -205,7 +205,19 @@ fn emit(text: &str) -> std::io::Result<bool> {
 
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let cli = match vm_balancer::settings::parse(&argv) {
+    // `release` is the safety net run after every stop, a crash included: a bad settings line
+    // is a warning for it, not a reason to leave the pins (its own flags are still checked).
+    let release = vm_balancer::settings::subcommand(&argv) == Some("release");
+    let parsed = if release {
+        let (cli, warnings) = vm_balancer::settings::parse_leniently(&argv);
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        cli
+    } else {
+        vm_balancer::settings::parse(&argv)
+    };
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(vm_balancer::settings::ParseError::Clap(e)) => e.exit(),
         Err(vm_balancer::settings::ParseError::Settings(e)) => {
@@ -213,9 +225,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(Err(msg)) = cli.command.common().map(Common::validate) {
-        eprintln!("error: {msg}");
-        return ExitCode::from(2);
+    match cli.command.common().map(Common::validate) {
+        Some(Err(msg)) if release => eprintln!("warning: {msg} (release plans nothing: going on)"),
+        Some(Err(msg)) => {
+            eprintln!("error: {msg}");
+            return ExitCode::from(2);
+        }
+        _ => {}
     }
     if let Command::Diagnose { common, repack: true, .. } = &cli.command
         && let Err(msg) = common.packs_onto_single_cpus("--repack")

@@ -210,6 +210,36 @@ pub fn parse_reload(argv: &[OsString]) -> Result<Cli, ParseError> {
     parse_with(argv, file)
 }
 
+/// [`parse`] for `release`, the safety net the unit runs after every stop (a crash included):
+/// a settings file it cannot read, or a line of it that is bad, must not keep it from giving
+/// the pins back. Such lines are left out (each named in the warnings returned), the others
+/// are read; the command line is parsed as usual.
+pub fn parse_leniently(argv: &[OsString]) -> (Result<Cli, ParseError>, Vec<String>) {
+    let (path, required) = config_path(argv);
+    let mut warnings = Vec::new();
+    let file = match SettingsFile::read(&path, required) {
+        Ok(f) => f,
+        Err(e) => {
+            warnings.push(format!("{}; going on without it", crate::host::chain(&e)));
+            SettingsFile { path: path.clone(), entries: Vec::new() }
+        }
+    };
+    let mut good = SettingsFile { path: file.path.clone(), entries: Vec::new() };
+    for e in file.entries {
+        let one = SettingsFile { path: file.path.clone(), entries: vec![e.clone()] };
+        match command_with(&one) {
+            Ok(_) => good.entries.push(e),
+            Err(err) => warnings.push(format!("{err}; left out")),
+        }
+    }
+    (parse_with(argv, good), warnings)
+}
+
+/// The subcommand a command line names (its first word that is not a flag).
+pub fn subcommand(argv: &[OsString]) -> Option<&str> {
+    argv.iter().skip(1).filter_map(|a| a.to_str()).find(|a| !a.starts_with('-'))
+}
+
 fn parse_with(argv: &[OsString], file: SettingsFile) -> Result<Cli, ParseError> {
     let cmd = command_with(&file).map_err(ParseError::Settings)?;
     let matches = cmd.try_get_matches_from(argv).map_err(ParseError::Clap)?;
@@ -285,6 +315,32 @@ mod tests {
         }
         // Another program's variables, and a key merely starting with "export".
         assert!(file("EXPORTED=1\nVM_BALLOON=1\n").entries.is_empty());
+    }
+
+    #[test]
+    fn release_leaves_out_bad_lines_and_reads_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("settings");
+        std::fs::write(
+            &path,
+            "VM_BALANCER_HIGH=0.85 # busier\nVM_BALANCER_KEEP_PINS_ON_EXIT=true\nVM_BALANCER_BOGUS=1\n",
+        )
+        .unwrap();
+        let a = argv(&["vmb", "release", "--config", path.to_str().unwrap()]);
+        assert!(parse(&a).is_err(), "the strict parse refuses the file");
+        assert_eq!(subcommand(&a), Some("release"));
+        let (cli, warnings) = parse_leniently(&a);
+        let Ok(Cli { command: Command::Release { common, .. }, .. }) = cli else { panic!("release not parsed") };
+        assert!(common.keep_pins_on_exit, "the good line is read");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains(":1: VM_BALANCER_HIGH") && warnings[1].contains(":3: VM_BALANCER_BOGUS"),
+            "{warnings:?}"
+        );
+        // A named file that is missing: going on with the defaults.
+        let a = argv(&["vmb", "release", "--config", "/nonexistent/settings"]);
+        let (cli, warnings) = parse_leniently(&a);
+        assert!(cli.is_ok() && warnings[0].contains("cannot read the settings file"), "{warnings:?}");
     }
 
     #[test]

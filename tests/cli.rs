@@ -239,3 +239,22 @@ fn the_configuration_document_names_every_flag() {
         }
     }
 }
+
+#[test]
+fn release_gives_back_despite_a_bad_settings_line() {
+    // The unit runs `release` after every stop: a line mis-edited since the start (even one
+    // release does not use) is a warning, and it goes on (libvirt's in-process test driver
+    // stands in for the hypervisor: nothing of its domains was pinned by the agent).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("settings");
+    std::fs::write(&path, "VM_BALANCER_HIGH=0.85 # busier\nVM_BALANCER_STARVE_BELOW=0.4\n").unwrap();
+    let p = path.to_str().unwrap();
+    let out = vmb(&["release", "--config", p, "--connect", "test:///default"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("warning: ") && err.contains(":1: VM_BALANCER_HIGH"), "{err}");
+    assert!(err.contains("--starve-below (0.4) must be below --reclaim-above"), "{err}");
+    // The daemon itself still refuses the file.
+    let out = vmb(&["diagnose", "--config", p, "--connect", "test:///default"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+}
