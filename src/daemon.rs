@@ -90,6 +90,8 @@ pub struct Agent<H: Host> {
     period_set: HashMap<String, u32>,
     /// Actions that failed, by class: what not to try again, and for how long.
     failures: Failures,
+    /// The cpus refused (`failures`) that the model's allowed cpus leave out now.
+    refused: Vec<u32>,
     /// The emulator and I/O thread pins the agent made, per domain run: newer than the live
     /// definitions, which are re-read only every few quanta.
     threads_set: ThreadsSet,
@@ -137,6 +139,7 @@ impl<H: Host> Agent<H> {
             mem_steady: HashSet::new(),
             period_set: HashMap::new(),
             failures: Failures::new(),
+            refused: Vec::new(),
             threads_set: HashMap::new(),
             ever_allowed: HashSet::new(),
             advisor: Advisor::default(),
@@ -204,7 +207,7 @@ impl<H: Host> Agent<H> {
         self.give_back_for_new_granularity();
         self.collector.set_config(discovery_for(self.cfg.quantum));
         if let Some(t) = self.tracker.as_mut() {
-            let mc = model_config(&self.cfg, t.topology());
+            let mc = model_config(&self.cfg, t.topology(), &self.refused);
             t.reconfigure(mc);
         }
         changed.len()
@@ -250,13 +253,25 @@ impl<H: Host> Agent<H> {
                 let new: Vec<u32> = now.iter().copied().filter(|c| !known.contains(c)).collect();
                 let list = |v: &[u32]| if v.is_empty() { "none".to_string() } else { crate::cpulist::format(v) };
                 warn!("online cpus changed: offline {}, online again {}", list(&gone), list(&new));
-                let mc = model_config(&self.cfg, &topo);
+                let mc = model_config(&self.cfg, &topo, &self.refused);
                 if let Some(t) = self.tracker.as_mut() {
                     t.set_topology(topo, mc);
                 }
             }
             // Mid-hotplug the lists can disagree for a moment: the next quantum tries again.
             Err(e) => debug!("online cpus changed, topology not readable yet: {e}"),
+        }
+    }
+
+    /// Cpus a pin was refused onto leave the allowed cpus until their time is up (their
+    /// vCPUs are placed again, as on a retired cpu), and come back after it.
+    fn follow_refused(&mut self) {
+        let refused = self.failures.refused_cpus();
+        if refused != self.refused {
+            self.refused = refused;
+            if let Some(t) = self.tracker.as_mut() {
+                t.reconfigure(model_config(&self.cfg, t.topology(), &self.refused));
+            }
         }
     }
 
@@ -292,7 +307,7 @@ impl<H: Host> Agent<H> {
         let r = self.host.ensure_connected().and_then(|()| self.host.topology());
         match r {
             Ok(topo) => {
-                let mc = model_config(&self.cfg, &topo);
+                let mc = model_config(&self.cfg, &topo, &self.refused);
                 let online: Vec<u32> = topo.cpus.iter().map(|c| c.cpu).collect();
                 if since_ns > 0 || backoff_ns > 0 {
                     info!("hypervisor connection is back; resuming after fresh samples");
@@ -406,6 +421,7 @@ impl<H: Host> Agent<H> {
         }
         report.balloon_reads = raw.balloon_counts;
         self.follow_hotplug(&raw.host.cpu_ids);
+        self.follow_refused();
         let Some(tracker) = self.tracker.as_mut() else { return report };
         let Some(snap) = tracker.ingest(&raw) else { return report };
         self.turn_on_stats_periods(&snap);
@@ -757,7 +773,10 @@ pub fn run<H: Host>(
                         }
                         Err(why) => warn!("SIGHUP: keeping the current settings: {why}"),
                     }
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                    // Not before the agent's own first READY=1 (once it samples).
+                    if ready {
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) if left > slice => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);

@@ -5,6 +5,10 @@
 //!   long as this run of the domain lasts (its runtime id), logged once;
 //! - transient (busy, timed out): retried next quantum; after [`STRIKES`] failures in a row it
 //!   is blocked for [`BACKOFF_NS`], logged once, then tried again;
+//! - a cpu refused (a vCPU pin to one cpu failed with `EINVAL`: a cgroup cpuset, say
+//!   `machine.slice`'s `AllowedCPUs=`, leaves it out): the cpu is left out of balancing for
+//!   [`REFUSED_CPU_NS`], logged once; the vCPU is not blocked (the cpu was refused, not the
+//!   vCPU: blocking each vCPU sent there would switch balancing off guest by guest);
 //! - a domain that went away, or a lost connection, is not this module's business.
 //!
 //! Blocked pins are fed to the CPU planner as unmovable vCPUs (their load stays where it is);
@@ -22,6 +26,8 @@ use crate::policy::Action;
 pub const STRIKES: u32 = 3;
 /// How long an action that kept failing is left alone, ns.
 pub const BACKOFF_NS: u64 = 300_000_000_000;
+/// How long a cpu a pin was refused onto is left out of balancing, ns.
+pub const REFUSED_CPU_NS: u64 = 600_000_000_000;
 
 /// Which action: one vCPU's pin, a guest's balloon, or the pin of one of its QEMU threads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -51,10 +57,11 @@ struct Entry {
     why: String,
 }
 
-/// Failed actions, per domain name and action.
+/// Failed actions, per domain name and action; and the cpus refused, until when (ns).
 #[derive(Debug, Default)]
 pub struct Failures {
     map: HashMap<(String, Kind), Entry>,
+    refused: HashMap<u32, u64>,
 }
 
 impl Failures {
@@ -74,6 +81,20 @@ impl Failures {
     /// An action failed with `err` at `now_ns` on the domain's run `id`. Logs only when the
     /// failure changes what the loop does (first failure, blocked); never once per quantum.
     pub fn failed(&mut self, domain: &str, id: u32, action: &Action, err: &HostError, now_ns: u64) {
+        if err.class() == ErrorClass::CpuRefused
+            && let Action::Pin { to, .. } = action
+            && let Some(cpu) = to.as_single()
+        {
+            let until = now_ns.saturating_add(REFUSED_CPU_NS);
+            if self.refused.insert(cpu, until).is_none() {
+                warn!(
+                    "failed: {action}: {}; cpu {cpu} refused (a cgroup cpuset leaves it out?): leaving it out of balancing for {}s",
+                    chain(err),
+                    REFUSED_CPU_NS / 1_000_000_000
+                );
+            }
+            return;
+        }
         let kind = Kind::of(action);
         let key = (domain.to_string(), kind);
         let e = self.map.entry(key).or_insert(Entry { id, strikes: 0, until_ns: 0, why: String::new() });
@@ -83,7 +104,7 @@ impl Failures {
         e.strikes += 1;
         e.why = chain(err);
         match err.class() {
-            ErrorClass::Permanent => {
+            ErrorClass::Permanent | ErrorClass::CpuRefused => {
                 e.until_ns = u64::MAX;
                 warn!("failed: {action}: {}; not trying this again while the domain runs", e.why);
             }
@@ -101,8 +122,23 @@ impl Failures {
         }
     }
 
-    /// Drops what is no longer true: domains gone or restarted, back-offs over.
+    /// The cpus refused now (sorted): left out of balancing.
+    pub fn refused_cpus(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.refused.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Drops what is no longer true: domains gone or restarted, back-offs over, refused cpus
+    /// whose time is up (tried again).
     pub fn expire(&mut self, running: &[(String, u32)], now_ns: u64) {
+        self.refused.retain(|cpu, until| {
+            let over = now_ns >= *until;
+            if over {
+                info!("trying cpu {cpu} again after it was refused");
+            }
+            !over
+        });
         self.map.retain(|(name, _), e| {
             let alive = running.iter().any(|(n, id)| n == name && *id == e.id);
             let over = e.until_ns != 0 && e.until_ns != u64::MAX && now_ns >= e.until_ns;

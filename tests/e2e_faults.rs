@@ -231,10 +231,21 @@ fn an_agent_started_while_libvirtd_is_frozen_keeps_systemd_informed() {
     // no ping and no READY, the watchdog's kill, and a restart that blocked the same way.
     let frozen = Frozen::new();
     let mut agent = Agent::start_with_env(FAST, &systemd.env);
+    // A reload while it waits (`systemctl reload` at boot) does not make it say READY early.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid()).unwrap());
+    let hup = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    });
     let msgs = systemd.receive_for(Duration::from_secs(36));
+    hup.join().unwrap();
     drop(frozen);
     let has = |m: &str, what: &str| m.lines().any(|l| l == what);
     let ready = msgs.iter().find(|(_, m)| has(m, "READY=1")).map(|(t, _)| *t);
+    let reloading = msgs.iter().find(|(_, m)| has(m, "RELOADING=1")).map(|(t, _)| *t);
+    assert!(reloading.is_some(), "the reload was seen: {msgs:?}");
+    // The agent's own READY comes once it has waited READY_WITHOUT_HYPERVISOR (30 s).
+    assert!(ready.is_some_and(|t| t > Duration::from_secs(20)), "READY=1 before the agent was ready: {msgs:?}");
     let pings: Vec<Duration> = msgs.iter().filter(|(_, m)| has(m, "WATCHDOG=1")).map(|(t, _)| *t).collect();
     let gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
     eprintln!(
@@ -249,4 +260,54 @@ fn an_agent_started_while_libvirtd_is_frozen_keeps_systemd_informed() {
     let connected = wait_for(Duration::from_secs(40), || agent.log().contains("hypervisor connection is back"));
     assert!(connected, "{}", agent.log());
     assert!(agent.terminate().0.success());
+}
+
+/// A cgroup-v1 cpuset holding every thread of a process, on cpu 0 only: what a host's cpuset
+/// for its guests (`machine.slice` `AllowedCPUs=`) does to a pin onto another cpu (`EINVAL`).
+/// The threads go back to the root cpuset when dropped.
+struct Cpuset(std::path::PathBuf);
+
+impl Cpuset {
+    fn cpu0(pid: i32) -> Cpuset {
+        let dir = std::path::PathBuf::from(format!("/sys/fs/cgroup/cpuset/vmb-test-{pid}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cpuset.cpus"), "0").unwrap();
+        std::fs::write(dir.join("cpuset.mems"), "0").unwrap();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            std::fs::write(dir.join("tasks"), t.unwrap().file_name().to_string_lossy().as_bytes()).unwrap();
+        }
+        Cpuset(dir)
+    }
+}
+
+impl Drop for Cpuset {
+    fn drop(&mut self) {
+        let tasks = std::fs::read_to_string(self.0.join("tasks")).unwrap_or_default();
+        for t in tasks.lines() {
+            let _ = std::fs::write("/sys/fs/cgroup/cpuset/tasks", t);
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_cpu_a_cpuset_refuses_is_left_out_not_every_vcpu_sent_there() {
+    let _lab = lab();
+    let g = Guest::start("cpuset", &GuestSpec { vcpus: 2, burn: 2, ..GuestSpec::default() });
+    g.pin(0, "0");
+    g.pin(1, "0");
+    let cpuset = Cpuset::cpu0(qemu_pid(&g.name));
+    let mut args = FAST.to_vec();
+    args.push("-v");
+    let mut agent = Agent::start(&args);
+    // The piled vCPUs would go to cpu 1, which the kernel refuses for this guest's threads.
+    let refused = wait_for(Duration::from_secs(20), || agent.log().contains("cpu 1 refused"));
+    assert!(refused, "{}", agent.log());
+    std::thread::sleep(Duration::from_secs(3));
+    let log = agent.log();
+    assert!(log.contains("Invalid argument"), "libvirt's own error is named: {log}");
+    assert!(!log.contains("not trying this again while the domain runs"), "a vCPU was blocked: {log}");
+    assert_eq!(log.matches("cpu 1 refused").count(), 1, "refused once, then left out: {log}");
+    assert!(agent.terminate().0.success());
+    drop(cpuset);
 }

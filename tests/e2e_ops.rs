@@ -166,6 +166,11 @@ fn sighup_applies_a_changed_settings_file() {
     let kept = wait_for(Duration::from_secs(10), || agent.log().contains("keeping the current settings"));
     assert!(kept, "{}", agent.log());
     assert!(agent.log().contains(":1: VM_BALANCER_QUANTUM"), "the bad line is named: {}", agent.log());
+    // So does a file caught empty while being rewritten: not "every default" (cpus 0-1 again).
+    std::fs::write(&path, "").unwrap();
+    agent.reload();
+    let kept = wait_for(Duration::from_secs(10), || agent.log().contains("is empty (being written?)"));
+    assert!(kept, "{}", agent.log());
     std::thread::sleep(Duration::from_secs(2));
     assert!(agent.alive());
     assert_eq!(g.pins(), ["1", "1"], "{}", agent.log());

@@ -110,13 +110,15 @@ impl AgentConfig {
     }
 }
 
-/// The model's settings: the allowed cpus are those of `--cpus` that are online.
-pub(super) fn model_config(cfg: &AgentConfig, topo: &crate::host::Topology) -> ModelConfig {
+/// The model's settings: the allowed cpus are those of `--cpus` that are online, less those
+/// a pin was refused onto lately (`refused`, [`crate::failures`]).
+pub(super) fn model_config(cfg: &AgentConfig, topo: &crate::host::Topology, refused: &[u32]) -> ModelConfig {
     let online: Vec<u32> = topo.cpus.iter().map(|c| c.cpu).collect();
     let allowed: Vec<u32> = match &cfg.cpus {
         Some(want) => want.iter().copied().filter(|c| online.contains(c)).collect(),
         None => online.clone(),
     };
+    let allowed: Vec<u32> = allowed.into_iter().filter(|c| !refused.contains(c)).collect();
     if allowed.is_empty() {
         error!("none of the cpus given by --cpus is online (online: {})", crate::cpulist::format(&online));
     }

@@ -728,3 +728,39 @@ fn a_domain_whose_discovery_failed_for_a_passing_reason_is_tried_again() {
         reports.last().unwrap().snapshot.iter().flat_map(|s| &s.domains).map(|d| d.dom.name.as_str()).collect();
     assert_eq!(names, ["web"], "web found at its next try; odd left alone while it runs");
 }
+
+#[test]
+fn a_cpu_a_cgroup_cpuset_leaves_out_is_left_out_and_no_vcpu_is_blocked() {
+    // cpus 1 and 2 refused (machine.slice AllowedCPUs=0,3): every pin there fails with EINVAL.
+    let mut h = Faulty::new(4, &[("web", 2), ("db", 2)]);
+    let doms = h.sim.list_domains().unwrap();
+    for (g, d) in doms.iter().enumerate() {
+        for v in 0..2 {
+            h.sim.pin_vcpu(d, v, 0).unwrap();
+            h.sim.set_demand(g, v as usize, 0.45);
+        }
+    }
+    h.refused_cpus = vec![1, 2];
+    let mut a = agent(h);
+    let reports = run(&mut a, 80);
+    let last = reports.last().unwrap();
+    assert!(last.blocked.is_empty(), "the cpu was refused, not the vCPUs: {:?}", last.blocked);
+    let snap = last.snapshot.as_ref().unwrap();
+    assert_eq!(snap.host.cpus, vec![0, 3], "the refused cpus are left out");
+    let on: Vec<u32> = (0..2)
+        .flat_map(|g| (0..2).map(move |v| (g, v)))
+        .filter_map(|(g, v)| a.host.sim.affinity(g, v)?.as_single())
+        .collect();
+    assert_eq!(on.iter().filter(|&&c| c == 3).count(), 2, "half the load went to cpu 3: {on:?}");
+    // Each refused cpu was tried about once, not once per quantum.
+    let refusals: usize = reports
+        .iter()
+        .flat_map(|r| &r.plan)
+        .filter(|p| matches!(p, crate::policy::Action::Pin { to, .. } if to.0 == [1] || to.0 == [2]))
+        .count();
+    assert!((1..=4).contains(&refusals), "{refusals} pins planned onto refused cpus");
+    // Its time up, a refused cpu is tried again (and refused again: still left out).
+    a.host.sim.advance(crate::failures::REFUSED_CPU_NS);
+    let r = run(&mut a, 10);
+    assert!(r.iter().all(|r| r.blocked.is_empty()));
+}

@@ -476,7 +476,10 @@ pub fn classify(code: ErrorNumberEnum, msg: &str, alive: bool) -> ErrorClass {
         if msg.contains("No such process") {
             return ErrorClass::DomainGone;
         }
-        if msg.contains("Invalid argument") || msg.contains("Operation not permitted") {
+        if msg.contains("Invalid argument") {
+            return ErrorClass::CpuRefused;
+        }
+        if msg.contains("Operation not permitted") {
             return ErrorClass::Permanent;
         }
         return ErrorClass::Transient;
@@ -701,7 +704,7 @@ mod tests {
         let c = |n: N, msg: &str, alive: bool| classify(ErrorNumberEnum::from(n), msg, alive);
         // A failed sched_setaffinity on a healthy connection is not a lost connection.
         let einval = "cannot set CPU affinity on process 42: Invalid argument";
-        assert_eq!(c(N::SystemError, einval, true), ErrorClass::Permanent);
+        assert_eq!(c(N::SystemError, einval, true), ErrorClass::CpuRefused);
         let esrch = "cannot set CPU affinity on process 42: No such process";
         assert_eq!(c(N::SystemError, esrch, true), ErrorClass::DomainGone);
         assert_eq!(

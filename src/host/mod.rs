@@ -35,6 +35,11 @@ pub enum ErrorClass {
     Permanent,
     /// May work next time (busy, timed out, a monitor that did not answer): retry next quantum.
     Transient,
+    /// The kernel or a cgroup cpuset refused the cpus asked for (`EINVAL` from an affinity
+    /// call: a cpuset that leaves the cpu out, say `AllowedCPUs=` of `machine.slice`). A vCPU
+    /// pin to one cpu leaves that cpu out of balancing for a while, without blocking the vCPU;
+    /// anything else is handled as [`ErrorClass::Permanent`].
+    CpuRefused,
 }
 
 impl std::fmt::Display for ErrorClass {
@@ -44,6 +49,7 @@ impl std::fmt::Display for ErrorClass {
             ErrorClass::DomainGone => "domain gone",
             ErrorClass::Permanent => "permanent",
             ErrorClass::Transient => "transient",
+            ErrorClass::CpuRefused => "cpu refused",
         })
     }
 }

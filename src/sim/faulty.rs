@@ -17,6 +17,8 @@ pub struct Faulty {
     pub sim: SimHost,
     /// Every pin fails with this class.
     pub pin_fails: Option<ErrorClass>,
+    /// Pins to one of these cpus fail as a cgroup cpuset that leaves them out makes them.
+    pub refused_cpus: Vec<u32>,
     pub pin_calls: usize,
     /// Pin attempts per (domain, vCPU).
     pub pin_tries: HashMap<(String, u32), usize>,
@@ -93,6 +95,7 @@ impl Faulty {
             describe_fails: HashMap::new(),
             mem_available_kib: None,
             no_guest_figures: vec![],
+            refused_cpus: vec![],
         }
     }
 }
@@ -174,6 +177,15 @@ impl Host for Faulty {
     }
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
         self.pin_fault(dom, vcpu)?;
+        if self.refused_cpus.contains(&cpu) {
+            let detail = "cannot set CPU affinity: Invalid argument (injected)".into();
+            return Err(HostError::Refused {
+                op: "pin vcpu",
+                object: dom.name.clone(),
+                class: ErrorClass::CpuRefused,
+                detail,
+            });
+        }
         self.sim.pin_vcpu(dom, vcpu, cpu)
     }
     fn set_balloon(&mut self, dom: &DomainRef, target_kib: u64) -> Result<(), HostError> {
