@@ -8,6 +8,7 @@
 //! simulator).
 
 pub mod control;
+pub mod domain_xml;
 pub mod events;
 pub mod iothread;
 pub mod libvirt;
