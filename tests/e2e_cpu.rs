@@ -238,6 +238,24 @@ fn persistent_pins_chosen_by_an_administrator_are_kept() {
     assert!(agent.alive());
 }
 
+#[test]
+fn a_transient_guests_vcpu_cpuset_is_an_administrators_choice_too() {
+    // `virsh create` (oVirt's VDSM starts every guest so): no persistent definition to read
+    // the choice from; the live one says it.
+    let _lab = lab();
+    let spec = GuestSpec { vcpus: 2, burn: 2, vcpu_attrs: " cpuset='0'".into(), ..GuestSpec::default() };
+    let g = Guest::start("transcpuset", &spec);
+    assert_eq!(g.pins(), vec!["0", "0"]);
+    let doc = diagnose_json(&["--no-memory"]);
+    let d = doc["domains"].as_array().unwrap().iter().find(|d| d["name"] == g.name.as_str()).unwrap();
+    assert_eq!(d["excluded"], true, "{d:#}");
+    assert_eq!(d["excluded_why"], "transient definition sets <vcpu cpuset>", "{d:#}");
+    let mut agent = Agent::start(FAST);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(g.pins(), vec!["0", "0"], "an administrator's cpuset was left:\n{}", agent.log());
+    assert!(agent.alive());
+}
+
 /// The lab's cpus sharing cpu `c`'s last-level cache, as `virsh vcpupin` prints a set (`0-1`):
 /// its sysfs `cache/index3`, or the whole package where no level-3 cache is described.
 fn llc_of(c: u32) -> String {

@@ -78,25 +78,37 @@ pub fn parse_domain_xml(live: &str, persistent: Option<&str>) -> Result<XmlFacts
             opt_out.memory = Some("opted out by <metadata> (memory=\"no\")".into());
         }
     }
-    if opt_out.cpu.is_none()
-        && let Some(p) = persistent
-    {
-        let pdoc = roxmltree::Document::parse(p).map_err(|e| e.to_string())?;
-        let proot = pdoc.root_element();
-        let pins = child(proot, "cputune").is_some_and(|t| t.children().any(|c| c.has_tag_name("vcpupin")));
-        let pvcpu = child(proot, "vcpu");
-        let cpuset = pvcpu.and_then(|v| v.attribute("cpuset")).is_some();
-        let auto = pvcpu.and_then(|v| v.attribute("placement")) == Some("auto");
-        if pins {
-            opt_out.cpu = Some("persistent definition pins vCPUs (<cputune><vcpupin>)".into());
-        } else if cpuset {
-            opt_out.cpu = Some("persistent definition sets <vcpu cpuset>".into());
-        } else if auto {
-            opt_out.cpu = Some("persistent definition uses placement='auto' (numad)".into());
-        }
+    if opt_out.cpu.is_none() {
+        opt_out.cpu = match persistent {
+            Some(p) => {
+                let pdoc = roxmltree::Document::parse(p).map_err(|e| e.to_string())?;
+                administrators_placement(pdoc.root_element(), true, "persistent definition")
+            }
+            // A transient domain (`virsh create`, oVirt's VDSM, a running guest undefined) has
+            // its administrator's choice in the live definition only: `<vcpu cpuset>` and numad
+            // placement, which the agent never writes. Its live `<vcpupin>`s are not read as
+            // a choice: the agent's own pins are there too, and a single-cpu one is the agent's
+            // to move as on any domain (opt such a guest out with the metadata element).
+            None => administrators_placement(root, false, "transient definition"),
+        };
     }
     let (threads, emulator_prior) = qemu_threads(live, root);
     Ok(XmlFacts { vcpus, max_kib, has_balloon, stats_period_s, opt_out, threads, emulator_prior })
+}
+
+/// The placement an administrator chose in a definition, if any: `<vcpu cpuset>`, numad, and
+/// with `pins` (a persistent definition, which the agent never writes to) `<cputune><vcpupin>`.
+fn administrators_placement(root: roxmltree::Node<'_, '_>, pins: bool, which: &str) -> Option<String> {
+    let vcpu = child(root, "vcpu");
+    if pins && child(root, "cputune").is_some_and(|t| t.children().any(|c| c.has_tag_name("vcpupin"))) {
+        Some(format!("{which} pins vCPUs (<cputune><vcpupin>)"))
+    } else if vcpu.and_then(|v| v.attribute("cpuset")).is_some() {
+        Some(format!("{which} sets <vcpu cpuset>"))
+    } else if vcpu.and_then(|v| v.attribute("placement")) == Some("auto") {
+        Some(format!("{which} uses placement='auto' (numad)"))
+    } else {
+        None
+    }
 }
 
 /// The emulator and I/O threads of a live definition: their pins (`<cputune><emulatorpin>`,
@@ -186,6 +198,19 @@ mod tests {
         assert!(f.opt_out.cpu.unwrap().contains("vcpupin"));
         assert!(!f.has_balloon);
     }
+    #[test]
+    fn a_transient_domains_placement_is_read_from_its_live_definition() {
+        let with = |vcpu: &str, tune: &str| {
+            format!("<domain><vcpu{vcpu}>2</vcpu><memory>1024</memory><cputune>{tune}</cputune></domain>")
+        };
+        let cpu_opt_out = |x: &str| parse_domain_xml(x, None).unwrap().opt_out.cpu;
+        assert_eq!(cpu_opt_out(&with("", "")), None);
+        assert_eq!(cpu_opt_out(&with(" cpuset='2-3'", "")).as_deref(), Some("transient definition sets <vcpu cpuset>"));
+        assert!(cpu_opt_out(&with(" placement='auto'", "")).unwrap().contains("numad"));
+        // Live pins (the agent's, or single-cpu ones it may move) are no choice.
+        assert_eq!(cpu_opt_out(&with("", "<vcpupin vcpu='0' cpuset='5'/>")), None);
+    }
+
     #[test]
     fn manage_no_opts_out_of_everything() {
         let x = r#"<domain><vcpu>1</vcpu><memory>1024</memory><metadata><b:balancer xmlns:b="https://vm-balancer.org/xmlns/1" manage="no"/></metadata><devices><memballoon model='none'/></devices></domain>"#;

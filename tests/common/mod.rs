@@ -89,6 +89,8 @@ pub struct GuestSpec {
     pub metadata: Option<String>,
     /// Raw XML put in `<cputune>`; with it the guest is defined (persistent), then started.
     pub cputune: Option<String>,
+    /// Attributes of `<vcpu>` (` cpuset='0'`); the guest stays transient.
+    pub vcpu_attrs: String,
 }
 
 impl Default for GuestSpec {
@@ -103,6 +105,7 @@ impl Default for GuestSpec {
             stats_period: Some(1),
             metadata: None,
             cputune: None,
+            vcpu_attrs: String::new(),
         }
     }
 }
@@ -136,7 +139,7 @@ impl Guest {
   {meta}
   <memory unit='MiB'>{mem}</memory>
   <currentMemory unit='MiB'>{cur}</currentMemory>
-  <vcpu>{vcpus}</vcpu>
+  <vcpu{attrs}>{vcpus}</vcpu>
   {cputune}
   <os><type arch='x86_64'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd>
     <cmdline>console=ttyS0 quiet vmb.burn={burn} vmb.fill={fill} vmb.fillstep={step}</cmdline></os>
@@ -151,6 +154,7 @@ impl Guest {
             mem = spec.memory_mib,
             cur = spec.current_mib,
             vcpus = spec.vcpus,
+            attrs = spec.vcpu_attrs,
             k = lab.join("vmlinuz").display(),
             i = lab.join("initrd.img").display(),
             burn = spec.burn,
