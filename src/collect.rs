@@ -203,6 +203,14 @@ impl Collector {
                     if desc.vcpu_tids.iter().zip(&vcpus).any(|(tid, t)| tid.is_some() && t.is_none()) {
                         stale.push(desc.dom.name.clone());
                     }
+                    // A vCPU whose thread was not found (the domain was listed while its QEMU
+                    // started): described again every refresh interval (five quanta), events
+                    // or not, until it is found.
+                    let at = self.described_at.get(&desc.dom.name).copied().unwrap_or(0);
+                    if desc.vcpu_tids.iter().any(Option::is_none) && start.saturating_sub(at) >= self.cfg.refresh_ns {
+                        debug!("{}: vCPU threads missing at discovery; describing it again", desc.dom.name);
+                        stale.push(desc.dom.name.clone());
+                    }
                     domains.push(RawDomain { desc: desc.clone(), vcpus });
                 }
                 Err(HostError::DomainGone(_)) => stale.push(desc.dom.name.clone()),

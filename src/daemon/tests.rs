@@ -764,3 +764,17 @@ fn a_cpu_a_cgroup_cpuset_leaves_out_is_left_out_and_no_vcpu_is_blocked() {
     let r = run(&mut a, 10);
     assert!(r.iter().all(|r| r.blocked.is_empty()));
 }
+
+#[test]
+fn a_domain_listed_while_its_qemu_starts_is_described_again_until_its_vcpus_are_found() {
+    let mut h = piled();
+    h.events = Some(vec![]); // with events, definitions are otherwise re-read every 300 quanta
+    h.threads_hidden = vec!["web".into()];
+    let mut a = agent(h);
+    let reports = run(&mut a, 3);
+    assert!(reports.iter().all(|r| r.plan.is_empty()), "nothing known of its vCPUs yet");
+    a.host.threads_hidden.clear();
+    let reports = run(&mut a, 12);
+    let spread = reports.iter().flat_map(|r| &r.plan).any(|p| matches!(p, crate::policy::Action::Pin { .. }));
+    assert!(spread, "its vCPUs were found and the pile-up spread: {:?}", reports.last().map(|r| &r.plan));
+}

@@ -98,9 +98,11 @@ fn kind_of(event: sys::virDomainEventID, lifecycle: c_int) -> Option<Kind> {
             Some(sys::VIR_DOMAIN_EVENT_DEFINED) => Some(Kind::Both),
             // Undefined while it runs: now transient, its opt-outs are read from the live one.
             Some(sys::VIR_DOMAIN_EVENT_UNDEFINED) => Some(Kind::Definition),
-            // Started (restored, from a snapshot, migrated in) or resumed: its memory may be
-            // another one than the agent last read, under the same id.
-            Some(sys::VIR_DOMAIN_EVENT_STARTED | sys::VIR_DOMAIN_EVENT_RESUMED) => Some(Kind::Memory),
+            // Started (booted, restored, from a snapshot, migrated in): its QEMU runs now, with
+            // its vCPU threads (a listing during its start found none) and its memory.
+            Some(sys::VIR_DOMAIN_EVENT_STARTED) => Some(Kind::Both),
+            // Resumed: its memory may be another one than the agent last read, under the same id.
+            Some(sys::VIR_DOMAIN_EVENT_RESUMED) => Some(Kind::Memory),
             _ => None,
         },
         _ => None,
@@ -315,7 +317,7 @@ mod tests {
         assert_eq!(kind_of(VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, 0), Some(Kind::Both));
         assert_eq!(lifecycle(VIR_DOMAIN_EVENT_DEFINED), Some(Kind::Both));
         assert_eq!(lifecycle(VIR_DOMAIN_EVENT_UNDEFINED), Some(Kind::Definition), "now transient");
-        assert_eq!(lifecycle(VIR_DOMAIN_EVENT_STARTED), Some(Kind::Memory));
+        assert_eq!(lifecycle(VIR_DOMAIN_EVENT_STARTED), Some(Kind::Both), "its vCPU threads run now");
         assert_eq!(lifecycle(VIR_DOMAIN_EVENT_RESUMED), Some(Kind::Memory));
         assert_eq!(lifecycle(VIR_DOMAIN_EVENT_STOPPED), None);
         assert_eq!(lifecycle(VIR_DOMAIN_EVENT_SUSPENDED), None);

@@ -82,6 +82,9 @@ pub struct LibvirtHost {
 
 /// With domain events, the running domains are listed again at least this often (a safety
 /// net for an event lost); without them, every quantum.
+/// Most vCPUs a domain is read with (KVM's own limit is 4096 on x86; a thread name claiming
+/// more is not believed).
+const MAX_VCPUS: usize = 4096;
 const RELIST_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl LibvirtHost {
@@ -260,15 +263,9 @@ impl Host for LibvirtHost {
         let facts = parse_domain_xml(&live, inactive.as_deref())
             .map_err(|detail| HostError::Parse { what: format!("XML of {}", dom.name), detail })?;
         let pid = pfs::qemu_pid(&self.root, &dom.name);
-        let mut vcpu_tids = vec![None; facts.vcpus as usize];
-        if let Some(pid) = pid {
-            // A domain that vanished between the listing and here has no task directory.
-            for (n, tid) in pfs::vcpu_threads(&self.root, pid).unwrap_or_default() {
-                if let Some(slot) = vcpu_tids.get_mut(n as usize) {
-                    *slot = Some(tid);
-                }
-            }
-        }
+        // A domain that vanished between the listing and here has no task directory.
+        let found = pid.map(|p| pfs::vcpu_threads(&self.root, p).unwrap_or_default()).unwrap_or_default();
+        let vcpu_tids = vcpu_slots(facts.vcpus, &found);
         Ok(DomainDesc {
             dom: dom.clone(),
             vcpu_tids,
@@ -454,6 +451,20 @@ fn read_vcpu(
     Ok(Some(VcpuTimes { run_ns, wait_ns, affinity_mask, last_cpu }))
 }
 
+/// Each vCPU's thread, by vCPU number, from the `(vCPU, thread)` pairs found: slots for the
+/// `count` online vCPUs and up to the highest found (with a vCPU disabled, `virsh setvcpu
+/// --disable`, the online ones are not 0 to the count). A slot without a thread is `None`.
+fn vcpu_slots(count: u32, found: &[(u32, u32)]) -> Vec<Option<u32>> {
+    let highest = found.iter().map(|&(n, _)| n as usize + 1).filter(|&n| n <= MAX_VCPUS).max();
+    let mut slots = vec![None; highest.unwrap_or(0).max(count as usize)];
+    for &(n, tid) in found {
+        if let Some(slot) = slots.get_mut(n as usize) {
+            *slot = Some(tid);
+        }
+    }
+    slots
+}
+
 /// Sorts a libvirt error into what the loop does about it. `alive`: the connection still
 /// answers (`virConnectIsAlive`).
 pub fn classify(code: ErrorNumberEnum, msg: &str, alive: bool) -> ErrorClass {
@@ -511,6 +522,17 @@ pub fn classify(code: ErrorNumberEnum, msg: &str, alive: bool) -> ErrorClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vcpu_slots_reach_the_highest_vcpu_found() {
+        assert_eq!(vcpu_slots(2, &[(0, 10), (1, 11)]), [Some(10), Some(11)]);
+        // vCPU 1 disabled: 0, 2 and 3 online (count 3).
+        assert_eq!(vcpu_slots(3, &[(0, 10), (2, 12), (3, 13)]), [Some(10), None, Some(12), Some(13)]);
+        // Listed while its QEMU starts: no thread yet.
+        assert_eq!(vcpu_slots(2, &[]), [None, None]);
+        // A name claiming a vCPU past any limit is not believed.
+        assert_eq!(vcpu_slots(1, &[(0, 10), (u32::MAX, 11)]), [Some(10)]);
+    }
 
     #[test]
     fn libvirt_errors_are_sorted_by_what_the_loop_does() {

@@ -19,6 +19,8 @@ pub struct Faulty {
     pub pin_fails: Option<ErrorClass>,
     /// Pins to one of these cpus fail as a cgroup cpuset that leaves them out makes them.
     pub refused_cpus: Vec<u32>,
+    /// Domains described without their vCPU threads (listed while their QEMU starts).
+    pub threads_hidden: Vec<String>,
     pub pin_calls: usize,
     /// Pin attempts per (domain, vCPU).
     pub pin_tries: HashMap<(String, u32), usize>,
@@ -96,6 +98,7 @@ impl Faulty {
             mem_available_kib: None,
             no_guest_figures: vec![],
             refused_cpus: vec![],
+            threads_hidden: vec![],
         }
     }
 }
@@ -147,6 +150,9 @@ impl Host for Faulty {
             });
         }
         let mut d = self.sim.describe(dom)?;
+        if self.threads_hidden.contains(&dom.name) {
+            d.vcpu_tids.iter_mut().for_each(|t| *t = None);
+        }
         if let Some(o) = self.opt_outs.get(&dom.name) {
             d.opt_out = o.clone();
         }
