@@ -150,24 +150,32 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
                 let groups = vm_balancer::policy::cpu::groups(&snap.host.cpus, &snap.host.topology, pol.granularity);
                 out.host.pin_groups = groups.into_iter().map(|(set, _)| set).collect();
             }
-            let text = if json { serde_json::to_string_pretty(&out)? + "\n" } else { diagnose::render_table(&out) };
-            if !emit(&text)? {
-                return Ok(());
-            }
+            // Applied before the report is printed: a reader that is slow (a pager) or gone
+            // must neither age the plan nor skip it.
+            let mut failed = 0;
             if apply && !plan.is_empty() {
-                // A re-pack's steps go in order, at once: a one-shot has no quanta to wait.
+                // A re-pack's steps go in order, at once: a one-shot has no quanta to wait. The
+                // balancer's plan is applied only on a sample at most two quanta old, as the
+                // daemon's.
+                let quantum_ns = u64::try_from(common.quantum.as_nanos()).unwrap_or(u64::MAX);
+                let max_age =
+                    if out.repack.is_some() { u64::MAX } else { quantum_ns.saturating_mul(2).max(1_000_000_000) };
                 let g = agent.config().pin_granularity();
-                let outcomes = release::apply_recorded(&mut agent.host, &snap, &plan, u64::MAX, g)?;
-                let mut failed = 0;
+                let outcomes = release::apply_recorded(&mut agent.host, &snap, &plan, max_age, g)?;
+                if let Some(w) = actuate::stale_warning(&outcomes) {
+                    log::warn!("{w}");
+                }
                 for (a, o) in plan.iter().zip(&outcomes) {
                     if let actuate::Outcome::Failed(e) = o {
                         error!("failed: {a}: {}", vm_balancer::host::chain(e));
                         failed += 1;
                     }
                 }
-                if failed > 0 {
-                    anyhow::bail!("{failed} of {} actions failed", outcomes.len());
-                }
+            }
+            let text = if json { serde_json::to_string_pretty(&out)? + "\n" } else { diagnose::render_table(&out) };
+            emit(&text)?;
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} actions failed", plan.len());
             }
             Ok(())
         }
