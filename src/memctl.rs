@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use log::warn;
+use log::{info, warn};
 
 use crate::model::Snapshot;
 use crate::policy::mem::{GuestMem, Hold, HostMem};
@@ -36,6 +36,10 @@ pub struct MemTiming {
     pub credit_timeout_ns: u64,
 }
 
+/// How long a guest whose balloon was moved without the agent (an operator's `virsh setmem`,
+/// the guest's deflate-on-oom) is not reclaimed from, ns.
+pub const MOVED_HOLD_NS: u64 = 600_000_000_000;
+
 #[derive(Debug, Clone, Default)]
 struct GuestState {
     id: u32,
@@ -46,6 +50,8 @@ struct GuestState {
     target: Option<(u64, u64, bool)>,
     last_change_ns: Option<u64>,
     backoff_until_ns: u64,
+    /// Its balloon was moved without the agent: not reclaimed from until then (ns).
+    moved_until_ns: u64,
     /// KiB in use (current − usable) of recent reports: the most over the reclaim window, in
     /// fixed memory whatever the window and interval.
     used: WindowMax<u64>,
@@ -153,7 +159,7 @@ impl MemTracker {
                 None => (None, 0),
             };
             let mut hold = None;
-            let mut deflated = false;
+            let mut moved = false;
             let (mut swap_d, mut fault_d) = (0, 0);
             if let Some(b) = b {
                 // Swap counters: growth since the previous report (a guest reboot resets them).
@@ -174,10 +180,22 @@ impl MemTracker {
                 if let Some((target, set_at, reached)) = st.target {
                     if close(b.current_kib, target) {
                         st.target = Some((target, set_at, true));
-                    } else if reached && b.current_kib > target {
-                        deflated = true;
+                    } else if reached {
+                        // Moved since it reached the agent's target: by an operator (`virsh
+                        // setmem`, either way) or by the guest (deflate-on-oom: it grows).
+                        // Not undone: not reclaimed from for a while (a starving guest may
+                        // still be granted memory).
+                        info!(
+                            "{}: balloon at {} KiB, not the {} KiB the agent set: moved without the agent (virsh setmem, or the guest's deflate-on-oom); not reclaimed from for {}s",
+                            d.dom.name,
+                            b.current_kib,
+                            target,
+                            MOVED_HOLD_NS / 1_000_000_000
+                        );
+                        moved = true;
                         st.target = None;
                         st.last_change_ns = Some(now);
+                        st.moved_until_ns = now.saturating_add(MOVED_HOLD_NS);
                     } else if !reached && now.saturating_sub(set_at) > t.target_timeout_ns {
                         warn!(
                             "{} did not reach its balloon target {} KiB (at {} KiB) in time; backing off",
@@ -204,7 +222,8 @@ impl MemTracker {
             } else if st.target.is_some_and(|(_, _, reached)| !reached) {
                 hold = Some(Hold::NoReport("balloon still moving toward its last target".into()));
             }
-            let cooling = st.last_change_ns.is_some_and(|c| now.saturating_sub(c) < t.cooldown_ns);
+            let cooling =
+                st.last_change_ns.is_some_and(|c| now.saturating_sub(c) < t.cooldown_ns) || now < st.moved_until_ns;
             let (current, maximum, usable) = b.map_or((0, 0, None), |b| (b.current_kib, b.maximum_kib, b.usable_kib));
             if let (Some(u), true) = (usable, stats_t == now && hold.is_none()) {
                 st.used.record(now, t.reclaim_window_ns, current.saturating_sub(u));
@@ -235,7 +254,7 @@ impl MemTracker {
                 usable_low_kib: peak_used.map(|p| current.saturating_sub(p)),
                 swap_in_delta_kib: swap_d,
                 major_fault_delta: fault_d,
-                deflated_by_itself: deflated,
+                moved_by_others: moved,
                 cooling,
                 hold,
             });

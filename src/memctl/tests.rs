@@ -266,3 +266,28 @@ fn counts_carried_forward_do_not_grow_and_are_counted_whole_when_read_again() {
     let g = &m.input(&at(130, 4, 120), &t).0[0];
     assert_eq!((g.major_fault_delta, g.swap_in_delta_kib), (120, 4));
 }
+
+#[test]
+fn a_balloon_moved_without_the_agent_is_not_reclaimed_from_for_a_while() {
+    let t = timing(600);
+    let pol = crate::policy::mem::MemPolicy::default();
+    let mut m = MemTracker::new();
+    m.input(&snap(1, 4000, &[("a", 1, 1024, 4096, 300)]), &t);
+    m.set_target("a", 1024 * MIB, S);
+    m.input(&snap(6, 4000, &[("a", 1, 1024, 4096, 300)]), &t); // reached
+    // The operator grows it (virsh setmem 3G): lots free now, no swapping.
+    let (gs, h) = m.input(&snap(11, 4000, &[("a", 1, 3072, 4096, 2300)]), &t);
+    assert!(gs[0].moved_by_others && gs[0].cooling);
+    let p = crate::policy::mem::plan(&gs, &h, &pol);
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert_eq!(p.verdicts[0].state, crate::policy::mem::State::Hold, "not starving: {p:?}");
+    // Later in the hold: still not reclaimed from (the 15 s --mem-cooldown is long over).
+    let (gs, h) = m.input(&snap(300, 4000, &[("a", 1, 3072, 4096, 2300)]), &t);
+    assert!(!gs[0].moved_by_others && gs[0].cooling);
+    assert!(crate::policy::mem::plan(&gs, &h, &pol).actions.is_empty());
+    // After it: an idle guest is reclaimed from as any other.
+    let (gs, h) = m.input(&snap(11 + MOVED_HOLD_NS / S, 4000, &[("a", 1, 3072, 4096, 2300)]), &t);
+    assert!(!gs[0].cooling);
+    let p = crate::policy::mem::plan(&gs, &h, &pol);
+    assert!(matches!(p.actions[..], [crate::policy::Action::Balloon { to_kib, .. }] if to_kib < 3072 * MIB), "{p:?}");
+}

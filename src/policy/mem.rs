@@ -15,7 +15,7 @@
 //!   cooldown (a starving one may still be granted once its last target is reached), and a
 //!   guest that did not reach its last target is backed off (by the caller);
 //! - rising `swap_in` or `major_fault` counts as starving even when free memory looks fine, and
-//!   a guest whose balloon deflated by itself (deflate-on-oom) is never inflated back;
+//!   a guest whose balloon moved without the agent (setmem, deflate-on-oom) is not moved back;
 //! - a grant never goes above the guest's configured maximum, and all grants together never
 //!   take host `MemAvailable` below the reserve; memory reclaimed this quantum is granted only
 //!   once the host sees it free (next quantum), never on credit;
@@ -113,8 +113,9 @@ pub struct GuestMem {
     /// Growth of swap_in (KiB) and major faults since the previous stats.
     pub swap_in_delta_kib: u64,
     pub major_fault_delta: u64,
-    /// The balloon is above the last target the agent set: it deflated by itself.
-    pub deflated_by_itself: bool,
+    /// The balloon moved away from the last target the agent set, without the agent (an
+    /// operator's `virsh setmem`, the guest's deflate-on-oom): nothing is done this interval.
+    pub moved_by_others: bool,
     /// Changed recently: may still be granted memory while starving, gives none back.
     pub cooling: bool,
     pub hold: Option<Hold>,
@@ -314,10 +315,10 @@ pub fn plan(guests: &[GuestMem], host: &HostMem, p: &MemPolicy) -> MemPlan {
         let starve_thr = starve_threshold(current, p);
         let reclaim_thr = frac(current, p.reclaim_above).max(p.reclaim_min_kib);
         let swapping = g.swap_in_delta_kib > 0 || g.major_fault_delta > p.major_fault_threshold;
-        if g.deflated_by_itself {
+        if g.moved_by_others {
             out.verdicts.push(verdict(
-                State::Starving,
-                "balloon deflated by itself (deflate-on-oom): not inflated back".into(),
+                State::Hold,
+                "balloon moved without the agent (virsh setmem, or deflate-on-oom): not moved back".into(),
             ));
             continue;
         }

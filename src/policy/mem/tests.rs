@@ -10,7 +10,7 @@ fn guest(name: &str, current_mib: u64, max_mib: u64, usable_mib: u64) -> GuestMe
         usable_low_kib: None,
         swap_in_delta_kib: 0,
         major_fault_delta: 0,
-        deflated_by_itself: false,
+        moved_by_others: false,
         cooling: false,
         hold: None,
     }
@@ -152,9 +152,9 @@ fn inconsistent_reports_are_no_report() {
 }
 
 #[test]
-fn deflated_guest_is_not_inflated_back() {
+fn a_balloon_moved_without_the_agent_is_not_moved_back() {
     let mut g = guest("oom", 1024, 2048, 900);
-    g.deflated_by_itself = true;
+    g.moved_by_others = true;
     let p = plan(&[g], &host(8000), &MemPolicy::default());
     assert!(p.actions.is_empty());
 }
@@ -184,7 +184,7 @@ proptest! {
             if swap { g.swap_in_delta_kib = 1; }
             g.usable_low_kib = (kind == 1).then_some(low * MIB);
             g.cooling = cooling;
-            g.deflated_by_itself = oom && kind == 2;
+            g.moved_by_others = oom && kind == 2;
             if kind == 3 { g.usable_kib = None; }
             g
         }).collect();
