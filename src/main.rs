@@ -266,7 +266,9 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("error: {e:#}");
             }
-            ExitCode::from(1)
+            // A setting no restart mends: like a bad flag, exit 2 (the unit does not restart).
+            let config = e.downcast_ref::<vm_balancer::metrics::MetricsError>().is_some_and(|m| m.is_configuration());
+            ExitCode::from(if config { 2 } else { 1 })
         }
     }
 }

@@ -154,6 +154,20 @@ fn a_bind_failure_is_a_clear_error_at_start() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("cannot listen for metrics on {addr}")) && err.contains("in use"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // An address of no interface of this host (TEST-NET-1): no restart mends it, exit 2.
+    let out = Command::new(bin())
+        .args([
+            "run",
+            "--metrics-listen",
+            "192.0.2.1:9848",
+            "--connect",
+            "qemu+unix:///system?socket=/nonexistent/sock",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot listen for metrics on 192.0.2.1:9848 (--metrics-listen)"), "{err}");
 }
 
 #[test]
