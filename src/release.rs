@@ -429,17 +429,21 @@ pub fn on_stop<H: Host>(agent: &mut Agent<H>) {
 
 /// `vm-balancer release [DOMAIN...]`: gives back the recorded pins of the named running
 /// domains, or of every running domain. Fails when libvirt is unreachable or a pin could not be
-/// given back; does nothing with `--keep-pins-on-exit` (so one environment file serves both
-/// `run` and `ExecStopPost=`).
+/// given back. Without names it does nothing with `--keep-pins-on-exit` (so one settings file
+/// serves both `run` and `ExecStopPost=`); named domains are an operator's request, given
+/// back whatever that setting says.
 pub fn command(
     connect: &str,
     keep_pins_on_exit: bool,
     granularity: Granularity,
     names: &[String],
 ) -> anyhow::Result<()> {
-    if keep_pins_on_exit {
+    if keep_pins_on_exit && names.is_empty() {
         info!("--keep-pins-on-exit is set: leaving the vCPU pins as they are");
         return Ok(());
+    }
+    if keep_pins_on_exit {
+        info!("--keep-pins-on-exit is for a stop: giving back the named domains' pins");
     }
     let mut host = crate::host::libvirt::LibvirtHost::new(connect);
     connect_patiently(&mut host, CONNECT_PATIENCE).with_context(|| format!("cannot connect to {connect}"))?;
