@@ -318,3 +318,22 @@ fn a_recorded_vcpu_pinned_again_at_a_coarser_granularity_has_its_entry_say_so() 
     assert_eq!(r.restored.len(), 1, "{r:?}");
     assert_eq!(a.host.affinity(0, 0), Some(&all));
 }
+
+#[test]
+fn a_prior_naming_cpus_this_host_lacks_gives_back_the_part_it_has() {
+    // A guest live-migrated from a 64-cpu host, its record and pin carried along.
+    let mut h = host(2, &[("a", 2)]);
+    let d = dom(&mut h, 0);
+    h.pin_vcpu(&d, 0, 1).unwrap();
+    h.pin_vcpu(&d, 1, 0).unwrap();
+    let pins = [
+        AgentPin { vcpu: 0, prior: set(&(0..64).collect::<Vec<u32>>()), granularity: None },
+        AgentPin { vcpu: 1, prior: set(&[40, 41]), granularity: None },
+    ];
+    h.set_agent_pins(&d, &pins).unwrap();
+    let mut a = agent(h, true, false);
+    let sum = release_all(&mut a.host, Granularity::Cpu).unwrap();
+    assert_eq!(sum, Summary { domains: 1, restored: 2, failed: 0 });
+    assert_eq!(a.host.affinity(0, 0), Some(&set(&[0, 1])), "0-63 on a 2-cpu host: its cpus");
+    assert_eq!(a.host.affinity(0, 1), Some(&set(&[0, 1])), "none of 40-41 here: every cpu");
+}
