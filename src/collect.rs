@@ -195,6 +195,7 @@ impl Collector {
         self.refresh(host, start, refresh_ns)?;
         let mut domains = Vec::with_capacity(self.known.len());
         let mut stale: Vec<String> = Vec::new();
+        let mut incomplete: Vec<String> = Vec::new();
         for desc in self.known.values() {
             match host.vcpu_times(desc) {
                 Ok(vcpus) => {
@@ -203,13 +204,17 @@ impl Collector {
                     if desc.vcpu_tids.iter().zip(&vcpus).any(|(tid, t)| tid.is_some() && t.is_none()) {
                         stale.push(desc.dom.name.clone());
                     }
-                    // A vCPU whose thread was not found (the domain was listed while its QEMU
-                    // started): described again every refresh interval (five quanta), events
-                    // or not, until it is found.
+                    // Fewer vCPU threads found than its definition has online (listed while
+                    // its QEMU started): described again, in place, every refresh interval
+                    // (five quanta), events or not, until they are found.
                     let at = self.described_at.get(&desc.dom.name).copied().unwrap_or(0);
-                    if desc.vcpu_tids.iter().any(Option::is_none) && start.saturating_sub(at) >= self.cfg.refresh_ns {
-                        debug!("{}: vCPU threads missing at discovery; describing it again", desc.dom.name);
-                        stale.push(desc.dom.name.clone());
+                    let found = desc.vcpu_tids.iter().flatten().count();
+                    if found < desc.vcpu_count as usize && at != 0 && start.saturating_sub(at) >= self.cfg.refresh_ns {
+                        debug!(
+                            "{}: {found} of {} vCPU threads found; describing it again",
+                            desc.dom.name, desc.vcpu_count
+                        );
+                        incomplete.push(desc.dom.name.clone());
                     }
                     domains.push(RawDomain { desc: desc.clone(), vcpus });
                 }
@@ -225,6 +230,7 @@ impl Collector {
             self.known.remove(&name);
             self.described_at.remove(&name);
         }
+        self.rediscover(&incomplete);
         domains.sort_by(|a, b| a.desc.dom.name.cmp(&b.desc.dom.name));
         let host_sample = host.host_sample()?;
         // A failed read (a QEMU that does not answer, libvirtd busy) costs the memory balancer

@@ -277,7 +277,8 @@ impl<H: Host> Agent<H> {
 
     /// Cpus allowed earlier in the run but not now: vCPUs pinned there are placed again.
     fn retired(&self, snap: &Snapshot) -> HashSet<u32> {
-        self.ever_allowed.iter().copied().filter(|c| !snap.host.cpus.contains(c)).collect()
+        // A cpu guests refuse is not retired: a vCPU already there got there, and stays.
+        self.ever_allowed.iter().copied().filter(|c| !snap.host.cpus.contains(c) && !self.refused.contains(c)).collect()
     }
 
     /// The re-pack planned now on `snap` (`diagnose --repack`), cooldowns ignored; `None` with
@@ -511,7 +512,9 @@ impl<H: Host> Agent<H> {
                         match o {
                             Outcome::Applied => self.failures.succeeded(a.domain(), Kind::of(a)),
                             Outcome::Failed(e) => {
-                                self.failures.failed(a.domain(), id, a, e, snap.t_ns);
+                                let shared =
+                                    e.class() == crate::host::ErrorClass::CpuRefused && others_pinned_there(&snap, a);
+                                self.failures.failed(a.domain(), id, a, e, snap.t_ns, shared);
                                 continue;
                             }
                             Outcome::Gone | Outcome::Stale { .. } => continue,
@@ -786,6 +789,17 @@ pub fn run<H: Host>(
             }
         }
     }
+}
+
+/// Another guest's vCPU runs pinned to the one cpu `a` pins to: a refusal of that cpu is then
+/// the guest's own (its cgroup cpuset), not the host's.
+fn others_pinned_there(snap: &Snapshot, a: &Action) -> bool {
+    let Action::Pin { domain, to, .. } = a else { return false };
+    let Some(cpu) = to.as_single() else { return false };
+    snap.domains
+        .iter()
+        .filter(|d| &d.dom.name != domain)
+        .any(|d| d.vcpus.iter().any(|v| v.pinned_to.as_single() == Some(cpu)))
 }
 
 mod memory;

@@ -5,10 +5,12 @@
 //!   long as this run of the domain lasts (its runtime id), logged once;
 //! - transient (busy, timed out): retried next quantum; after [`STRIKES`] failures in a row it
 //!   is blocked for [`BACKOFF_NS`], logged once, then tried again;
-//! - a cpu refused (a vCPU pin to one cpu failed with `EINVAL`: a cgroup cpuset, say
-//!   `machine.slice`'s `AllowedCPUs=`, leaves it out): the cpu is left out of balancing for
-//!   [`REFUSED_CPU_NS`], logged once; the vCPU is not blocked (the cpu was refused, not the
-//!   vCPU: blocking each vCPU sent there would switch balancing off guest by guest);
+//! - a cpu refused (a vCPU pin to one cpu failed with `EINVAL`: a cgroup cpuset leaves it
+//!   out): while another guest's vCPU runs pinned there, the cpu is usable and the refusal is
+//!   this guest's own (its cpuset): that vCPU is blocked as for a permanent failure. Else
+//!   (a cpuset of all guests, say `machine.slice`'s `AllowedCPUs=`) the cpu is left out of
+//!   balancing for [`REFUSED_CPU_NS`], logged once, and no vCPU is blocked: blocking every
+//!   vCPU sent there switched balancing off guest by guest;
 //! - a domain that went away, or a lost connection, is not this module's business.
 //!
 //! Blocked pins are fed to the CPU planner as unmovable vCPUs (their load stays where it is);
@@ -26,7 +28,7 @@ use crate::policy::Action;
 pub const STRIKES: u32 = 3;
 /// How long an action that kept failing is left alone, ns.
 pub const BACKOFF_NS: u64 = 300_000_000_000;
-/// How long a cpu a pin was refused onto is left out of balancing, ns.
+/// How long a cpu that guests refuse is left out of balancing, ns.
 pub const REFUSED_CPU_NS: u64 = 600_000_000_000;
 
 /// Which action: one vCPU's pin, a guest's balloon, or the pin of one of its QEMU threads.
@@ -57,11 +59,13 @@ struct Entry {
     why: String,
 }
 
-/// Failed actions, per domain name and action; and the cpus refused, until when (ns).
+/// Failed actions, per domain name and action; and the cpus left out, until when (ns).
 #[derive(Debug, Default)]
 pub struct Failures {
     map: HashMap<(String, Kind), Entry>,
     refused: HashMap<u32, u64>,
+    /// (domain, cpu): refused by that guest while another ran there: its own cpuset.
+    own_refusals: HashSet<(String, u32)>,
 }
 
 impl Failures {
@@ -80,21 +84,42 @@ impl Failures {
 
     /// An action failed with `err` at `now_ns` on the domain's run `id`. Logs only when the
     /// failure changes what the loop does (first failure, blocked); never once per quantum.
-    pub fn failed(&mut self, domain: &str, id: u32, action: &Action, err: &HostError, now_ns: u64) {
+    /// `shared_target`: another guest's vCPU runs pinned to the cpu the action pinned to.
+    pub fn failed(
+        &mut self,
+        domain: &str,
+        id: u32,
+        action: &Action,
+        err: &HostError,
+        now_ns: u64,
+        shared_target: bool,
+    ) {
         if err.class() == ErrorClass::CpuRefused
             && let Action::Pin { to, .. } = action
             && let Some(cpu) = to.as_single()
         {
+            // The guest's own cpuset: once seen, its next refusals of that cpu are judged so
+            // too (the guest that showed the cpu usable may have moved away since).
+            let own = (domain.to_string(), cpu);
+            if shared_target || self.own_refusals.contains(&own) {
+                self.own_refusals.insert(own);
+                return self.failed_as(domain, id, action, err, now_ns);
+            }
             let until = now_ns.saturating_add(REFUSED_CPU_NS);
             if self.refused.insert(cpu, until).is_none() {
                 warn!(
-                    "failed: {action}: {}; cpu {cpu} refused (a cgroup cpuset leaves it out?): leaving it out of balancing for {}s",
+                    "failed: {action}: {}; cpu {cpu} refused (a cgroup cpuset of the guests?): leaving it out of balancing for {}s",
                     chain(err),
                     REFUSED_CPU_NS / 1_000_000_000
                 );
             }
             return;
         }
+        self.failed_as(domain, id, action, err, now_ns);
+    }
+
+    /// The failure of an action as its class says, for that action alone.
+    fn failed_as(&mut self, domain: &str, id: u32, action: &Action, err: &HostError, now_ns: u64) {
         let kind = Kind::of(action);
         let key = (domain.to_string(), kind);
         let e = self.map.entry(key).or_insert(Entry { id, strikes: 0, until_ns: 0, why: String::new() });
@@ -104,7 +129,14 @@ impl Failures {
         e.strikes += 1;
         e.why = chain(err);
         match err.class() {
-            ErrorClass::Permanent | ErrorClass::CpuRefused => {
+            ErrorClass::CpuRefused => {
+                e.until_ns = u64::MAX;
+                warn!(
+                    "failed: {action}: {}; a cpu refused for this guest (its own cgroup cpuset?): leaving this vCPU where it is while the domain runs",
+                    e.why
+                );
+            }
+            ErrorClass::Permanent => {
                 e.until_ns = u64::MAX;
                 warn!("failed: {action}: {}; not trying this again while the domain runs", e.why);
             }
@@ -122,7 +154,7 @@ impl Failures {
         }
     }
 
-    /// The cpus refused now (sorted): left out of balancing.
+    /// The cpus left out of balancing now (sorted).
     pub fn refused_cpus(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.refused.keys().copied().collect();
         v.sort_unstable();
@@ -132,6 +164,7 @@ impl Failures {
     /// Drops what is no longer true: domains gone or restarted, back-offs over, refused cpus
     /// whose time is up (tried again).
     pub fn expire(&mut self, running: &[(String, u32)], now_ns: u64) {
+        self.own_refusals.retain(|(d, _)| running.iter().any(|(n, _)| n == d));
         self.refused.retain(|cpu, until| {
             let over = now_ns >= *until;
             if over {
@@ -203,7 +236,7 @@ mod tests {
     #[test]
     fn permanent_failure_blocks_for_the_life_of_the_domain_run() {
         let mut f = Failures::new();
-        f.failed("web", 7, &pin(0), &err(ErrorClass::Permanent), 10);
+        f.failed("web", 7, &pin(0), &err(ErrorClass::Permanent), 10, false);
         assert!(f.blocked("web", &Kind::Pin(0), u64::MAX - 1).is_some());
         assert!(f.blocked("web", &Kind::Pin(1), 11).is_none(), "only that vCPU");
         assert!(f.blocked_pins(11)["web"].contains(&0));
@@ -218,10 +251,10 @@ mod tests {
     fn transient_failures_block_after_strikes_then_retry() {
         let mut f = Failures::new();
         for i in 0..STRIKES - 1 {
-            f.failed("web", 1, &pin(0), &err(ErrorClass::Transient), u64::from(i));
+            f.failed("web", 1, &pin(0), &err(ErrorClass::Transient), u64::from(i), false);
             assert!(f.blocked("web", &Kind::Pin(0), u64::from(i)).is_none(), "retried next quantum");
         }
-        f.failed("web", 1, &pin(0), &err(ErrorClass::Transient), 100);
+        f.failed("web", 1, &pin(0), &err(ErrorClass::Transient), 100, false);
         assert!(f.blocked("web", &Kind::Pin(0), 101).is_some());
         let running = [("web".to_string(), 1)];
         f.expire(&running, 100 + BACKOFF_NS - 1);
@@ -233,10 +266,10 @@ mod tests {
     #[test]
     fn success_clears_the_strikes() {
         let mut f = Failures::new();
-        f.failed("web", 1, &pin(0), &err(ErrorClass::Transient), 0);
-        f.failed("web", 1, &pin(0), &err(ErrorClass::Transient), 1);
+        f.failed("web", 1, &pin(0), &err(ErrorClass::Transient), 0, false);
+        f.failed("web", 1, &pin(0), &err(ErrorClass::Transient), 1, false);
         f.succeeded("web", Kind::Pin(0));
-        f.failed("web", 1, &pin(0), &err(ErrorClass::Transient), 2);
+        f.failed("web", 1, &pin(0), &err(ErrorClass::Transient), 2, false);
         assert!(f.blocked("web", &Kind::Pin(0), 3).is_none(), "strikes start over after a success");
         assert!(f.list(3).is_empty());
     }

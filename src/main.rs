@@ -103,8 +103,11 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { common, dry_run, metrics_listen } => {
             init_logging(&common);
-            // Bound before the loop starts: an address in use fails the start (exit 1).
+            // Bound before the loop starts: an address in use fails the start (exit 1; 2 when
+            // the sandbox forbids it).
             let metrics = metrics_listen.map(vm_balancer::metrics::Metrics::listen).transpose()?;
+            // The one acting agent of the host; a dry run too: a reload may turn it live.
+            let _instance = vm_balancer::instance::take()?;
             let host = LibvirtHost::new(&common.connect);
             let (connect, listen) = (common.connect.clone(), metrics_listen);
             let agent = Agent::new(host, AgentConfig::from_flags(&common, dry_run));
@@ -112,6 +115,11 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
         }
         Command::Diagnose { common, interval, json, apply, repack } => {
             init_logging(&common);
+            let _instance = if apply {
+                Some(vm_balancer::instance::take().context("diagnose --apply beside the running agent")?)
+            } else {
+                None
+            };
             let host = LibvirtHost::new(&common.connect);
             let mut cfg = AgentConfig::from_flags(&common, true);
             // Both samples of a diagnosis carry balloon statistics.
@@ -166,16 +174,19 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
                     log::warn!("{w}");
                 }
                 for (a, o) in plan.iter().zip(&outcomes) {
-                    if let actuate::Outcome::Failed(e) = o {
-                        error!("failed: {a}: {}", vm_balancer::host::chain(e));
-                        failed += 1;
+                    match o {
+                        actuate::Outcome::Failed(e) => error!("failed: {a}: {}", vm_balancer::host::chain(e)),
+                        // A one-shot has no next quantum to plan again: not applied is a failure.
+                        actuate::Outcome::Stale { .. } => {}
+                        _ => continue,
                     }
+                    failed += 1;
                 }
             }
             let text = if json { serde_json::to_string_pretty(&out)? + "\n" } else { diagnose::render_table(&out) };
             emit(&text)?;
             if failed > 0 {
-                anyhow::bail!("{failed} of {} actions failed", plan.len());
+                anyhow::bail!("{failed} of {} actions failed or were not applied", plan.len());
             }
             Ok(())
         }

@@ -339,6 +339,7 @@ mod tests {
         let desc = DomainDesc {
             dom,
             vcpu_tids: (0..times.len()).map(|i| Some(100 + u32::try_from(i).unwrap())).collect(),
+            vcpu_count: u32::try_from(times.len()).unwrap(),
             pid: Some(1),
             max_kib: 1 << 20,
             has_balloon: true,

@@ -284,17 +284,21 @@ pub fn release_domain(
     let agents = |cur: &CpuSet, g: Granularity| {
         cur.as_single().is_some() || topology.as_ref().is_some_and(|t| inside_one_group(cur, t, g))
     };
-    // A record carried here by a live migration from a bigger host names cpus this one lacks:
-    // what is given back is the part of the prior this host has (all its cpus if none).
-    let online: Option<Vec<u32>> = host.topology().ok().map(|t| t.cpus.iter().map(|c| c.cpu).collect());
+    // A record carried here by a live migration from a bigger host names cpus this one does
+    // not have: what is given back is the part of the prior it has (all its cpus if none). A
+    // cpu offline for a while is one it has: the kernel keeps it in the affinity for later.
+    let present: Option<Vec<u32>> = host.present_cpus().ok();
     let here = |prior: CpuSet| -> CpuSet {
-        let Some(online) = online.as_ref().filter(|o| !o.is_empty()) else { return prior };
-        let inside: Vec<u32> = prior.0.iter().copied().filter(|c| online.contains(c)).collect();
+        let Some(present) = present.as_ref().filter(|o| !o.is_empty()) else { return prior };
+        let inside: Vec<u32> = prior.0.iter().copied().filter(|c| present.contains(c)).collect();
         if inside.len() == prior.0.len() {
             return prior;
         }
-        let to = if inside.is_empty() { CpuSet(online.clone()) } else { CpuSet(inside) };
-        info!("{}: recorded prior {prior} names cpus this host lacks (a migrated guest?): giving back {to}", dom.name);
+        let to = if inside.is_empty() { CpuSet(present.clone()) } else { CpuSet(inside) };
+        info!(
+            "{}: recorded prior {prior} names cpus this host does not have (a migrated guest?): giving back {to}",
+            dom.name
+        );
         to
     };
     let rec: Vec<AgentPin> = rec.into_iter().map(|p| AgentPin { prior: here(p.prior.clone()), ..p }).collect();

@@ -70,6 +70,16 @@ impl SettingsFile {
     /// one misspelt (`vm_balancer_high`, `VM_BALANCR_HIGH`): an error, not a setting silently
     /// not in force.
     pub fn parse(path: &Path, text: &str) -> Result<SettingsFile, SettingsError> {
+        let mut first = None;
+        let file = SettingsFile::parse_lines(path, text, &mut |e| {
+            first.get_or_insert(e);
+        });
+        first.map_or(Ok(file), Err)
+    }
+
+    /// [`SettingsFile::parse`] that leaves out each bad line (the first of a key set twice is
+    /// kept), handing each error to `bad`.
+    pub fn parse_lines(path: &Path, text: &str, bad: &mut dyn FnMut(SettingsError)) -> SettingsFile {
         let err = |line: usize, msg: String| SettingsError::Line { path: path.display().to_string(), line, msg };
         let mut entries: Vec<Entry> = Vec::new();
         // An editor's byte-order mark is not part of the first key.
@@ -81,27 +91,30 @@ impl SettingsFile {
                 continue;
             }
             let Some((key, value)) = l.split_once('=') else {
-                return Err(err(line, format!("expected VARIABLE=value, found {l:?}")));
+                bad(err(line, format!("expected VARIABLE=value, found {l:?}")));
+                continue;
             };
             let key = key.trim();
             let key = key.strip_prefix("export").filter(|k| k.starts_with([' ', '\t'])).map_or(key, str::trim_start);
             if !key.starts_with("VM_BALANCER_") {
                 if looks_like_ours(key) {
-                    return Err(err(
-                        line,
-                        format!("{key} is not a setting of vm-balancer: settings are spelt VM_BALANCER_X, in capitals"),
-                    ));
+                    let msg =
+                        format!("{key} is not a setting of vm-balancer: settings are spelt VM_BALANCER_X, in capitals");
+                    bad(err(line, msg));
                 }
                 continue;
             }
-            let value =
-                unquote(value.trim()).ok_or_else(|| err(line, format!("{key}: unbalanced quotes in {value:?}")))?;
+            let Some(value) = unquote(value.trim()) else {
+                bad(err(line, format!("{key}: unbalanced quotes in {value:?}")));
+                continue;
+            };
             if let Some(prev) = entries.iter().find(|e| e.key == key) {
-                return Err(err(line, format!("{key} is already set on line {}", prev.line)));
+                bad(err(line, format!("{key} is already set on line {}", prev.line)));
+                continue;
             }
             entries.push(Entry { line, key: key.to_string(), value });
         }
-        Ok(SettingsFile { path: path.to_path_buf(), entries })
+        SettingsFile { path: path.to_path_buf(), entries }
     }
 }
 
@@ -203,11 +216,14 @@ pub fn parse(argv: &[OsString]) -> Result<Cli, ParseError> {
 /// file of comments only does bring the defaults back.
 pub fn parse_reload(argv: &[OsString]) -> Result<Cli, ParseError> {
     let (path, _) = config_path(argv);
-    let file = SettingsFile::read(&path, true).map_err(ParseError::Settings)?;
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
-        return Err(ParseError::Settings(SettingsError::Empty { path: path.display().to_string() }));
+    let shown = path.display().to_string();
+    // Judged on the text read, not on a second look at the file (it may be refilled between).
+    let text = std::fs::read_to_string(&path)
+        .map_err(|source| ParseError::Settings(SettingsError::Read { path: shown.clone(), source }))?;
+    if text.is_empty() {
+        return Err(ParseError::Settings(SettingsError::Empty { path: shown }));
     }
-    parse_with(argv, file)
+    parse_with(argv, SettingsFile::parse(&path, &text).map_err(ParseError::Settings)?)
 }
 
 /// [`parse`] for `release`, the safety net the unit runs after every stop (a crash included):
@@ -217,13 +233,16 @@ pub fn parse_reload(argv: &[OsString]) -> Result<Cli, ParseError> {
 pub fn parse_leniently(argv: &[OsString]) -> (Result<Cli, ParseError>, Vec<String>) {
     let (path, required) = config_path(argv);
     let mut warnings = Vec::new();
-    let file = match SettingsFile::read(&path, required) {
-        Ok(f) => f,
-        Err(e) => {
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
+        Err(source) => {
+            let e = SettingsError::Read { path: path.display().to_string(), source };
             warnings.push(format!("{}; going on without it", crate::host::chain(&e)));
-            SettingsFile { path: path.clone(), entries: Vec::new() }
+            String::new()
         }
     };
+    let file = SettingsFile::parse_lines(&path, &text, &mut |e| warnings.push(format!("{e}; left out")));
     let mut good = SettingsFile { path: file.path.clone(), entries: Vec::new() };
     for e in file.entries {
         let one = SettingsFile { path: file.path.clone(), entries: vec![e.clone()] };
@@ -323,7 +342,7 @@ mod tests {
         let path = dir.path().join("settings");
         std::fs::write(
             &path,
-            "VM_BALANCER_HIGH=0.85 # busier\nVM_BALANCER_KEEP_PINS_ON_EXIT=true\nVM_BALANCER_BOGUS=1\n",
+            "VM_BALANCER_HIGH=0.85 # busier\nVM_BALANCER_KEEP_PINS_ON_EXIT=true\nVM_BALANCER_BOGUS=1\nVM_BALANCER_KEEP_PINS_ON_EXIT=false\noops\n",
         )
         .unwrap();
         let a = argv(&["vmb", "release", "--config", path.to_str().unwrap()]);
@@ -331,12 +350,17 @@ mod tests {
         assert_eq!(subcommand(&a), Some("release"));
         let (cli, warnings) = parse_leniently(&a);
         let Ok(Cli { command: Command::Release { common, .. }, .. }) = cli else { panic!("release not parsed") };
-        assert!(common.keep_pins_on_exit, "the good line is read");
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(
-            warnings[0].contains(":1: VM_BALANCER_HIGH") && warnings[1].contains(":3: VM_BALANCER_BOGUS"),
-            "{warnings:?}"
-        );
+        assert!(common.keep_pins_on_exit, "the good line is read, the first of a key set twice kept");
+        assert_eq!(warnings.len(), 4, "{warnings:?}");
+        let lines = [
+            ":4: VM_BALANCER_KEEP_PINS_ON_EXIT is already set",
+            ":5: expected",
+            ":1: VM_BALANCER_HIGH",
+            ":3: VM_BALANCER_BOGUS",
+        ];
+        for (w, what) in warnings.iter().zip(lines) {
+            assert!(w.contains(what), "{what}: {warnings:?}");
+        }
         // A named file that is missing: going on with the defaults.
         let a = argv(&["vmb", "release", "--config", "/nonexistent/settings"]);
         let (cli, warnings) = parse_leniently(&a);

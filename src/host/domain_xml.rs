@@ -42,6 +42,23 @@ fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::No
     n.children().find(|c| c.has_tag_name(name))
 }
 
+impl XmlFacts {
+    /// What a vCPU thread nobody pinned has, from the affinity of QEMU's main thread (`main`,
+    /// read only when needed). Pinning the emulator pins the main thread: once the agent has,
+    /// the emulator's recorded prior is the default; once someone else has (a live
+    /// `<emulatorpin>` the record does not hold), the main thread's affinity is their choice
+    /// and nothing tells the default (`None`: a vCPU set that is not every cpu is then read as
+    /// chosen, not as floating to be placed).
+    pub fn default_affinity(&self, main: impl FnOnce() -> Option<CpuSet>) -> Option<CpuSet> {
+        if self.emulator_prior.is_some() {
+            return self.emulator_prior.clone();
+        }
+        let theirs =
+            self.threads.iter().any(|t| t.thread == QemuThread::Emulator && t.pinned_to.is_some() && !t.recorded);
+        if theirs { None } else { main() }
+    }
+}
+
 /// Parses the live XML (and the persistent one, for persistent domains).
 pub fn parse_domain_xml(live: &str, persistent: Option<&str>) -> Result<XmlFacts, String> {
     let doc = roxmltree::Document::parse(live).map_err(|e| e.to_string())?;
@@ -209,6 +226,24 @@ mod tests {
         assert!(cpu_opt_out(&with(" placement='auto'", "")).unwrap().contains("numad"));
         // Live pins (the agent's, or single-cpu ones it may move) are no choice.
         assert_eq!(cpu_opt_out(&with("", "<vcpupin vcpu='0' cpuset='5'/>")), None);
+    }
+
+    #[test]
+    fn an_emulator_someone_else_pinned_tells_no_default_affinity() {
+        let main = || Some(CpuSet(vec![2, 3]));
+        let floating = "<domain><vcpu>2</vcpu><memory>1024</memory></domain>";
+        assert_eq!(parse_domain_xml(floating, None).unwrap().default_affinity(main), main());
+        // `virsh emulatorpin web 2-3 --live` by an operator: the main thread's 2-3 is theirs.
+        let theirs =
+            "<domain><vcpu>2</vcpu><memory>1024</memory><cputune><emulatorpin cpuset='2-3'/></cputune></domain>";
+        assert_eq!(parse_domain_xml(theirs, None).unwrap().default_affinity(main), None);
+        // The agent's own: the prior it recorded.
+        let ours = r#"<domain><vcpu>2</vcpu><memory>1024</memory><cputune><emulatorpin cpuset='2-3'/></cputune>
+          <metadata><p:balancer xmlns:p="https://vm-balancer.org/xmlns/1/pins"><p:emulator prior="0-7"/></p:balancer></metadata></domain>"#;
+        assert_eq!(
+            parse_domain_xml(ours, None).unwrap().default_affinity(main),
+            Some(CpuSet(vec![0, 1, 2, 3, 4, 5, 6, 7]))
+        );
     }
 
     #[test]

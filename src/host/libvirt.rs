@@ -80,11 +80,11 @@ pub struct LibvirtHost {
     opener: Opener,
 }
 
-/// With domain events, the running domains are listed again at least this often (a safety
-/// net for an event lost); without them, every quantum.
 /// Most vCPUs a domain is read with (KVM's own limit is 4096 on x86; a thread name claiming
 /// more is not believed).
 const MAX_VCPUS: usize = 4096;
+/// With domain events, the running domains are listed again at least this often (a safety
+/// net for an event lost); without them, every quantum.
 const RELIST_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl LibvirtHost {
@@ -137,6 +137,11 @@ impl LibvirtHost {
                 // The listing no longer says what runs.
                 self.listed = None;
                 HostError::DomainGone(object.to_string())
+            }
+            // `EINVAL` says a cpu was refused only of an affinity call; of any other, it is
+            // an invalid request.
+            ErrorClass::CpuRefused if !op.starts_with("pin ") => {
+                HostError::Libvirt { op, object: object.to_string(), class: ErrorClass::Permanent, source: e }
             }
             class => HostError::Libvirt { op, object: object.to_string(), class, source: e },
         }
@@ -266,18 +271,18 @@ impl Host for LibvirtHost {
         // A domain that vanished between the listing and here has no task directory.
         let found = pid.map(|p| pfs::vcpu_threads(&self.root, p).unwrap_or_default()).unwrap_or_default();
         let vcpu_tids = vcpu_slots(facts.vcpus, &found);
+        let default_affinity = facts.default_affinity(|| pid.and_then(|p| pfs::affinity(&self.root, p, p)));
         Ok(DomainDesc {
             dom: dom.clone(),
             vcpu_tids,
+            vcpu_count: facts.vcpus,
             pid,
             max_kib: facts.max_kib,
             has_balloon: facts.has_balloon,
             stats_period_s: facts.stats_period_s,
             opt_out: facts.opt_out,
             started_epoch_s: pid.and_then(|p| pfs::process_start_epoch_s(&self.root, p)),
-            // Pinning the emulator pins the main thread: once the agent has, the main thread's
-            // affinity is the agent's choice, and the emulator's recorded prior is the default.
-            default_affinity: facts.emulator_prior.or_else(|| pid.and_then(|p| pfs::affinity(&self.root, p, p))),
+            default_affinity,
             threads: facts.threads,
         })
     }
@@ -321,6 +326,10 @@ impl Host for LibvirtHost {
 
     fn topology(&mut self) -> Result<Topology, HostError> {
         pfs::topology(&self.root)
+    }
+
+    fn present_cpus(&mut self) -> Result<Vec<u32>, HostError> {
+        pfs::present_cpus(&self.root)
     }
 
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {

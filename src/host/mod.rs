@@ -185,6 +185,9 @@ pub struct DomainDesc {
     pub dom: DomainRef,
     /// Host thread id of each vCPU, indexed by vCPU number. `None` when not found.
     pub vcpu_tids: Vec<Option<u32>>,
+    /// The online vCPUs its definition gives: fewer threads found means its QEMU was still
+    /// starting (they are looked for again).
+    pub vcpu_count: u32,
     /// Host process id of the domain's QEMU, when known.
     pub pid: Option<u32>,
     /// Configured maximum memory (`<memory>`), KiB.
@@ -211,6 +214,7 @@ impl DomainDesc {
         DomainDesc {
             dom,
             vcpu_tids: vec![],
+            vcpu_count: 0,
             pid: None,
             max_kib: 0,
             has_balloon: false,
@@ -423,6 +427,10 @@ pub trait Host {
     fn host_sample(&mut self) -> Result<HostSample, HostError>;
     /// Host cpu topology (read at start, after reconnects, and when the online cpus change).
     fn topology(&mut self) -> Result<Topology, HostError>;
+    /// The cpus the machine has, online or not; by default its online ones.
+    fn present_cpus(&mut self) -> Result<Vec<u32>, HostError> {
+        Ok(self.topology()?.cpus.iter().map(|c| c.cpu).collect())
+    }
     /// Pin one vCPU of a running domain to one host cpu (live only).
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError>;
     /// Set a running domain's balloon target (live only), KiB.

@@ -30,6 +30,7 @@ fn snap(t_s: u64, avail_mib: u64, guests: &[G]) -> Snapshot {
                 desc: DomainDesc {
                     dom: dom.clone(),
                     vcpu_tids: vec![],
+                    vcpu_count: 0,
                     pid: Some(1),
                     max_kib: max * MIB,
                     has_balloon: true,

@@ -58,15 +58,14 @@ pub enum MetricsError {
 }
 
 impl MetricsError {
-    /// A bind failure no retry mends (an address not of this host, an address family or a port
-    /// the agent may not use): the caller exits 2, which the unit does not restart after, where
-    /// a port in use (another process may let it go) exits 1 and is retried.
+    /// A bind failure no retry mends (an address family or a port the agent may not use: the
+    /// unit's sandbox): the caller exits 2, which the unit does not restart after. A port in
+    /// use (another process may let it go) or an address not (yet) on an interface (at boot,
+    /// before DHCP or IPv6 address checks are done) exits 1 and is retried.
     pub fn is_configuration(&self) -> bool {
         let MetricsError::Bind { source, .. } = self else { return false };
         let errno = source.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error);
-        errno.is_some_and(|e| {
-            [Errno::EADDRNOTAVAIL, Errno::EAFNOSUPPORT, Errno::EACCES, Errno::EPERM].contains(&Errno::from_raw(e))
-        })
+        errno.is_some_and(|e| [Errno::EAFNOSUPPORT, Errno::EACCES, Errno::EPERM].contains(&Errno::from_raw(e)))
     }
 }
 

@@ -291,6 +291,7 @@ mod tests {
         let vcpu = |id, pinned: &[u32]| VcpuView { id, pcpu: None, pinned_to: set(pinned), rates: None, wait_ns: 0 };
         let desc = DomainDesc {
             vcpu_tids: vec![Some(1), Some(2)],
+            vcpu_count: 2,
             pid: Some(1),
             max_kib: 1,
             // Described before the agent's last pin: the live definition still says 0-3.

@@ -17,8 +17,10 @@ pub struct Faulty {
     pub sim: SimHost,
     /// Every pin fails with this class.
     pub pin_fails: Option<ErrorClass>,
-    /// Pins to one of these cpus fail as a cgroup cpuset that leaves them out makes them.
+    /// Pins to one of these cpus fail as a cgroup cpuset that leaves them out makes them: of
+    /// every domain, or of `refused_for` only.
     pub refused_cpus: Vec<u32>,
+    pub refused_for: Option<String>,
     /// Domains described without their vCPU threads (listed while their QEMU starts).
     pub threads_hidden: Vec<String>,
     pub pin_calls: usize,
@@ -98,6 +100,7 @@ impl Faulty {
             mem_available_kib: None,
             no_guest_figures: vec![],
             refused_cpus: vec![],
+            refused_for: None,
             threads_hidden: vec![],
         }
     }
@@ -183,7 +186,7 @@ impl Host for Faulty {
     }
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
         self.pin_fault(dom, vcpu)?;
-        if self.refused_cpus.contains(&cpu) {
+        if self.refused_cpus.contains(&cpu) && self.refused_for.as_ref().is_none_or(|d| d == &dom.name) {
             let detail = "cannot set CPU affinity: Invalid argument (injected)".into();
             return Err(HostError::Refused {
                 op: "pin vcpu",

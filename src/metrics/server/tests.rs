@@ -115,3 +115,17 @@ fn a_head_is_complete_at_its_blank_line() {
     assert_eq!(head_end(b"GET / HTTP/1.0\n\n"), Some(16));
     assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
 }
+
+#[test]
+fn only_what_no_retry_mends_is_a_configuration_error() {
+    let bind = |errno: Errno| MetricsError::Bind {
+        addr: "127.0.0.1:9848".parse().unwrap(),
+        source: Box::new(std::io::Error::from_raw_os_error(errno as i32)),
+    };
+    // The unit's sandbox forbids it: exit 2, not restarted.
+    assert!(bind(Errno::EAFNOSUPPORT).is_configuration());
+    assert!(bind(Errno::EACCES).is_configuration());
+    // Another process holds the port, or the address is not up yet (boot): exit 1, retried.
+    assert!(!bind(Errno::EADDRINUSE).is_configuration());
+    assert!(!bind(Errno::EADDRNOTAVAIL).is_configuration());
+}

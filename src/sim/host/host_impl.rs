@@ -21,6 +21,7 @@ impl Host for SimHost {
         Ok(DomainDesc {
             dom: g.dom.clone(),
             vcpu_tids: g.vcpus.iter().map(|v| Some(v.tid)).collect(),
+            vcpu_count: u32::try_from(g.vcpus.len()).unwrap_or(u32::MAX),
             pid: Some(g.pid),
             max_kib: g.spec.max_kib,
             has_balloon: true,
