@@ -236,51 +236,6 @@ impl<H: Host> Agent<H> {
         }
     }
 
-    /// Cpu hotplug: the online cpus come with every host sample; when they differ from the
-    /// topology the model knows, the topology is read again and the allowed cpus follow (an
-    /// offline cpu's vCPUs are placed again as retired, a cpu back online joins the pool),
-    /// keeping every vCPU's history.
-    fn follow_hotplug(&mut self, online: &[u32]) {
-        let Some(t) = self.tracker.as_ref() else { return };
-        if t.topology().cpus.iter().map(|c| c.cpu).eq(online.iter().copied()) {
-            return;
-        }
-        let known: Vec<u32> = t.topology().cpus.iter().map(|c| c.cpu).collect();
-        match self.host.topology() {
-            Ok(topo) => {
-                let now: Vec<u32> = topo.cpus.iter().map(|c| c.cpu).collect();
-                let gone: Vec<u32> = known.iter().copied().filter(|c| !now.contains(c)).collect();
-                let new: Vec<u32> = now.iter().copied().filter(|c| !known.contains(c)).collect();
-                let list = |v: &[u32]| if v.is_empty() { "none".to_string() } else { crate::cpulist::format(v) };
-                warn!("online cpus changed: offline {}, online again {}", list(&gone), list(&new));
-                let mc = model_config(&self.cfg, &topo, &self.refused);
-                if let Some(t) = self.tracker.as_mut() {
-                    t.set_topology(topo, mc);
-                }
-            }
-            // Mid-hotplug the lists can disagree for a moment: the next quantum tries again.
-            Err(e) => debug!("online cpus changed, topology not readable yet: {e}"),
-        }
-    }
-
-    /// Cpus a pin was refused onto leave the allowed cpus until their time is up (their
-    /// vCPUs are placed again, as on a retired cpu), and come back after it.
-    fn follow_refused(&mut self) {
-        let refused = self.failures.refused_cpus();
-        if refused != self.refused {
-            self.refused = refused;
-            if let Some(t) = self.tracker.as_mut() {
-                t.reconfigure(model_config(&self.cfg, t.topology(), &self.refused));
-            }
-        }
-    }
-
-    /// Cpus allowed earlier in the run but not now: vCPUs pinned there are placed again.
-    fn retired(&self, snap: &Snapshot) -> HashSet<u32> {
-        // A cpu guests refuse is not retired: a vCPU already there got there, and stays.
-        self.ever_allowed.iter().copied().filter(|c| !snap.host.cpus.contains(c) && !self.refused.contains(c)).collect()
-    }
-
     /// The re-pack planned now on `snap` (`diagnose --repack`), cooldowns ignored; `None` with
     /// the CPU balancer off.
     pub fn repack_plan(&self, snap: &Snapshot) -> Option<crate::policy::repack::RepackPlan> {
@@ -791,18 +746,9 @@ pub fn run<H: Host>(
     }
 }
 
-/// Another guest's vCPU runs pinned to the one cpu `a` pins to: a refusal of that cpu is then
-/// the guest's own (its cgroup cpuset), not the host's.
-fn others_pinned_there(snap: &Snapshot, a: &Action) -> bool {
-    let Action::Pin { domain, to, .. } = a else { return false };
-    let Some(cpu) = to.as_single() else { return false };
-    snap.domains
-        .iter()
-        .filter(|d| &d.dom.name != domain)
-        .any(|d| d.vcpus.iter().any(|v| v.pinned_to.as_single() == Some(cpu)))
-}
-
+mod cpus;
 mod memory;
+use cpus::others_pinned_there;
 
 #[cfg(test)]
 mod tests;
