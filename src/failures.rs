@@ -6,7 +6,7 @@
 //! - transient (busy, timed out): retried next quantum; after [`STRIKES`] failures in a row it
 //!   is blocked for [`BACKOFF_NS`], logged once, then tried again;
 //! - a cpu refused (a vCPU pin to one cpu failed with `EINVAL`: a cgroup cpuset leaves it
-//!   out): while another guest's vCPU runs pinned there, the cpu is usable and the refusal is
+//!   out): while another guest's vCPU may run there, the cpu is usable and the refusal is
 //!   this guest's own (its cpuset): that vCPU is blocked as for a permanent failure. Else
 //!   (a cpuset of all guests, say `machine.slice`'s `AllowedCPUs=`) the cpu is left out of
 //!   balancing for [`REFUSED_CPU_NS`], logged once, and no vCPU is blocked: blocking every
@@ -84,7 +84,7 @@ impl Failures {
 
     /// An action failed with `err` at `now_ns` on the domain's run `id`. Logs only when the
     /// failure changes what the loop does (first failure, blocked); never once per quantum.
-    /// `shared_target`: another guest's vCPU runs pinned to the cpu the action pinned to.
+    /// `shared_target`: another guest's vCPU may run on the cpu the action pinned to.
     pub fn failed(
         &mut self,
         domain: &str,

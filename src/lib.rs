@@ -12,7 +12,6 @@ pub mod daemon;
 pub mod diagnose;
 pub mod failures;
 pub mod host;
-pub mod instance;
 pub mod memctl;
 pub mod metrics;
 pub mod model;

@@ -106,8 +106,6 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
             // Bound before the loop starts: an address in use fails the start (exit 1; 2 when
             // the sandbox forbids it).
             let metrics = metrics_listen.map(vm_balancer::metrics::Metrics::listen).transpose()?;
-            // The one acting agent of the host; a dry run too: a reload may turn it live.
-            let _instance = vm_balancer::instance::take()?;
             let host = LibvirtHost::new(&common.connect);
             let (connect, listen) = (common.connect.clone(), metrics_listen);
             let agent = Agent::new(host, AgentConfig::from_flags(&common, dry_run));
@@ -115,11 +113,6 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
         }
         Command::Diagnose { common, interval, json, apply, repack } => {
             init_logging(&common);
-            let _instance = if apply {
-                Some(vm_balancer::instance::take().context("diagnose --apply beside the running agent")?)
-            } else {
-                None
-            };
             let host = LibvirtHost::new(&common.connect);
             let mut cfg = AgentConfig::from_flags(&common, true);
             // Both samples of a diagnosis carry balloon statistics.

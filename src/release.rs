@@ -312,6 +312,15 @@ pub fn release_domain(
             _ => match host.pin_vcpu_set(dom, p.vcpu, &p.prior) {
                 Ok(()) => out.restored.push(p),
                 Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
+                // A prior naming a cpu offline now, refused (cgroup v1): its online part.
+                Err(e) if e.class() == ErrorClass::CpuRefused && online_part(host, &p.prior).is_some() => {
+                    let part = online_part(host, &p.prior).unwrap_or_else(|| p.prior.clone());
+                    match host.pin_vcpu_set(dom, p.vcpu, &part) {
+                        Ok(()) => out.restored.push(p),
+                        Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
+                        Err(e) => out.failed.push((p.vcpu, chain(&e))),
+                    }
+                }
                 Err(e) => out.failed.push((p.vcpu, chain(&e))),
             },
         }
@@ -334,6 +343,13 @@ pub fn release_domain(
     host.set_agent_threads(dom, &[])?;
     host.set_agent_pins(dom, &[])?;
     Ok(Some(out))
+}
+
+/// The part of `prior` online now, when it differs from `prior` and is not empty.
+fn online_part(host: &mut dyn Host, prior: &CpuSet) -> Option<CpuSet> {
+    let online: Vec<u32> = host.topology().ok()?.cpus.iter().map(|c| c.cpu).collect();
+    let part: Vec<u32> = prior.0.iter().copied().filter(|c| online.contains(c)).collect();
+    (!part.is_empty() && part.len() < prior.0.len()).then_some(CpuSet(part))
 }
 
 /// What giving back the pins of many domains did.

@@ -184,17 +184,9 @@ fn the_settings_file_is_read_and_a_bad_line_is_named() {
     }
 }
 
-/// Held by the tests that start an acting agent (`run`): one may act on a host at a time.
-static ACTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn acting() -> std::sync::MutexGuard<'static, ()> {
-    ACTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Runs `vm-balancer run` against a socket that does not exist for about a second, stderr to a
 /// file; `journal`: tell it the file is the journal's stream.
 fn run_briefly_to_file(journal: bool) -> String {
-    let _acting = acting();
     use std::os::unix::fs::MetadataExt as _;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stderr");
@@ -274,35 +266,4 @@ fn release_gives_back_despite_a_bad_settings_line() {
     // The daemon itself still refuses the file.
     let out = vmb(&["diagnose", "--config", p, "--connect", "test:///default"], &[]);
     assert_eq!(out.status.code(), Some(2));
-}
-
-#[test]
-fn one_agent_acts_on_a_host_at_a_time() {
-    let _acting = acting();
-    // libvirt's in-process test driver stands in for the hypervisor.
-    let mut first = Command::new(env!("CARGO_BIN_EXE_vm-balancer"))
-        .args(["run", "--connect", "test:///default", "--no-memory"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    assert!(first.try_wait().unwrap().is_none(), "the first agent runs");
-    let second = vmb(&["run", "--connect", "test:///default", "--dry-run"], &[]);
-    let err = String::from_utf8_lossy(&second.stderr);
-    assert_eq!(second.status.code(), Some(1), "{err}");
-    assert!(err.contains("another vm-balancer agent acts on this host"), "{err}");
-    let apply = vmb(&["diagnose", "--apply", "--interval", "100ms", "--connect", "test:///default"], &[]);
-    let err = String::from_utf8_lossy(&apply.stderr);
-    assert_eq!(apply.status.code(), Some(1), "{err}");
-    assert!(err.contains("diagnose --apply beside the running agent"), "{err}");
-    // Looking is fine.
-    let look = vmb(&["diagnose", "--interval", "100ms", "--connect", "test:///default", "--no-memory"], &[]);
-    assert!(look.status.success(), "{}", String::from_utf8_lossy(&look.stderr));
-    let _ = first.kill();
-    let _ = first.wait();
-    // Gone (even killed), the slot is free.
-    let again =
-        vmb(&["diagnose", "--apply", "--interval", "100ms", "--connect", "test:///default", "--no-memory"], &[]);
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
 }

@@ -60,15 +60,13 @@ impl<H: Host> Agent<H> {
     }
 }
 
-/// Another guest's vCPU runs pinned to the one cpu `a` pins to: a refusal of that cpu is then
-/// the guest's own (its cgroup cpuset), not the host's.
+/// Another guest's vCPU may run on the one cpu `a` pins to (its affinity, which the kernel
+/// keeps inside its cpuset, holds it): a refusal of that cpu is then the guest's own (its
+/// cgroup cpuset), not the host's.
 pub(super) fn others_pinned_there(snap: &Snapshot, a: &Action) -> bool {
     let Action::Pin { domain, to, .. } = a else { return false };
     let Some(cpu) = to.as_single() else { return false };
-    snap.domains
-        .iter()
-        .filter(|d| &d.dom.name != domain)
-        .any(|d| d.vcpus.iter().any(|v| v.pinned_to.as_single() == Some(cpu)))
+    snap.domains.iter().filter(|d| &d.dom.name != domain).any(|d| d.vcpus.iter().any(|v| v.pinned_to.0.contains(&cpu)))
 }
 
 #[cfg(test)]

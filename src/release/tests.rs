@@ -337,3 +337,17 @@ fn a_prior_naming_cpus_this_host_lacks_gives_back_the_part_it_has() {
     assert_eq!(a.host.affinity(0, 0), Some(&set(&[0, 1])), "0-63 on a 2-cpu host: its cpus");
     assert_eq!(a.host.affinity(0, 1), Some(&set(&[0, 1])), "none of 40-41 here: every cpu");
 }
+
+#[test]
+fn a_prior_naming_a_cpu_offline_now_is_given_back_its_online_part_when_refused() {
+    // cgroup v1 refuses a set naming an offline cpu: the online part is given back.
+    let mut h = crate::sim::faulty::Faulty::new(4, &[("a", 1)]);
+    let d = h.sim.list_domains().unwrap()[0].clone();
+    h.sim.pin_vcpu(&d, 0, 1).unwrap();
+    h.sim.set_agent_pins(&d, &[AgentPin { vcpu: 0, prior: set(&[0, 1, 2, 3]), granularity: None }]).unwrap();
+    h.sim.set_cpu_online(3, false);
+    h.offline_sets_refused = true;
+    let sum = release_all(&mut h, Granularity::Cpu).unwrap();
+    assert_eq!(sum, Summary { domains: 1, restored: 1, failed: 0 });
+    assert_eq!(h.sim.affinity(0, 0), Some(&set(&[0, 1, 2])));
+}

@@ -21,6 +21,8 @@ pub struct Faulty {
     /// every domain, or of `refused_for` only.
     pub refused_cpus: Vec<u32>,
     pub refused_for: Option<String>,
+    /// A vCPU set naming an offline cpu is refused, as cgroup v1's cpuset does.
+    pub offline_sets_refused: bool,
     /// Domains described without their vCPU threads (listed while their QEMU starts).
     pub threads_hidden: Vec<String>,
     pub pin_calls: usize,
@@ -101,6 +103,7 @@ impl Faulty {
             no_guest_figures: vec![],
             refused_cpus: vec![],
             refused_for: None,
+            offline_sets_refused: false,
             threads_hidden: vec![],
         }
     }
@@ -184,6 +187,9 @@ impl Host for Faulty {
     fn topology(&mut self) -> Result<Topology, HostError> {
         self.sim.topology()
     }
+    fn present_cpus(&mut self) -> Result<Vec<u32>, HostError> {
+        self.sim.present_cpus()
+    }
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
         self.pin_fault(dom, vcpu)?;
         if self.refused_cpus.contains(&cpu) && self.refused_for.as_ref().is_none_or(|d| d == &dom.name) {
@@ -205,6 +211,15 @@ impl Host for Faulty {
     }
     fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &CpuSet) -> Result<(), HostError> {
         self.pin_fault(dom, vcpu)?;
+        if self.offline_sets_refused && cpus.0.iter().any(|&c| !self.sim.is_online(c)) {
+            let detail = "cpuset.cpus: Invalid argument (injected)".into();
+            return Err(HostError::Refused {
+                op: "pin vcpu",
+                object: dom.name.clone(),
+                class: ErrorClass::CpuRefused,
+                detail,
+            });
+        }
         self.sim.pin_vcpu_set(dom, vcpu, cpus)
     }
     fn agent_pins(&mut self, dom: &DomainRef) -> Result<Vec<AgentPin>, HostError> {

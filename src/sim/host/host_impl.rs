@@ -82,6 +82,9 @@ impl Host for SimHost {
     fn topology(&mut self) -> Result<Topology, HostError> {
         Ok(self.topo.clone())
     }
+    fn present_cpus(&mut self) -> Result<Vec<u32>, HostError> {
+        Ok((0..self.cfg.cpus).collect())
+    }
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
         let gi = self.guest(dom)?;
         if !self.is_online(cpu) {
