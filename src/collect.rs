@@ -71,6 +71,9 @@ impl Default for DiscoveryConfig {
 /// A domain whose discovery failed for a passing reason (a timeout, a busy libvirtd) is tried
 /// again this long after (host clock, ns).
 pub const DISCOVERY_RETRY_NS: u64 = 30_000_000_000;
+/// A QEMU process younger than this (seconds) may still be creating its vCPU threads: a
+/// domain with fewer threads found than its definition has is described again meanwhile.
+const STARTING_S: u64 = 120;
 
 /// Keeps discovered domains between quanta.
 #[derive(Debug, Default)]
@@ -196,6 +199,7 @@ impl Collector {
         let mut domains = Vec::with_capacity(self.known.len());
         let mut stale: Vec<String> = Vec::new();
         let mut incomplete: Vec<String> = Vec::new();
+        let epoch_s = host.epoch_s();
         for desc in self.known.values() {
             match host.vcpu_times(desc) {
                 Ok(vcpus) => {
@@ -209,7 +213,14 @@ impl Collector {
                     // (five quanta), events or not, until they are found.
                     let at = self.described_at.get(&desc.dom.name).copied().unwrap_or(0);
                     let found = desc.vcpu_tids.iter().flatten().count();
-                    if found < desc.vcpu_count as usize && at != 0 && start.saturating_sub(at) >= self.cfg.refresh_ns {
+                    // Only while its QEMU is young: one whose threads have other names never
+                    // shows them, and is not described again every few quanta for its run.
+                    let young = desc.started_epoch_s.is_none_or(|s| epoch_s.saturating_sub(s) < STARTING_S);
+                    if found < desc.vcpu_count as usize
+                        && young
+                        && at != 0
+                        && start.saturating_sub(at) >= self.cfg.refresh_ns
+                    {
                         debug!(
                             "{}: {found} of {} vCPU threads found; describing it again",
                             desc.dom.name, desc.vcpu_count

@@ -132,7 +132,7 @@ impl Failures {
             ErrorClass::CpuRefused => {
                 e.until_ns = u64::MAX;
                 warn!(
-                    "failed: {action}: {}; a cpu refused for this guest (its own cgroup cpuset?): leaving this vCPU where it is while the domain runs",
+                    "failed: {action}: {}; cpus refused for this guest (a cgroup cpuset?): not trying this again while the domain runs",
                     e.why
                 );
             }

@@ -233,7 +233,8 @@ pub fn parse_reload(argv: &[OsString]) -> Result<Cli, ParseError> {
 pub fn parse_leniently(argv: &[OsString]) -> (Result<Cli, ParseError>, Vec<String>) {
     let (path, required) = config_path(argv);
     let mut warnings = Vec::new();
-    let text = match std::fs::read_to_string(&path) {
+    // Read as bytes: a comment in another encoding must not cost the other lines.
+    let text = match std::fs::read(&path).map(|b| String::from_utf8_lossy(&b).into_owned()) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
         Err(source) => {
@@ -365,6 +366,18 @@ mod tests {
         let a = argv(&["vmb", "release", "--config", "/nonexistent/settings"]);
         let (cli, warnings) = parse_leniently(&a);
         assert!(cli.is_ok() && warnings[0].contains("cannot read the settings file"), "{warnings:?}");
+    }
+
+    #[test]
+    fn release_reads_a_file_with_a_comment_in_another_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("settings");
+        // "# réglages" in Latin-1: not UTF-8.
+        std::fs::write(&path, b"# r\xe9glages\nVM_BALANCER_KEEP_PINS_ON_EXIT=true\n").unwrap();
+        let a = argv(&["vmb", "release", "--config", path.to_str().unwrap()]);
+        let (cli, warnings) = parse_leniently(&a);
+        let Ok(Cli { command: Command::Release { common, .. }, .. }) = cli else { panic!("release not parsed") };
+        assert!(common.keep_pins_on_exit && warnings.is_empty(), "{warnings:?}");
     }
 
     #[test]

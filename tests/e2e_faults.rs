@@ -309,7 +309,7 @@ fn a_cpu_one_guests_cpuset_refuses_stays_for_the_others() {
     let mut agent = Agent::start(&args);
     // A piled vCPU is sent to cpu 1, which the kernel refuses for the confined guest's
     // threads only: that vCPU stays, and cpu 1 stays for the other guest.
-    let refused = wait_for(Duration::from_secs(30), || agent.log().contains("a cpu refused for this guest"));
+    let refused = wait_for(Duration::from_secs(30), || agent.log().contains("cpus refused for this guest"));
     assert!(refused, "{}", agent.log());
     std::thread::sleep(Duration::from_secs(3));
     let log = agent.log();
