@@ -24,6 +24,12 @@ pub enum Outcome {
     },
 }
 
+/// How old a balancing plan may be and still be applied (ns): two quanta, at least 1 s.
+/// Acting on a sample older than that would be acting on stale data.
+pub fn max_plan_age_ns(quantum: std::time::Duration) -> u64 {
+    u64::try_from(quantum.as_nanos()).unwrap_or(u64::MAX).saturating_mul(2).max(1_000_000_000)
+}
+
 /// Applies `plan`, made from `snap`, while the plan is at most `max_age_ns` old. Returns each
 /// action's outcome, or the disconnect that cut the plan short.
 pub fn apply(

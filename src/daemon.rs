@@ -456,8 +456,7 @@ impl<H: Host> Agent<H> {
         report.blocked = self.failures.list(snap.t_ns);
         report.was_applied = vec![false; plan.len()];
         if !self.cfg.dry_run && !plan.is_empty() {
-            // Acting on a sample older than a quantum or two would be acting on stale data.
-            let max_age = ns(self.cfg.quantum).saturating_mul(2).max(1_000_000_000);
+            let max_age = crate::actuate::max_plan_age_ns(self.cfg.quantum);
             let g = self.cfg.pin_granularity();
             match crate::release::apply_recorded(&mut self.host, &snap, &plan, max_age, g) {
                 Ok(outcomes) => {
@@ -468,7 +467,7 @@ impl<H: Host> Agent<H> {
                             Outcome::Applied => self.failures.succeeded(a.domain(), Kind::of(a)),
                             Outcome::Failed(e) => {
                                 let shared =
-                                    e.class() == crate::host::ErrorClass::CpuRefused && others_pinned_there(&snap, a);
+                                    e.class() == crate::host::ErrorClass::CpuRefused && others_may_run_there(&snap, a);
                                 self.failures.failed(a.domain(), id, a, e, snap.t_ns, shared);
                                 continue;
                             }
@@ -748,7 +747,7 @@ pub fn run<H: Host>(
 
 mod cpus;
 mod memory;
-use cpus::others_pinned_there;
+use cpus::others_may_run_there;
 
 #[cfg(test)]
 mod tests;

@@ -158,9 +158,7 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
                 // A re-pack's steps go in order, at once: a one-shot has no quanta to wait. The
                 // balancer's plan is applied only on a sample at most two quanta old, as the
                 // daemon's.
-                let quantum_ns = u64::try_from(common.quantum.as_nanos()).unwrap_or(u64::MAX);
-                let max_age =
-                    if out.repack.is_some() { u64::MAX } else { quantum_ns.saturating_mul(2).max(1_000_000_000) };
+                let max_age = if out.repack.is_some() { u64::MAX } else { actuate::max_plan_age_ns(common.quantum) };
                 let g = agent.config().pin_granularity();
                 let outcomes = release::apply_recorded(&mut agent.host, &snap, &plan, max_age, g)?;
                 if let Some(w) = actuate::stale_warning(&outcomes) {

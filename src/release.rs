@@ -287,42 +287,38 @@ pub fn release_domain(
     // A record carried here by a live migration from a bigger host names cpus this one does
     // not have: what is given back is the part of the prior it has (all its cpus if none). A
     // cpu offline for a while is one it has: the kernel keeps it in the affinity for later.
-    let present: Option<Vec<u32>> = host.present_cpus().ok();
+    let present: Option<Vec<u32>> = host.present_cpus().ok().filter(|p| !p.is_empty());
     let here = |prior: CpuSet| -> CpuSet {
-        let Some(present) = present.as_ref().filter(|o| !o.is_empty()) else { return prior };
-        let inside: Vec<u32> = prior.0.iter().copied().filter(|c| present.contains(c)).collect();
-        if inside.len() == prior.0.len() {
-            return prior;
-        }
-        let to = if inside.is_empty() { CpuSet(present.clone()) } else { CpuSet(inside) };
+        let Some(present) = present.as_ref() else { return prior };
+        let Some(inside) = part_among(&prior, present) else { return prior };
+        let to = if inside.0.is_empty() { CpuSet(present.clone()) } else { inside };
         info!(
             "{}: recorded prior {prior} names cpus this host does not have (a migrated guest?): giving back {to}",
             dom.name
         );
         to
     };
-    let rec: Vec<AgentPin> = rec.into_iter().map(|p| AgentPin { prior: here(p.prior.clone()), ..p }).collect();
-    let threads: Vec<ThreadPin> =
-        threads.into_iter().map(|t| ThreadPin { prior: here(t.prior.clone()), ..t }).collect();
+    let rec: Vec<AgentPin> = rec.into_iter().map(|p| AgentPin { prior: here(p.prior), ..p }).collect();
+    let threads: Vec<ThreadPin> = threads.into_iter().map(|t| ThreadPin { prior: here(t.prior), ..t }).collect();
     let mut out = Released::default();
     for p in rec {
         match now.get(p.vcpu as usize).cloned().flatten() {
             Some(cur) if cur == p.prior => out.restored.push(p),
             Some(cur) if !agents(&cur, at(&p)) => out.left.push((p.vcpu, cur)),
-            _ => match host.pin_vcpu_set(dom, p.vcpu, &p.prior) {
-                Ok(()) => out.restored.push(p),
-                Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
+            _ => {
+                let mut r = host.pin_vcpu_set(dom, p.vcpu, &p.prior);
                 // A prior naming a cpu offline now, refused (cgroup v1): its online part.
-                Err(e) if e.class() == ErrorClass::CpuRefused && online_part(host, &p.prior).is_some() => {
-                    let part = online_part(host, &p.prior).unwrap_or_else(|| p.prior.clone());
-                    match host.pin_vcpu_set(dom, p.vcpu, &part) {
-                        Ok(()) => out.restored.push(p),
-                        Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
-                        Err(e) => out.failed.push((p.vcpu, chain(&e))),
-                    }
+                if r.as_ref().is_err_and(|e| e.class() == ErrorClass::CpuRefused)
+                    && let Some(part) = online_part(host, &p.prior)
+                {
+                    r = host.pin_vcpu_set(dom, p.vcpu, &part);
                 }
-                Err(e) => out.failed.push((p.vcpu, chain(&e))),
-            },
+                match r {
+                    Ok(()) => out.restored.push(p),
+                    Err(e) if gone(&e) || e.is_disconnect() => return Err(e),
+                    Err(e) => out.failed.push((p.vcpu, chain(&e))),
+                }
+            }
         }
     }
     // A thread's pin is a set of cpus whoever made it: each recorded thread gets its prior back.
@@ -345,11 +341,16 @@ pub fn release_domain(
     Ok(Some(out))
 }
 
+/// The part of `prior` among `cpus`, when that is not all of it (it may be empty).
+fn part_among(prior: &CpuSet, cpus: &[u32]) -> Option<CpuSet> {
+    let part: Vec<u32> = prior.0.iter().copied().filter(|c| cpus.contains(c)).collect();
+    (part.len() < prior.0.len()).then_some(CpuSet(part))
+}
+
 /// The part of `prior` online now, when it differs from `prior` and is not empty.
 fn online_part(host: &mut dyn Host, prior: &CpuSet) -> Option<CpuSet> {
     let online: Vec<u32> = host.topology().ok()?.cpus.iter().map(|c| c.cpu).collect();
-    let part: Vec<u32> = prior.0.iter().copied().filter(|c| online.contains(c)).collect();
-    (!part.is_empty() && part.len() < prior.0.len()).then_some(CpuSet(part))
+    part_among(prior, &online).filter(|p| !p.0.is_empty())
 }
 
 /// What giving back the pins of many domains did.

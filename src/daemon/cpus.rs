@@ -63,7 +63,7 @@ impl<H: Host> Agent<H> {
 /// Another guest's vCPU may run on the one cpu `a` pins to (its affinity, which the kernel
 /// keeps inside its cpuset, holds it): a refusal of that cpu is then the guest's own (its
 /// cgroup cpuset), not the host's.
-pub(super) fn others_pinned_there(snap: &Snapshot, a: &Action) -> bool {
+pub(super) fn others_may_run_there(snap: &Snapshot, a: &Action) -> bool {
     let Action::Pin { domain, to, .. } = a else { return false };
     let Some(cpu) = to.as_single() else { return false };
     snap.domains.iter().filter(|d| &d.dom.name != domain).any(|d| d.vcpus.iter().any(|v| v.pinned_to.0.contains(&cpu)))

@@ -193,13 +193,7 @@ impl Host for Faulty {
     fn pin_vcpu(&mut self, dom: &DomainRef, vcpu: u32, cpu: u32) -> Result<(), HostError> {
         self.pin_fault(dom, vcpu)?;
         if self.refused_cpus.contains(&cpu) && self.refused_for.as_ref().is_none_or(|d| d == &dom.name) {
-            let detail = "cannot set CPU affinity: Invalid argument (injected)".into();
-            return Err(HostError::Refused {
-                op: "pin vcpu",
-                object: dom.name.clone(),
-                class: ErrorClass::CpuRefused,
-                detail,
-            });
+            return Err(cpu_refused(dom, "cannot set CPU affinity: Invalid argument (injected)"));
         }
         self.sim.pin_vcpu(dom, vcpu, cpu)
     }
@@ -212,13 +206,7 @@ impl Host for Faulty {
     fn pin_vcpu_set(&mut self, dom: &DomainRef, vcpu: u32, cpus: &CpuSet) -> Result<(), HostError> {
         self.pin_fault(dom, vcpu)?;
         if self.offline_sets_refused && cpus.0.iter().any(|&c| !self.sim.is_online(c)) {
-            let detail = "cpuset.cpus: Invalid argument (injected)".into();
-            return Err(HostError::Refused {
-                op: "pin vcpu",
-                object: dom.name.clone(),
-                class: ErrorClass::CpuRefused,
-                detail,
-            });
+            return Err(cpu_refused(dom, "cpuset.cpus: Invalid argument (injected)"));
         }
         self.sim.pin_vcpu_set(dom, vcpu, cpus)
     }
@@ -242,5 +230,15 @@ impl Host for Faulty {
     }
     fn set_agent_threads(&mut self, dom: &DomainRef, threads: &[ThreadPin]) -> Result<(), HostError> {
         self.sim.set_agent_threads(dom, threads)
+    }
+}
+
+/// A vCPU pin refused as a cgroup cpuset refuses it (`EINVAL`).
+fn cpu_refused(dom: &DomainRef, detail: &str) -> HostError {
+    HostError::Refused {
+        op: "pin vcpu",
+        object: dom.name.clone(),
+        class: ErrorClass::CpuRefused,
+        detail: detail.into(),
     }
 }
